@@ -1,0 +1,1 @@
+"""Search strategies: ask/tell objects that never touch a model or a cluster."""

@@ -1,0 +1,1 @@
+"""Verifiers (reward models) and the plugin registry. Installed as ``diffsearch.verifiers``."""
