@@ -30,3 +30,12 @@ def torch_generator(seed: int) -> torch.Generator:
 
 def numpy_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def task_generator(task_seed: int, purpose: str) -> torch.Generator:
+    """A generator for one use of a task's randomness ("perturb", "steps", ...).
+
+    Tasks carry one seed; each purpose gets an independent stream derived from it, so adding a
+    perturbation never shifts the noise of the stochastic steps that follow it.
+    """
+    return torch_generator(derive_seed(task_seed, "", 0, purpose))
