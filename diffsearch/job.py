@@ -1,0 +1,184 @@
+"""The job: what to search for, with what, how hard. Validated once, used everywhere.
+
+A job comes from a YAML file (``diffsearch run JOB.yaml``), CLI flags (``diffsearch generate``) or
+API JSON; all three build the same :class:`Job`. Validation errors become one line that names the
+field, e.g. ``job.yaml: budget: must be a positive number of NFEs or 'Nx'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from diffsearch.errors import JobError
+
+VerifierSpec = str | dict[str, Any]
+"""A verifier name, or ``{"name": ..., **options}`` (options go to the verifier's constructor)."""
+
+_BUDGET_MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*$")
+
+
+class StrategySpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "best-of-n"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Job(BaseModel):
+    """Everything that decides a run's results, plus how to execute it.
+
+    Fields in :data:`EXECUTION_FIELDS` change how fast a run goes, never its results; every other
+    field is part of the job's identity (``result_key``), which ``--resume`` checks.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1)
+    model: str = "shapes"
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    budget: int | str = "8x"
+    """NFEs per prompt, or ``"Nx"``: N times the cost of one sample (N * num_steps)."""
+    verifier: VerifierSpec = "shapes-clip"
+    """The guiding verifier: its score is the reward strategies maximise."""
+    eval_verifiers: list[VerifierSpec] = Field(default_factory=list)
+    """Held-out verifiers scored on final images for the report; strategies never see them."""
+    seed: int = 0
+    num_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    threads: int = Field(default=2, ge=1, le=256)
+    """Intra-op CPU threads per worker. Pinned because CPU kernels round differently with other
+    thread counts: keep it fixed to keep results bit-identical across machines and worker counts."""
+    compute_batch: int | None = Field(default=None, ge=1, le=1024)
+    """Rows per model forward pass (None: the adapter's default). Part of the results' identity."""
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    device: str | None = None
+
+    # ---- execution only ---------------------------------------------------------------------
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    """Candidates per work unit sent to a worker; does not change results."""
+    executor: Literal["local", "dask"] = "local"
+    workers: int | None = Field(default=None, ge=1, le=1024)
+    scheduler: str | None = None
+    allow_download: bool = False
+    save_candidate_images: bool = True
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, prompts: list[str]) -> list[str]:
+        for index, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompt {index} is empty")
+        return prompts
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_form(cls, budget: int | str) -> int | str:
+        if isinstance(budget, int):
+            if budget < 1:
+                raise ValueError("must be a positive number of NFEs or 'Nx'")
+            return budget
+        if _BUDGET_MULTIPLE.match(budget):
+            return budget.strip()
+        raise ValueError(f"{budget!r} is not a number of NFEs or 'Nx' (e.g. 8x)")
+
+    @model_validator(mode="after")
+    def _scheduler_needs_dask(self) -> Job:
+        if self.scheduler and self.executor != "dask":
+            raise ValueError("scheduler: only used with executor: dask")
+        return self
+
+    def budget_nfe(self, num_steps: int) -> int:
+        """The per-prompt budget in NFEs for a model with ``num_steps`` steps."""
+        if isinstance(self.budget, int):
+            return self.budget
+        multiple = float(_BUDGET_MULTIPLE.match(self.budget).group(1))  # type: ignore[union-attr]
+        return int(round(multiple * num_steps))
+
+    def result_key(self) -> str:
+        """A digest of every field that can change results (used to refuse a wrong --resume)."""
+        identity = self.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+EXECUTION_FIELDS = {
+    "batch_size", "executor", "workers", "scheduler", "allow_download", "save_candidate_images",
+}
+
+
+def verifier_label(spec: VerifierSpec) -> str:
+    """The name a verifier's scores are stored under (``label`` option, else its name)."""
+    if isinstance(spec, str):
+        return spec
+    return str(spec.get("label") or spec.get("name"))
+
+
+def load_prompts_file(path: Path) -> list[str]:
+    """Prompts from a .txt (one per line, blank lines and # comments skipped) or .jsonl file
+    (one object per line with a "prompt" field)."""
+    if not path.is_file():
+        raise JobError(f"{path}: prompts file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise JobError(f'{path}:{number}: expected a JSON object with a "prompt" field')\
+                    from None
+        return prompts
+    if path.suffix == ".txt":
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    raise JobError(f"{path}: prompts file must be .txt or .jsonl")
+
+
+def job_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path) -> Job:
+    """Validate a job given as a mapping; ``prompts_file`` is resolved against ``base_dir``."""
+    data = dict(data)
+    prompts_file = data.pop("prompts_file", None)
+    if prompts_file is not None:
+        if "prompts" in data:
+            raise JobError(f"{source}: give either prompts or prompts_file, not both")
+        data["prompts"] = load_prompts_file(base_dir / str(prompts_file))
+    try:
+        return Job.model_validate(data)
+    except ValidationError as error:
+        raise JobError(f"{source}: {describe_validation_error(error)}") from None
+
+
+def load_job(path: Path) -> Job:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise JobError(f"{path}: cannot read job file ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise JobError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: a job file must be a mapping of fields (prompts, model, ...)")
+    return job_from_mapping(data, source=str(path), base_dir=path.parent)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """pydantic's first error as ``field.path: message`` on one line."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "job"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return f"{location}: {message}"
