@@ -1,0 +1,70 @@
+"""Executors run work batches somewhere and hand back outcomes as they complete.
+
+The engine only submits :class:`~diffsearch.runtime.WorkBatch` records and iterates
+``as_completed``; it may submit more batches while iterating (a prompt's next round starts as soon
+as its previous one is told back). The in-process executor lives here; the Dask executor in
+``diffsearch.dask_executor``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator
+
+from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch, describe_model, run_batch
+from diffsearch.search.base import Outcome
+
+
+class Executor(ABC):
+    """Where batches run. Use as a context manager so workers are released on any exit."""
+
+    @abstractmethod
+    def start(self, spec: RuntimeSpec) -> ModelInfo:
+        """Load the model and verifiers on the workers; report what the model is."""
+
+    @abstractmethod
+    def submit(self, batch: WorkBatch) -> None:
+        """Queue a batch. Results come out of :meth:`as_completed`."""
+
+    @abstractmethod
+    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+        """Yield each submitted batch with its outcomes once, including batches submitted while
+        iterating; stops when nothing is pending."""
+
+    def close(self) -> None:
+        """Release workers. Safe to call twice."""
+
+    def describe(self) -> str:
+        """One line for the log: where the work runs."""
+        return type(self).__name__
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """Runs batches one after another in this process: no cluster, easiest to debug."""
+
+    def __init__(self) -> None:
+        self._spec: RuntimeSpec | None = None
+        self._pending: deque[WorkBatch] = deque()
+
+    def start(self, spec: RuntimeSpec) -> ModelInfo:
+        self._spec = spec
+        return describe_model(spec)
+
+    def submit(self, batch: WorkBatch) -> None:
+        self._pending.append(batch)
+
+    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+        assert self._spec is not None, "start() the executor first"
+        while self._pending:
+            batch = self._pending.popleft()
+            yield batch, run_batch(self._spec, batch)
+
+    def describe(self) -> str:
+        return "in-process executor"

@@ -1,0 +1,333 @@
+"""What a worker does: hold a loaded model and verifiers, run batches of tasks, return outcomes.
+
+The same code runs in-process (the local executor) and inside Dask workers, so both give the
+same bits. A :class:`WorkerRuntime` is built once per process and spec (models are loaded once
+and kept); a :class:`WorkBatch` carries only ids, seeds and store keys, and an :class:`Outcome`
+only numbers, so nothing large crosses the scheduler: latents go straight to the Zarr store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
+
+from diffsearch.job import Job, VerifierSpec, verifier_label
+from diffsearch.pipelines.base import Conditioning, Denoiser
+from diffsearch.search.base import Outcome, ScoreOn, Task
+from diffsearch.seeding import task_generator
+from diffsearch.store import RunStore
+from diffsearch.verifiers.base import Verifier
+
+_RUNTIMES: dict[RuntimeSpec, WorkerRuntime] = {}
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What a worker must load: hashable, so workers keep one runtime per spec."""
+
+    model: str
+    num_steps: int | None
+    guidance_scale: float | None
+    device: str | None
+    dtype: str | None
+    compute_batch: int | None
+    threads: int
+    verifier: str
+    """The guiding verifier spec, as canonical JSON (dict specs are not hashable)."""
+    eval_verifiers: tuple[str, ...] = ()
+    allow_download: bool = False
+
+    @classmethod
+    def from_job(cls, job: Job) -> RuntimeSpec:
+        return cls(
+            model=job.model, num_steps=job.num_steps, guidance_scale=job.guidance_scale,
+            device=job.device, dtype=job.dtype, compute_batch=job.compute_batch,
+            threads=job.threads, verifier=_canonical(job.verifier),
+            eval_verifiers=tuple(_canonical(v) for v in job.eval_verifiers),
+            allow_download=job.allow_download,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to know about the model, reported by a worker that loaded it."""
+
+    num_steps: int
+    latent_shape: tuple[int, int, int]
+    nfe_per_step: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class WorkBatch:
+    """A unit of work for one worker: tasks of one prompt sharing their step range."""
+
+    tasks: tuple[Task, ...]
+    store_path: str
+    images_dir: str | None = None
+    """Where final images are written as PNG (None: not written)."""
+
+
+@dataclass
+class _Timer:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - since
+        return now
+
+
+def get_runtime(spec: RuntimeSpec) -> WorkerRuntime:
+    """This process's runtime for ``spec``, loading the model and verifiers on first use."""
+    if spec not in _RUNTIMES:
+        _RUNTIMES[spec] = WorkerRuntime.load(spec)
+    return _RUNTIMES[spec]
+
+
+def register_runtime(runtime: WorkerRuntime) -> None:
+    """Make ``runtime`` this process's runtime for its spec (tests, embedding applications)."""
+    _RUNTIMES[runtime.spec] = runtime
+
+
+class WorkerRuntime:
+    """A loaded model and verifiers. Build with :meth:`load`; tests may assemble one from
+    components (a fake denoiser) and :func:`register_runtime` it for the in-process executor."""
+
+    def __init__(self, spec: RuntimeSpec, denoiser: Denoiser,
+                 create_verifier: Callable[..., Verifier]) -> None:
+        self.spec = spec
+        self.denoiser = denoiser
+        self._create_verifier = create_verifier
+        self._default_device = str(denoiser.device)
+        self.verifiers: dict[str, Verifier] = {}
+        self._guiding_label = self._add_verifier(json.loads(spec.verifier))
+        self._eval_labels = [self._add_verifier(json.loads(v)) for v in spec.eval_verifiers]
+        self._conditionings: dict[str, Conditioning] = {}
+
+    @classmethod
+    def load(cls, spec: RuntimeSpec) -> WorkerRuntime:
+        """Load the model and verifiers named by ``spec`` (pins the CPU thread count first)."""
+        from diffsearch.pipelines.loading import load_denoiser
+        from diffsearch.verifiers.registry import create_verifier
+
+        torch.set_num_threads(spec.threads)
+        denoiser = load_denoiser(
+            spec.model, num_steps=spec.num_steps, guidance_scale=spec.guidance_scale,
+            device=spec.device, dtype=spec.dtype, compute_batch=spec.compute_batch,
+            allow_download=spec.allow_download,
+        )
+        return cls(spec, denoiser, create_verifier)
+
+    def _add_verifier(self, spec: VerifierSpec) -> str:
+        """Build a verifier once per label; a dict spec may place it on its own ``device``."""
+        label = verifier_label(spec)
+        if label not in self.verifiers:
+            if isinstance(spec, dict):
+                options = {k: v for k, v in spec.items() if k not in ("label", "device")}
+                device = spec.get("device", self._default_device)
+            else:
+                options, device = spec, self._default_device
+            self.verifiers[label] = self._create_verifier(options, device=device)
+        return label
+
+    def model_info(self) -> ModelInfo:
+        d = self.denoiser
+        return ModelInfo(num_steps=d.num_steps, latent_shape=tuple(d.latent_shape),
+                         nfe_per_step=d.nfe_per_step, device=str(d.device), dtype=str(d.dtype))
+
+    def conditioning(self, prompt: str) -> Conditioning:
+        if prompt not in self._conditionings:
+            self._conditionings[prompt] = self.denoiser.encode(prompt)
+        return self._conditionings[prompt]
+
+    # ---- one batch ------------------------------------------------------------------------
+    def run(self, batch: WorkBatch) -> list[Outcome]:
+        """Run a batch of tasks that share prompt, step range, eta and scoring."""
+        tasks = batch.tasks
+        first = tasks[0]
+        store = RunStore.open(Path(batch.store_path))
+        timer = _Timer()
+        since = time.perf_counter()
+        latents = self._start_latents(tasks, store)
+        since = timer.add("load", since)
+        conds = [self.conditioning(t.prompt) for t in tasks]
+        generators = [task_generator(t.seed, "steps") for t in tasks] if first.eta > 0 else None
+        result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
+                                       generators=generators)
+        since = timer.add("denoise", since)
+        candidates = [t.candidate for t in tasks]
+        store.write_latents(first.prompt_index, candidates, result.latents)
+        since = timer.add("store", since)
+        errors: list[str | None] = [_non_finite(row, first.end) for row in result.latents]
+
+        scores: list[dict[str, float]] = [{} for _ in tasks]
+        calls = [0] * len(tasks)
+        if first.score_on is not ScoreOn.NONE:
+            if first.score_on is ScoreOn.X0:
+                to_decode = result.x0
+                labels = [self._task_verifier(first)]
+            else:
+                final = result.latents
+                if first.end < self.denoiser.num_steps:
+                    final = self.denoiser.denoise(
+                        final, conds, first.end, self.denoiser.num_steps, eta=first.eta,
+                        generators=generators).latents
+                    since = timer.add("denoise", since)
+                    errors = [e or _non_finite(row, self.denoiser.num_steps)
+                              for e, row in zip(errors, final)]
+                store.write_latents(first.prompt_index, candidates, final, final=True)
+                since = timer.add("store", since)
+                to_decode = final
+                labels = [self._task_verifier(first), *self._eval_labels]
+            images = self.denoiser.decode(to_decode)
+            since = timer.add("decode", since)
+            if first.score_on is ScoreOn.FINAL and batch.images_dir:
+                _write_pngs(Path(batch.images_dir), first.prompt_index, candidates, images)
+                since = timer.add("store", since)
+            prompts = [t.prompt for t in tasks]
+            ok_rows = [i for i, e in enumerate(errors) if e is None]
+            for label in dict.fromkeys(labels):
+                values, failures = self._score(label, images[ok_rows],
+                                               [prompts[i] for i in ok_rows])
+                for row, value, failure in zip(ok_rows, values, failures):
+                    calls[row] += 1
+                    if failure:
+                        errors[row] = errors[row] or failure
+                    else:
+                        scores[row][label] = value
+            since = timer.add("score", since)
+
+        share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
+        outcomes = []
+        for i, task in enumerate(tasks):
+            guide = self._task_verifier(task)
+            reward = scores[i].get(guide) if errors[i] is None else None
+            outcomes.append(Outcome(
+                prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
+                reward=reward, scores=scores[i],
+                nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
+                verifier_calls=calls[i], error=errors[i], timings=share))
+        return outcomes
+
+    def _task_verifier(self, task: Task) -> str:
+        if task.verifier is None:
+            return self._guiding_label
+        return self._add_verifier(task.verifier)
+
+    def _start_latents(self, tasks: Sequence[Task], store: RunStore) -> torch.Tensor:
+        """Each task's starting latent: its seed's noise, or its source (then perturbed)."""
+        rows: list[torch.Tensor] = [None] * len(tasks)  # type: ignore[list-item]
+        from_noise = [i for i, t in enumerate(tasks) if t.source_candidate is None]
+        if from_noise:
+            noise = self.denoiser.initial_noise([tasks[i].seed for i in from_noise])
+            for row, i in enumerate(from_noise):
+                rows[i] = noise[row]
+        from_store = [i for i, t in enumerate(tasks) if t.source_candidate is not None]
+        if from_store:
+            prompt_index = tasks[0].prompt_index
+            sources = [tasks[i].source_candidate for i in from_store]
+            stored = store.read_latents(prompt_index, sources)  # type: ignore[arg-type]
+            source_steps = store.read_steps(prompt_index, sources)  # type: ignore[arg-type]
+            for row, i in enumerate(from_store):
+                rows[i] = stored[row]
+        latents = torch.stack(rows)
+        perturbed = [i for i, t in enumerate(tasks) if t.perturbation is not None]
+        if perturbed:
+            from diffsearch.perturb import apply_perturbations
+
+            steps_by_row = {i: 0 for i in from_noise}
+            if from_store:
+                steps_by_row.update({i: s for i, s in zip(from_store, source_steps)})
+            latents[perturbed] = apply_perturbations(
+                latents[perturbed],
+                [tasks[i].perturbation for i in perturbed],  # type: ignore[misc]
+                [task_generator(tasks[i].seed, "perturb") for i in perturbed],
+                self.denoiser,
+                [steps_by_row[i] for i in perturbed],
+            )
+        return latents
+
+    def _score(self, label: str, images: torch.Tensor, prompts: list[str]
+               ) -> tuple[list[float], list[str | None]]:
+        """Score in fixed-size chunks (batch-invariant, like the denoiser); a chunk that raises
+        is retried row by row so one bad candidate fails alone, with its error."""
+        n = images.shape[0]
+        if n == 0:
+            return [], []
+        verifier = self.verifiers[label]
+        size = self.denoiser.compute_batch
+        values: list[float] = []
+        failures: list[str | None] = []
+        for begin in range(0, n, size):
+            chunk, chunk_prompts = images[begin:begin + size], prompts[begin:begin + size]
+            try:
+                values.extend(_score_padded(verifier, chunk, chunk_prompts, size))
+                failures.extend([None] * chunk.shape[0])
+            except Exception:
+                for row in range(chunk.shape[0]):
+                    try:
+                        values.extend(_score_padded(verifier, chunk[row:row + 1],
+                                                    chunk_prompts[row:row + 1], size))
+                        failures.append(None)
+                    except Exception as error:  # a plugin may raise anything
+                        values.append(math.nan)
+                        failures.append(f"verifier {label!r} failed: "
+                                        f"{type(error).__name__}: {error}")
+                        traceback.print_exc()
+        return values, failures
+
+
+def _score_padded(verifier: Verifier, images: torch.Tensor, prompts: list[str], size: int
+                  ) -> list[float]:
+    real = images.shape[0]
+    if real < size:
+        images = torch.cat([images, images[-1:].expand(size - real, *images.shape[1:])])
+        prompts = prompts + [prompts[-1]] * (size - real)
+    values = verifier.score(images, prompts).detach().to("cpu", torch.float64)[:real].tolist()
+    for value in values:
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite score {value}")
+    return values
+
+
+def _non_finite(latent: torch.Tensor, step: int) -> str | None:
+    if torch.isfinite(latent).all():
+        return None
+    return f"non-finite values (NaN/inf) in the latent at step {step}"
+
+
+def _write_pngs(images_dir: Path, prompt_index: int, candidates: Sequence[int],
+                images: torch.Tensor) -> None:
+    folder = images_dir / f"p{prompt_index:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for candidate, image in zip(candidates, pixels):
+        Image.fromarray(np.ascontiguousarray(image)).save(folder / f"c{candidate:05d}.png")
+
+
+def candidate_image_path(prompt_index: int, candidate: int) -> str:
+    """Where a candidate's final image lies, relative to the run folder."""
+    return f"images/p{prompt_index:05d}/c{candidate:05d}.png"
+
+
+def _canonical(spec: VerifierSpec) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def run_batch(spec: RuntimeSpec, batch: WorkBatch) -> list[Outcome]:
+    """Entry point for executors: run ``batch`` with this process's runtime for ``spec``."""
+    return get_runtime(spec).run(batch)
+
+
+def describe_model(spec: RuntimeSpec) -> ModelInfo:
+    return get_runtime(spec).model_info()
