@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffsearch.errors import DiffsearchError
 
-class VerifierError(RuntimeError):
+
+class VerifierError(DiffsearchError):
     """A verifier could not be built or could not score; the message says what to do."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from diffsearch.errors import JobError
 from diffsearch.search.base import Strategy
 
 _STRATEGIES: dict[str, str] = {
@@ -14,7 +15,7 @@ _STRATEGIES: dict[str, str] = {
 }
 
 
-class UnknownStrategyError(ValueError):
+class UnknownStrategyError(JobError):
     pass
 
 

@@ -1,0 +1,244 @@
+"""The driver: runs one strategy per prompt through an executor, records everything in the store.
+
+Each prompt advances on its own: as soon as every task of its last ``ask()`` is back, it is told
+and asked again, so a slow prompt never holds the others up and the workers stay busy. Outcomes
+are told in the order the tasks were asked, which (with seeded strategies) makes the whole run a
+deterministic function of the job.
+
+Resume is replay: the strategies are rebuilt from the job and asked again; every task whose
+candidate is already finished in the store is answered from it without running, so a resumed run
+ends exactly like an uninterrupted one and recomputes nothing that was finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from diffsearch.errors import JobError
+from diffsearch.executor import Executor
+from diffsearch.job import Job
+from diffsearch.results import PromptResult, RunResult, collect_results
+from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
+from diffsearch.search.base import Outcome, Strategy, Task
+from diffsearch.search.registry import strategy_class
+from diffsearch.store import RunStore
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Sent to progress callbacks after each finished work batch (and replayed round)."""
+
+    nfe_done: int
+    nfe_total: int
+    prompt_index: int
+    outcomes: tuple[Outcome, ...]
+    best_reward: float | None
+    """The best reward seen so far for ``prompt_index``."""
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class _PromptState:
+    strategy: Strategy
+    round_tasks: list[Task] = field(default_factory=list)
+    received: dict[int, Outcome] = field(default_factory=dict)
+    nfe: int = 0
+    best_reward: float | None = None
+    finished: bool = False
+
+
+class BudgetExceededError(RuntimeError):
+    """A strategy asked for more NFEs than its budget: a bug in the strategy, not user input."""
+
+
+class Engine:
+    def __init__(
+        self,
+        job: Job,
+        run_dir: Path,
+        executor: Executor,
+        *,
+        resume: bool = False,
+        progress_bar: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.job = job
+        self.run_dir = run_dir
+        self.executor = executor
+        self.resume = resume
+        self.progress_bar = progress_bar
+        self.on_progress = on_progress
+        self.spec = RuntimeSpec.from_job(job)
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        prepare_run_dir(self.run_dir, self.job, resume=self.resume)
+        model = self.executor.start(self.spec)
+        store = open_store(self.run_dir, self.job, model, resume=self.resume)
+        states = self._build_strategies(model)
+        total = sum(s.strategy.budget_nfe for s in states.values())
+        bar = tqdm(total=total, unit="NFE", desc="search", disable=not self.progress_bar,
+                   dynamic_ncols=True)
+        stage_seconds: dict[str, float] = defaultdict(float)
+        waited = 0.0
+        nfe_done = 0
+
+        def advance(index: int) -> None:
+            nonlocal nfe_done
+            state = states[index]
+            while not state.strategy.done:
+                tasks = state.strategy.ask()
+                if not tasks:
+                    break
+                self._check_round(state, tasks, model)
+                store.ensure_prompt(index, state.strategy.prompt)
+                store.ensure_capacity(index, max(t.candidate for t in tasks) + 1)
+                replayed = {t.candidate: store.lookup(t) for t in tasks}
+                state.round_tasks = tasks
+                state.received = {c: o for c, o in replayed.items() if o is not None}
+                to_run = [t for t in tasks if t.candidate not in state.received]
+                if state.received:
+                    nfe_done += self._account(state, list(state.received.values()), bar)
+                    self._report(index, state, tuple(state.received.values()), nfe_done, total)
+                if to_run:
+                    for batch in self._batches(to_run, store):
+                        self.executor.submit(batch)
+                    return
+                state.strategy.tell([state.received[t.candidate] for t in tasks])
+            state.finished = True
+
+        for index in states:
+            advance(index)
+        outcomes_iter = self.executor.as_completed()
+        while True:
+            wait_start = time.perf_counter()
+            try:
+                batch, outcomes = next(outcomes_iter)
+            except StopIteration:
+                break
+            waited += time.perf_counter() - wait_start
+            store.record(batch.tasks, outcomes)
+            index = batch.tasks[0].prompt_index
+            state = states[index]
+            for outcome in outcomes:
+                state.received[outcome.candidate] = outcome
+                for stage, seconds in outcome.timings.items():
+                    stage_seconds[stage] += seconds
+            nfe_done += self._account(state, outcomes, bar)
+            self._report(index, state, tuple(outcomes), nfe_done, total)
+            if len(state.received) == len(state.round_tasks):
+                state.strategy.tell([state.received[t.candidate] for t in state.round_tasks])
+                advance(index)
+        bar.close()
+        unfinished = [i for i, s in states.items() if not s.finished]
+        if unfinished:
+            raise RuntimeError(f"executor stopped with prompts {unfinished} unfinished")
+        prompts = [
+            PromptResult.from_store(store, index, state.strategy, state.nfe)
+            for index, state in states.items()
+        ]
+        stage_seconds["wait"] = waited
+        return collect_results(
+            run_dir=self.run_dir, job=self.job, model=model, prompts=prompts,
+            wall_seconds=time.perf_counter() - started, stage_seconds=dict(stage_seconds),
+            executor=self.executor.describe(),
+        )
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _build_strategies(self, model: ModelInfo) -> dict[int, _PromptState]:
+        cls = strategy_class(self.job.strategy.name)
+        budget = self.job.budget_nfe(model.num_steps) // model.nfe_per_step
+        states = {}
+        for index, prompt in enumerate(self.job.prompts):
+            try:
+                strategy = cls(prompt_index=index, prompt=prompt, num_steps=model.num_steps,
+                               budget_nfe=budget, seed=self.job.seed, **self.job.strategy.options)
+            except (ValueError, TypeError) as error:
+                raise JobError(f"strategy: {error}") from None
+            states[index] = _PromptState(strategy)
+        return states
+
+    def _check_round(self, state: _PromptState, tasks: list[Task], model: ModelInfo) -> None:
+        candidates = [t.candidate for t in tasks]
+        if len(set(candidates)) != len(candidates):
+            raise RuntimeError(f"strategy {state.strategy.name} asked one candidate twice")
+        planned = state.nfe + sum(t.denoise_nfe(model.num_steps, model.nfe_per_step)
+                                  for t in tasks)
+        if planned > state.strategy.budget_nfe * model.nfe_per_step:
+            raise BudgetExceededError(
+                f"strategy {state.strategy.name} asked for {planned} NFE in total, over its "
+                f"budget of {state.strategy.budget_nfe}")
+
+    def _batches(self, tasks: list[Task], store: RunStore) -> list[WorkBatch]:
+        """Group tasks that can share denoiser calls, then cut groups to ``batch_size``."""
+        groups: dict[tuple, list[Task]] = defaultdict(list)
+        for task in tasks:
+            groups[(task.start, task.end, task.eta, task.score_on, task.verifier)].append(task)
+        size = self.job.batch_size
+        images = str(self.run_dir / "images")
+        return [
+            WorkBatch(tasks=tuple(group[i:i + size]), store_path=str(store.path),
+                      images_dir=images)
+            for group in groups.values()
+            for i in range(0, len(group), size)
+        ]
+
+    @staticmethod
+    def _account(state: _PromptState, outcomes: list[Outcome], bar: tqdm) -> int:
+        nfe = sum(o.nfe for o in outcomes)
+        state.nfe += nfe
+        for outcome in outcomes:
+            if outcome.reward is not None and outcome.ok and (
+                    state.best_reward is None or outcome.reward > state.best_reward):
+                state.best_reward = outcome.reward
+        bar.update(nfe)
+        if state.best_reward is not None:
+            bar.set_postfix(best=f"{state.best_reward:.4g}", refresh=False)
+        return nfe
+
+    def _report(self, index: int, state: _PromptState, outcomes: tuple[Outcome, ...],
+                nfe_done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(nfe_done=nfe_done, nfe_total=total,
+                                           prompt_index=index, outcomes=outcomes,
+                                           best_reward=state.best_reward))
+
+
+def prepare_run_dir(run_dir: Path, job: Job, *, resume: bool) -> None:
+    """Create the output folder, refusing to overwrite a run unless resuming it."""
+    from diffsearch.errors import StoreError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise StoreError(f"cannot write to output folder {run_dir}: "
+                         f"{error.strerror or error}") from None
+    if (run_dir / "store.zarr").exists() and not resume:
+        raise StoreError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                         f"choose another output folder")
+    (run_dir / "job.json").write_text(job.model_dump_json(indent=2))
+
+
+def open_store(run_dir: Path, job: Job, model: ModelInfo, *, resume: bool) -> RunStore:
+    from diffsearch.errors import StoreError
+
+    path = run_dir / "store.zarr"
+    if resume and path.exists():
+        store = RunStore.open(path)
+        if store.attrs.get("result_key") != job.result_key():
+            raise StoreError(f"{path} was made by a different job (model, prompts, strategy, "
+                             f"budget, verifiers, seed or numerics changed); cannot resume it")
+        return store
+    return RunStore.create(path, job=job.model_dump(mode="json"), result_key=job.result_key(),
+                           latent_shape=model.latent_shape, num_steps=model.num_steps)

@@ -1,0 +1,118 @@
+"""A run's results: the best candidate per prompt with its lineage, written as results.json.
+
+Everything here is read back from the store, so ``diffsearch show`` and a resumed run report
+exactly what an uninterrupted run reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffsearch.job import Job
+from diffsearch.runtime import ModelInfo, candidate_image_path
+from diffsearch.search.base import Strategy
+from diffsearch.store import CandidateRecord, RunStore
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    prompt_index: int
+    prompt: str
+    nfe: int
+    best: CandidateRecord | None
+    candidates: list[CandidateRecord]
+
+    @classmethod
+    def from_store(cls, store: RunStore, index: int, strategy: Strategy, nfe: int
+                   ) -> PromptResult:
+        candidates = store.finished_candidates(index) if store.has_prompt(index) else []
+        winner = strategy.best()
+        best = next((c for c in candidates if winner and c.candidate == winner.candidate), None)
+        return cls(prompt_index=index, prompt=strategy.prompt, nfe=nfe, best=best,
+                   candidates=candidates)
+
+    def to_json(self) -> dict[str, Any]:
+        best = None
+        if self.best is not None:
+            best = {
+                "candidate": self.best.candidate,
+                "seed": self.best.seed,
+                "score": self.best.reward,
+                "scores": self.best.scores,
+                "image": best_image_path(self.prompt_index),
+                "candidate_image": candidate_image_path(self.prompt_index, self.best.candidate),
+            }
+        return {
+            "index": self.prompt_index,
+            "prompt": self.prompt,
+            "nfe": self.nfe,
+            "best": best,
+            "candidates": [
+                {
+                    "candidate": c.candidate, "seed": c.seed, "parent": c.parent,
+                    "step": c.step, "reward": c.reward, "scores": c.scores, "nfe": c.nfe,
+                    "error": c.error,
+                    "image": candidate_image_path(self.prompt_index, c.candidate)
+                    if c.has_final else None,
+                }
+                for c in self.candidates
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    nfe: int
+    verifier_calls: int
+    wall_seconds: float
+    prompts: list[PromptResult]
+    stage_seconds: dict[str, float]
+    model: ModelInfo
+    executor: str
+
+    @property
+    def failed_candidates(self) -> int:
+        return sum(1 for p in self.prompts for c in p.candidates if c.error)
+
+    def to_json(self, job: Job) -> dict[str, Any]:
+        return {
+            "job": job.model_dump(mode="json"),
+            "result_key": job.result_key(),
+            "model": asdict(self.model),
+            "executor": self.executor,
+            "nfe": self.nfe,
+            "verifier_calls": self.verifier_calls,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "stage_seconds": {k: round(v, 4) for k, v in sorted(self.stage_seconds.items())},
+            "failed_candidates": self.failed_candidates,
+            "prompts": [p.to_json() for p in self.prompts],
+        }
+
+
+def best_image_path(prompt_index: int) -> str:
+    return f"best/p{prompt_index:05d}.png"
+
+
+def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[PromptResult],
+                    wall_seconds: float, stage_seconds: dict[str, float], executor: str
+                    ) -> RunResult:
+    """Copy each prompt's best image to ``best/`` and write ``results.json``."""
+    (run_dir / "best").mkdir(exist_ok=True)
+    for prompt in prompts:
+        if prompt.best is not None:
+            source = run_dir / candidate_image_path(prompt.prompt_index, prompt.best.candidate)
+            shutil.copyfile(source, run_dir / best_image_path(prompt.prompt_index))
+    result = RunResult(
+        run_dir=run_dir,
+        nfe=sum(c.nfe for p in prompts for c in p.candidates),
+        verifier_calls=sum(c.verifier_calls for p in prompts for c in p.candidates),
+        wall_seconds=wall_seconds, prompts=prompts, stage_seconds=stage_seconds,
+        model=model, executor=executor,
+    )
+    (run_dir / "results.json").write_text(json.dumps(result.to_json(job), indent=2))
+    return result
