@@ -1,0 +1,202 @@
+"""The ``diffsearch`` command line: a thin layer over :mod:`diffsearch.api`.
+
+Errors the user can fix print one line and exit with status 2; Ctrl-C exits with 130 and leaves
+a resumable store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from diffsearch.errors import DiffsearchError
+from diffsearch.job import Job, job_from_mapping, load_job
+from diffsearch.results import RunResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error types that mean bad input, not a bug: shown as one line, exit status 2."""
+    errors: list[type[BaseException]] = [DiffsearchError]
+    try:
+        from diffsearch.pipelines.loading import ModelNotFoundError
+        errors.append(ModelNotFoundError)
+    except ImportError:  # the adapters are optional at import time of the CLI
+        pass
+    return tuple(errors)
+
+
+def friendly_errors(command: F) -> F:
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished candidates are saved; run the same command "
+                       "with --resume to continue", err=True)
+            sys.exit(130)
+        except _user_errors() as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="diffsearch")
+def main() -> None:
+    """Test-time search for diffusion models: explore seeds and trajectories, keep the best."""
+
+
+def _execution_options(command: F) -> F:
+    options = [
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                     help="Output folder (default: runs/<name>)."),
+        click.option("--resume", is_flag=True,
+                     help="Continue a stopped run in --out without recomputing finished work."),
+        click.option("--executor", type=click.Choice(["local", "dask"]),
+                     help="Where to run (default: the job's, else local)."),
+        click.option("--workers", type=int, help="Workers of the local Dask cluster."),
+        click.option("--scheduler", help="Address of a running Dask scheduler."),
+        click.option("--batch-size", type=int, help="Candidates per work unit."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _with_execution(data: dict[str, Any], executor: str | None, workers: int | None,
+                    scheduler: str | None, batch_size: int | None) -> dict[str, Any]:
+    overrides = {"executor": executor, "workers": workers, "scheduler": scheduler,
+                 "batch_size": batch_size}
+    if scheduler and not executor:
+        overrides["executor"] = "dask"
+    return {**data, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default="shapes", show_default=True,
+              help="'shapes' (bundled), a local pipeline folder or a Hugging Face id (cache).")
+@click.option("--strategy", default="best-of-n", show_default=True)
+@click.option("--option", "strategy_options", multiple=True, metavar="KEY=VALUE",
+              help="Strategy option (YAML value), repeatable.")
+@click.option("--budget", default="8x", show_default=True,
+              help="NFEs per prompt, or Nx for N samples' worth.")
+@click.option("--verifier", default="shapes-clip", show_default=True,
+              help="Guiding verifier.")
+@click.option("--eval-verifier", "eval_verifiers", multiple=True,
+              help="Held-out verifier reported on final images, repeatable.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--steps", type=int, help="Denoising steps (default: the model's).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale.")
+@_execution_options
+@friendly_errors
+def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str, ...],
+             budget: str, verifier: str, eval_verifiers: tuple[str, ...], seed: int,
+             steps: int | None, guidance: float | None, out: Path | None, resume: bool,
+             executor: str | None, workers: int | None, scheduler: str | None,
+             batch_size: int | None, quiet: bool) -> None:
+    """Search for the best image of one PROMPT."""
+    data: dict[str, Any] = {
+        "prompts": [prompt], "model": model,
+        "strategy": {"name": strategy, **_parse_options(strategy_options)},
+        "budget": int(budget) if budget.isdigit() else budget, "verifier": verifier,
+        "eval_verifiers": list(eval_verifiers), "seed": seed, "num_steps": steps,
+        "guidance_scale": guidance,
+    }
+    job = job_from_mapping(_with_execution(data, executor, workers, scheduler, batch_size),
+                           source="options", base_dir=Path.cwd())
+    out = out or Path("runs") / f"{_slug(prompt)}-{_timestamp()}"
+    _run(job, out, resume=resume, quiet=quiet)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@_execution_options
+@friendly_errors
+def run(job_file: Path, out: Path | None, resume: bool, executor: str | None,
+        workers: int | None, scheduler: str | None, batch_size: int | None,
+        quiet: bool) -> None:
+    """Run a job file (YAML): many prompts, inline or from a .txt/.jsonl file."""
+    job = load_job(job_file)
+    if any(v is not None for v in (executor, workers, scheduler, batch_size)):
+        job = Job.model_validate(_with_execution(job.model_dump(), executor, workers,
+                                                 scheduler, batch_size))
+    _run(job, out or Path("runs") / job_file.stem, resume=resume, quiet=quiet)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the best per prompt as JSON.")
+@friendly_errors
+def show(run_dir: Path, as_json: bool) -> None:
+    """List the best candidate per prompt of a run (finished or not)."""
+    from diffsearch.inspect import best_per_prompt
+
+    rows = best_per_prompt(run_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        score = "-" if row["score"] is None else f"{row['score']:.4f}"
+        click.echo(f"{row['index']:>4}  {score:>9}  {row['image'] or '-':<28}  {row['prompt']}")
+
+
+def _run(job: Job, out: Path, *, resume: bool, quiet: bool) -> None:
+    from diffsearch.api import run_job
+
+    click.echo(f"diffsearch: {len(job.prompts)} prompt(s), strategy {job.strategy.name}, "
+               f"budget {job.budget} per prompt, model {job.model} -> {out}", err=True)
+    result = run_job(job, out, resume=resume, progress_bar=not quiet)
+    _summarise(result)
+
+
+def _summarise(result: RunResult) -> None:
+    for prompt in result.prompts:
+        best = prompt.best
+        score = "no result" if best is None else f"score {best.reward:.4f}"
+        click.echo(f"[{prompt.prompt_index}] {prompt.prompt!r}: {score}")
+    click.echo(f"{result.nfe} NFE, {result.verifier_calls} verifier calls, "
+               f"{result.wall_seconds:.1f} s; failed candidates: {result.failed_candidates}; "
+               f"results in {result.run_dir / 'results.json'}")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+def _timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _register_subcommands() -> None:
+    try:
+        from diffsearch.cli_verifiers import verifiers
+    except ImportError:  # being built; the CLI works without it
+        return
+    main.add_command(verifiers)
+
+
+_register_subcommands()
