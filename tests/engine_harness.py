@@ -1,0 +1,74 @@
+"""Run the real engine, store and in-process executor on the model-free FakeDenoiser.
+
+The fake runtime is registered for the job's spec in this process, so the local executor uses it
+instead of loading a model; everything else (batching, store, replay, results) is the real code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffsearch.api import run_job
+from diffsearch.job import Job
+from diffsearch.results import RunResult
+from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
+from diffsearch.verifiers.base import Verifier
+from fake_denoiser import FakeDenoiser
+
+
+class RednessVerifier(Verifier):
+    """Mean of the red channel: a prompt-free score with an obvious best."""
+
+    name = "redness"
+    needs_prompt = False
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return images[:, 0].mean(dim=(1, 2))
+
+
+class FailsOnBrightVerifier(Verifier):
+    """Raises for any batch holding a very red image: one candidate's failure, not the run's."""
+
+    name = "fails-on-bright"
+
+    def __init__(self, device: str | torch.device = "cpu", threshold: float = 0.9) -> None:
+        super().__init__(device)
+        self.threshold = threshold
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        redness = images[:, 0].mean(dim=(1, 2))
+        if (redness > self.threshold).any():
+            raise RuntimeError("too bright")
+        return redness
+
+
+FAKE_VERIFIERS = {"redness": RednessVerifier, "fails-on-bright": FailsOnBrightVerifier}
+
+
+def create_fake_verifier(spec: str | dict[str, Any], device: str = "cpu") -> Verifier:
+    if isinstance(spec, str):
+        return FAKE_VERIFIERS[spec](device)
+    options = dict(spec)
+    return FAKE_VERIFIERS[options.pop("name")](device, **options)
+
+
+def fake_job(**fields: Any) -> Job:
+    defaults: dict[str, Any] = {"prompts": ["a red circle on the left"], "model": "fake",
+                                "verifier": "redness", "budget": "4x", "threads": 1}
+    return Job.model_validate({**defaults, **fields})
+
+
+def install_fake_runtime(job: Job, denoiser: FakeDenoiser | None = None) -> FakeDenoiser:
+    denoiser = denoiser or FakeDenoiser(num_steps=10)
+    register_runtime(WorkerRuntime(RuntimeSpec.from_job(job), denoiser, create_fake_verifier))
+    return denoiser
+
+
+def run_fake(job: Job, out: Path, *, denoiser: FakeDenoiser | None = None,
+             **kwargs: Any) -> tuple[RunResult, FakeDenoiser]:
+    denoiser = install_fake_runtime(job, denoiser)
+    return run_job(job, out, **kwargs), denoiser
