@@ -101,11 +101,14 @@ def _with_execution(data: dict[str, Any], executor: str | None, workers: int | N
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale.")
+@click.option("--threads", default=2, show_default=True, type=int,
+              help="CPU threads per worker (pinned: part of the results' identity).")
 @_execution_options
 @friendly_errors
 def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str, ...],
              budget: str, verifier: str, eval_verifiers: tuple[str, ...], seed: int,
-             steps: int | None, guidance: float | None, out: Path | None, resume: bool,
+             steps: int | None, guidance: float | None, threads: int, out: Path | None,
+             resume: bool,
              executor: str | None, workers: int | None, scheduler: str | None,
              batch_size: int | None, quiet: bool) -> None:
     """Search for the best image of one PROMPT."""
@@ -114,7 +117,7 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
         "strategy": {"name": strategy, **_parse_options(strategy_options)},
         "budget": int(budget) if budget.isdigit() else budget, "verifier": verifier,
         "eval_verifiers": list(eval_verifiers), "seed": seed, "num_steps": steps,
-        "guidance_scale": guidance,
+        "guidance_scale": guidance, "threads": threads,
     }
     job = job_from_mapping(_with_execution(data, executor, workers, scheduler, batch_size),
                            source="options", base_dir=Path.cwd())

@@ -29,6 +29,16 @@ class StrategySpec(BaseModel):
 
     name: str = "best-of-n"
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from diffsearch.search.registry import strategy_names
+
+        if name not in strategy_names():
+            raise ValueError(f"unknown strategy {name!r}; choose one of: "
+                             f"{', '.join(strategy_names())}")
+        return name
+
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
