@@ -29,6 +29,11 @@ class ScoreOn(str, Enum):
     FINAL = "final"
     """The final image: the state at ``end`` is rolled out to the last step and decoded
     (EvoSearch fitness, best-of-N). The rollout's NFEs count towards the task."""
+    CLIP = "clip"
+    """A frame-chain clip (Tree-of-Frames): the task's state at ``end`` (which must be the last
+    step) is the last frame, its ancestors through ``parent`` links are the earlier ones; the
+    decoded clip is scored by a video verifier against the prompt the run stores for
+    ``prompt_index`` (the clip prompt, not ``Task.prompt``, which is this frame's)."""
 
 
 class PerturbKind(str, Enum):
