@@ -12,6 +12,8 @@ from diffsearch.search.base import Strategy
 
 _STRATEGIES: dict[str, str] = {
     "best-of-n": "diffsearch.search.best_of_n:BestOfN",
+    "tree-of-frames": "diffsearch.search.tree_of_frames:TreeOfFrames",
+    "linear-clips": "diffsearch.search.tree_of_frames:LinearClips",
 }
 
 

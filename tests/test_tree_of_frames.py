@@ -1,0 +1,167 @@
+"""Tree-of-Frames and linear clips: the exact mechanics with scripted outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from diffsearch.search import registry
+from diffsearch.search.base import Outcome, PerturbKind, ScoreOn, Task
+from diffsearch.search.tree_of_frames import LinearClips, TreeOfFrames
+from diffsearch.seeding import derive_seed
+
+PROMPT = "a red circle moving from left to right"
+FRAMES = ["a red circle on the left", "a red circle in the centre", "a red circle on the right"]
+T = 10  # strength 0.6 -> frames >= 1 restart at k = 4 and cost 6 NFE
+
+
+def tof(budget: int = 1000, **options) -> TreeOfFrames:
+    return TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=budget, seed=7,
+                        **options)
+
+
+def outcome(task: Task, reward: float | None, error: str | None = None) -> Outcome:
+    return Outcome(prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
+                   reward=None if error else reward, nfe=task.denoise_nfe(T), error=error)
+
+
+def play(strategy, reward: Callable[[Task], float | None]) -> list[list[Task]]:
+    """Run a strategy to the end, answering each task with ``reward(task)`` (None: fails)."""
+    rounds = []
+    while not strategy.done:
+        tasks = strategy.ask()
+        assert tasks, "ask() may only return [] when done"
+        rounds.append(tasks)
+        strategy.tell([outcome(t, r) if (r := reward(t)) is not None else
+                       outcome(t, None, error="NaN") for t in tasks])
+    return rounds
+
+
+def test_first_frames_are_scored_on_their_image_and_the_best_is_the_root() -> None:
+    s = tof(first_frame_candidates=4, branching=2)
+    first = s.ask()
+    assert [t.candidate for t in first] == [0, 1, 2, 3]
+    for t in first:
+        assert (t.prompt, t.start, t.end, t.source_candidate) == (FRAMES[0], 0, T, None)
+        assert t.score_on is ScoreOn.FINAL and t.verifier == "shapes-clip"
+        assert t.seed == derive_seed(7, PROMPT, t.candidate, "noise")
+    s.tell([outcome(t, r) for t, r in zip(first, [0.1, 0.9, 0.5, 0.9])])
+    children = s.ask()
+    # the tie between 1 and 3 goes to the lower id; only the root branches
+    assert [(t.candidate, t.parent, t.source_candidate) for t in children] == [(4, 1, 1),
+                                                                                (5, 1, 1)]
+    for t in children:
+        assert (t.prompt, t.start, t.end) == (FRAMES[1], 4, T)
+        assert t.perturbation.kind is PerturbKind.RENOISE and t.perturbation.to_step == 4
+        assert t.score_on is ScoreOn.CLIP and t.verifier is None  # the job's video verifier
+        assert t.seed == derive_seed(7, PROMPT, t.candidate, "frame")
+    assert children[0].seed != children[1].seed
+
+
+def test_pruning_keeps_the_top_share_and_the_best_finished_clip_wins() -> None:
+    s = tof(first_frame_candidates=2, branching=4, prune_depths=[1], keep=0.5)
+    rewards = {0: 0.2, 1: 0.3,                       # root: 1
+               2: 0.1, 3: 0.8, 4: 0.5, 5: 0.7}      # depth 1: keep 3 and 5
+    rounds = play(s, lambda t: rewards.get(t.candidate, 1.0 - t.candidate / 100))
+    assert [len(r) for r in rounds] == [2, 4, 8]
+    depth2 = rounds[2]
+    assert [t.parent for t in depth2] == [3, 3, 3, 3, 5, 5, 5, 5]
+    assert [t.candidate for t in depth2] == list(range(6, 14))
+    assert all(t.prompt == FRAMES[2] and t.score_on is ScoreOn.CLIP for t in depth2)
+    best = s.best()
+    assert best is not None and best.candidate == 6 and best.reward == pytest.approx(0.94)
+    spent = sum(t.denoise_nfe(T) for r in rounds for t in r)
+    assert spent == 2 * 10 + (4 + 8) * 6 == s.planned_nfe(2, 4)
+
+
+def test_unpruned_depths_are_not_scored_and_every_branch_grows() -> None:
+    s = tof(num_frames=4, first_frame_candidates=1, branching=2, prune_depths=[2], keep=0.25)
+    rounds = play(s, lambda t: float(t.candidate))
+    assert [len(r) for r in rounds] == [1, 2, 4, 2]
+    assert [r[0].score_on for r in rounds] == [ScoreOn.FINAL, ScoreOn.NONE, ScoreOn.CLIP,
+                                               ScoreOn.CLIP]
+    # depth 2 made candidates 3..6; keep 25% of 4 -> the single best, 6
+    assert [t.parent for t in rounds[3]] == [6, 6]
+    assert s.best().candidate == 8
+    assert s.open_branches(2) == [2, 4, 2]
+
+
+def test_failed_frames_end_their_branch_and_rank_last() -> None:
+    s = tof(first_frame_candidates=3, branching=2, prune_depths=[1], keep=1.0)
+    rewards = {0: None, 1: 0.5, 2: 0.4,   # the failed first frame is never the root
+               3: None, 4: 0.2}           # a failed partial clip is pruned even with keep=1
+    rounds = play(s, lambda t: rewards.get(t.candidate, 0.3))
+    assert {t.parent for t in rounds[1]} == {1}
+    assert [t.parent for t in rounds[2]] == [4, 4]
+
+
+def test_all_first_frames_failing_ends_the_search_without_a_clip() -> None:
+    s = tof(first_frame_candidates=2, branching=2)
+    rounds = play(s, lambda t: None)
+    assert len(rounds) == 1 and s.done and s.best() is None
+
+
+def test_budget_fitting_is_exact_and_never_overspends() -> None:
+    # per tree: 10 * n0 + 6 * (b + ceil(b / 2) * b); at 100 NFE b = 3 (84 NFE with n0 = 3,
+    # b = 4 would need 112), and the 46 NFE left after the branches buy n0 = 4
+    s = tof(budget=100)
+    assert (s.branching, s.first_frame_candidates) == (3, 4)
+    assert s.planned_nfe(4, 3) == 94
+    rounds = play(s, lambda t: 0.5)
+    assert sum(t.denoise_nfe(T) for r in rounds for t in r) == 94
+    assert tof(budget=100, branching=2).first_frame_candidates == 7  # 100 - 6 * 4 = 76
+    assert tof(budget=100, first_frame_candidates=1).branching == 4  # 82 NFE; b=5: 130
+    for budget in range(22, 400, 7):
+        s = tof(budget=budget)
+        assert s.planned_nfe(s.first_frame_candidates, s.branching) <= budget
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"budget": 21}, "needs 22 NFE, over the budget of 21"),
+    ({"first_frame_candidates": 5, "branching": 3, "budget": 100}, "needs 104 NFE"),
+    ({"prune_depths": [2]}, r"prune_depths must lie between .* \(1..1\), got \[2\]"),
+    ({"prune_depths": [0]}, "prune_depths"),
+    ({"keep": 0}, "keep must be a share"),
+    ({"branching": 0}, "branching must be at least 1"),
+    ({"strength": 0.01}, "leaves no denoising step"),
+    ({"num_frames": 1}, "num_frames must be at least 2"),
+    ({"colour": "red"}, "takes no option"),
+])
+def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tof(**options)
+
+
+def test_same_outcomes_same_tasks() -> None:
+    def reward(t: Task) -> float:
+        return (t.seed % 1000) / 1000
+
+    a, b = tof(budget=150), tof(budget=150)
+    assert play(a, reward) == play(b, reward)
+    assert a.best() == b.best()
+    other_seed = TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=150,
+                              seed=8)
+    assert play(other_seed, reward)[0] != play(tof(budget=150), reward)[0]
+
+
+def test_linear_clips_are_independent_chains_best_by_the_video_score() -> None:
+    s = LinearClips(prompt_index=3, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7)
+    assert s.n == 3  # one clip costs 10 + 6 + 6 = 22 NFE
+    rounds = play(s, lambda t: None if t.candidate == 4 else float(t.candidate))
+    assert [[t.candidate for t in r] for r in rounds] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [t.parent for t in rounds[1]] == [0, 1, 2]
+    assert [t.parent for t in rounds[2]] == [3, 5]  # the clip of failed frame 4 ends there
+    assert [r[0].score_on for r in rounds] == [ScoreOn.NONE, ScoreOn.NONE, ScoreOn.CLIP]
+    assert [r[0].prompt for r in rounds] == FRAMES
+    assert all(t.prompt_index == 3 for r in rounds for t in r)
+    assert s.best().candidate == 7
+    with pytest.raises(ValueError, match="buys no clip of 3 frames"):
+        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=21, seed=7)
+    with pytest.raises(ValueError, match="n=4 clips need 88 NFE"):
+        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7, n=4)
+
+
+def test_both_are_registered() -> None:
+    assert registry.strategy_class("tree-of-frames") is TreeOfFrames
+    assert registry.strategy_class("linear-clips") is LinearClips
