@@ -24,7 +24,8 @@ from diffsearch.pipelines.base import Conditioning, Denoiser
 from diffsearch.search.base import Outcome, ScoreOn, Task
 from diffsearch.seeding import task_generator
 from diffsearch.store import RunStore
-from diffsearch.verifiers.base import Verifier
+from diffsearch.verifiers.base import Verifier, VerifierError
+from diffsearch.verifiers.video import VideoVerifier
 
 _RUNTIMES: dict[RuntimeSpec, WorkerRuntime] = {}
 
@@ -172,7 +173,10 @@ class WorkerRuntime:
 
         scores: list[dict[str, float]] = [{} for _ in tasks]
         calls = [0] * len(tasks)
-        if first.score_on is not ScoreOn.NONE:
+        if first.score_on is ScoreOn.CLIP:
+            to_score, prompts, labels = self._clips(batch, store, result.latents, timer)
+            since = time.perf_counter()
+        elif first.score_on is not ScoreOn.NONE:
             if first.score_on is ScoreOn.X0:
                 to_decode = result.x0
                 labels = [self._task_verifier(first)]
@@ -188,23 +192,24 @@ class WorkerRuntime:
                 store.write_latents(first.prompt_index, candidates, final, final=True)
                 since = timer.add("store", since)
                 to_decode = final
-                labels = [self._task_verifier(first), *self._eval_labels]
+                labels = [self._task_verifier(first), *self._eval_labels_for(video=False)]
             images = self.denoiser.decode(to_decode)
             since = timer.add("decode", since)
             if first.score_on is ScoreOn.FINAL and batch.images_dir:
                 _write_pngs(Path(batch.images_dir), first.prompt_index, candidates, images)
                 since = timer.add("store", since)
-            prompts = [t.prompt for t in tasks]
+            to_score, prompts = images, [t.prompt for t in tasks]
+        if first.score_on is not ScoreOn.NONE:
             ok_rows = [i for i, e in enumerate(errors) if e is None]
-            for label in dict.fromkeys(labels):
-                values, failures = self._score(label, images[ok_rows],
-                                               [prompts[i] for i in ok_rows])
-                for row, value, failure in zip(ok_rows, values, failures):
-                    calls[row] += 1
-                    if failure:
-                        errors[row] = errors[row] or failure
-                    else:
-                        scores[row][label] = value
+            for rows, inputs in _same_shape_groups(to_score, ok_rows):
+                for label in dict.fromkeys(labels):
+                    values, failures = self._score(label, inputs, [prompts[i] for i in rows])
+                    for row, value, failure in zip(rows, values, failures):
+                        calls[row] += 1
+                        if failure:
+                            errors[row] = errors[row] or failure
+                        else:
+                            scores[row][label] = value
             since = timer.add("score", since)
 
         share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
@@ -218,6 +223,50 @@ class WorkerRuntime:
                 nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
                 verifier_calls=calls[i], error=errors[i], timings=share))
         return outcomes
+
+    def _eval_labels_for(self, *, video: bool) -> list[str]:
+        """The evaluation verifiers that judge clips (``video``) or images."""
+        return [label for label in self._eval_labels
+                if isinstance(self.verifiers[label], VideoVerifier) == video]
+
+    # ---- frame-chain clips (ScoreOn.CLIP) ----------------------------------------------------
+    def _clips(self, batch: WorkBatch, store: RunStore, latents: torch.Tensor, timer: _Timer
+               ) -> tuple[list[torch.Tensor], list[str], list[str]]:
+        """Each task's clip (ancestor frames by ``parent`` links, then its own), decoded
+        (F, 3, H, W), with the clip prompt and the video verifiers' labels to score them.
+
+        Also stores the tasks' clean latents as ``final`` and writes each candidate's frame
+        as PNG and its clip as GIF. Ancestors are finished (their tasks were told back before
+        this one was asked), so their parent links and latents are in the store.
+        """
+        tasks, first = batch.tasks, batch.tasks[0]
+        since = time.perf_counter()
+        if first.end != self.denoiser.num_steps:
+            raise ValueError(f"a task scored on its clip must end at the last step "
+                             f"({self.denoiser.num_steps}), not {first.end}")
+        guide = self._task_verifier(first)
+        if not isinstance(self.verifiers[guide], VideoVerifier):
+            raise VerifierError(f"tasks scored on clips need a video verifier (e.g. "
+                                f"shapes-video) as the job's verifier; {guide!r} scores images")
+        index, candidates = first.prompt_index, [t.candidate for t in tasks]
+        store.write_latents(index, candidates, latents, final=True)
+        parents = {c.candidate: c.parent for c in store.finished_candidates(index)}
+        chains = [_ancestors(parents, t.parent, t.candidate) for t in tasks]
+        since = timer.add("store", since)
+        ancestors = sorted({a for chain in chains for a in chain})
+        decoded = self.denoiser.decode(
+            torch.cat([store.read_latents(index, ancestors), latents]) if ancestors else latents)
+        frame_of = dict(zip(ancestors, decoded))
+        own = decoded[len(ancestors):]
+        clips = [torch.stack([*(frame_of[a] for a in chain), own[row]])
+                 for row, chain in enumerate(chains)]
+        since = timer.add("decode", since)
+        if batch.images_dir:
+            _write_pngs(Path(batch.images_dir), index, candidates, own)
+            _write_gifs(Path(batch.images_dir), index, candidates, clips)
+            timer.add("store", since)
+        prompts = [store.prompt_text(index)] * len(tasks)
+        return clips, prompts, [guide, *self._eval_labels_for(video=True)]
 
     def _task_verifier(self, task: Task) -> str:
         if task.verifier is None:
@@ -300,6 +349,30 @@ def _score_padded(verifier: Verifier, images: torch.Tensor, prompts: list[str], 
     return values
 
 
+def _same_shape_groups(inputs: torch.Tensor | list[torch.Tensor], rows: list[int]
+                       ) -> list[tuple[list[int], torch.Tensor]]:
+    """``rows`` of ``inputs`` as stacked batches: one for an image tensor, one per clip length
+    for a list of clips (a verifier scores a rectangular batch)."""
+    if isinstance(inputs, torch.Tensor):
+        return [(rows, inputs[rows])] if rows else []
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row in rows:
+        groups.setdefault(tuple(inputs[row].shape), []).append(row)
+    return [(group, torch.stack([inputs[r] for r in group])) for group in groups.values()]
+
+
+def _ancestors(parents: dict[int, int | None], parent: int | None, candidate: int) -> list[int]:
+    """The finished ancestors of ``candidate`` whose parent is ``parent``, oldest first."""
+    chain: list[int] = []
+    while parent is not None:
+        if parent not in parents:
+            raise RuntimeError(f"candidate {candidate}: its ancestor {parent} is not finished "
+                               f"in the store, so its clip cannot be assembled")
+        chain.append(parent)
+        parent = parents[parent]
+    return chain[::-1]
+
+
 def _non_finite(latent: torch.Tensor, step: int) -> str | None:
     if torch.isfinite(latent).all():
         return None
@@ -313,6 +386,26 @@ def _write_pngs(images_dir: Path, prompt_index: int, candidates: Sequence[int],
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for candidate, image in zip(candidates, pixels):
         Image.fromarray(np.ascontiguousarray(image)).save(folder / f"c{candidate:05d}.png")
+
+
+GIF_FRAME_MS = 400
+"""How long each frame of a written clip is shown."""
+
+
+def _write_gifs(images_dir: Path, prompt_index: int, candidates: Sequence[int],
+                clips: Sequence[torch.Tensor]) -> None:
+    folder = images_dir / f"p{prompt_index:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for candidate, clip in zip(candidates, clips):
+        pixels = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in pixels]
+        frames[0].save(folder / f"c{candidate:05d}.gif", save_all=True,
+                       append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+
+
+def candidate_clip_path(prompt_index: int, candidate: int) -> str:
+    """Where a clip-scored candidate's clip (it and its ancestors' frames) lies as GIF."""
+    return f"images/p{prompt_index:05d}/c{candidate:05d}.gif"
 
 
 def candidate_image_path(prompt_index: int, candidate: int) -> str:

@@ -17,6 +17,7 @@ from diffsearch.job import Job
 from diffsearch.results import RunResult
 from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
 from diffsearch.verifiers.base import Verifier
+from diffsearch.verifiers.video import VideoVerifier
 from fake_denoiser import FakeDenoiser
 
 
@@ -46,7 +47,30 @@ class FailsOnBrightVerifier(Verifier):
         return redness
 
 
-FAKE_VERIFIERS = {"redness": RednessVerifier, "fails-on-bright": FailsOnBrightVerifier}
+class ClipRednessVerifier(VideoVerifier):
+    """A video verifier whose score depends on every frame and on their order:
+    sum over frames f of (f + 1) * the mean red of frame f. Records what it was shown."""
+
+    name = "clip-redness"
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        super().__init__(device)
+        self.seen: list[tuple[int, str]] = []
+        """(number of frames, prompt) of every clip scored."""
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        self._check(images, prompts)
+        self.seen.extend((images.shape[1], p) for p in prompts)
+        return clip_redness(images)
+
+
+def clip_redness(clips: torch.Tensor) -> torch.Tensor:
+    weights = torch.arange(1, clips.shape[1] + 1, dtype=clips.dtype)
+    return (clips[:, :, 0].mean(dim=(2, 3)) * weights).sum(1)
+
+
+FAKE_VERIFIERS = {"redness": RednessVerifier, "fails-on-bright": FailsOnBrightVerifier,
+                  "clip-redness": ClipRednessVerifier}
 
 
 def create_fake_verifier(spec: str | dict[str, Any], device: str = "cpu") -> Verifier:

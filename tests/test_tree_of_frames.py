@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
+from diffsearch.runtime import (
+    RuntimeSpec,
+    candidate_clip_path,
+    candidate_image_path,
+    get_runtime,
+)
 from diffsearch.search import registry
 from diffsearch.search.base import Outcome, PerturbKind, ScoreOn, Task
 from diffsearch.search.tree_of_frames import LinearClips, TreeOfFrames
 from diffsearch.seeding import derive_seed
+from diffsearch.store import RunStore
+from diffsearch.verifiers.base import VerifierError
+from engine_harness import clip_redness, fake_job, run_fake
+from test_engine import comparable
 
 PROMPT = "a red circle moving from left to right"
 FRAMES = ["a red circle on the left", "a red circle in the centre", "a red circle on the right"]
@@ -165,3 +179,108 @@ def test_linear_clips_are_independent_chains_best_by_the_video_score() -> None:
 def test_both_are_registered() -> None:
     assert registry.strategy_class("tree-of-frames") is TreeOfFrames
     assert registry.strategy_class("linear-clips") is LinearClips
+
+
+# ---- through the real engine, store and runtime on the fake denoiser ---------------------------
+
+def media_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for p in sorted((run_dir / "images").rglob("*")) if p.is_file()}
+
+
+def tof_job(**fields):
+    strategy = {"name": "tree-of-frames", "num_frames": 3, "strength": 0.6,
+                "first_frame_candidates": 3, "branching": 2, "image_verifier": "redness"}
+    defaults = {"prompts": [PROMPT], "verifier": "clip-redness", "budget": 120,
+                "strategy": strategy}
+    return fake_job(**{**defaults, **fields})
+
+
+def chain_of(candidates: list[dict], candidate: int) -> list[int]:
+    parent_of = {c["candidate"]: c["parent"] for c in candidates}
+    chain = [candidate]
+    while parent_of[chain[0]] is not None:
+        chain.insert(0, parent_of[chain[0]])
+    return chain
+
+
+def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path) -> None:
+    job = tof_job(eval_verifiers=["redness", {"name": "clip-redness", "label": "clip-eval"}])
+    result, denoiser = run_fake(job, tmp_path / "run")
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    candidates = {c["candidate"]: c for c in data["prompts"][0]["candidates"]}
+    # 3 first frames (30 NFE), 2 partial clips (12), the best kept -> 2 finished clips (12)
+    assert data["nfe"] == result.nfe == 30 + 2 * 6 + 2 * 6
+    assert sorted(candidates) == list(range(7))
+    first = [candidates[c] for c in range(3)]
+    assert all(set(c["scores"]) == {"redness"} for c in first)  # image judges only
+    root = max(first, key=lambda c: (c["reward"], -c["candidate"]))["candidate"]
+    assert candidates[3]["parent"] == candidates[4]["parent"] == root
+    for c in range(3, 7):
+        assert set(candidates[c]["scores"]) == {"clip-redness", "clip-eval"}  # video judges only
+
+    best = data["prompts"][0]["best"]
+    assert best["candidate"] in (5, 6)
+    assert best["score"] == max(candidates[5]["reward"], candidates[6]["reward"])
+    # the runtime assembled the clip from the stored chain, oldest frame first
+    chain = chain_of(list(candidates.values()), best["candidate"])
+    assert len(chain) == 3 and chain[0] == root
+    store = RunStore.open(tmp_path / "run" / "store.zarr")
+    frames = denoiser.decode(store.read_latents(0, chain))
+    assert best["score"] == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
+    assert torch.equal(store.read_latents(0, [best["candidate"]], final=True),
+                       store.read_latents(0, [best["candidate"]]))
+    # ... and wrote it: a 3-frame GIF next to the last frame's PNG, which is the best image
+    run = tmp_path / "run"
+    with Image.open(run / candidate_clip_path(0, best["candidate"])) as gif:
+        assert gif.n_frames == 3 and gif.size == (8, 8)
+    assert (run / best["image"]).read_bytes() == \
+        (run / candidate_image_path(0, best["candidate"])).read_bytes()
+    # frames >= 1 were re-noised to k = 4 and denoised 4 -> 10 under their frame's prompt
+    assert [(c.start, c.end) for c in denoiser.calls][-2:] == [(4, 10), (4, 10)]
+    assert set(FRAMES) <= set(denoiser.encoded) and PROMPT not in denoiser.encoded
+    verifier = get_runtime(RuntimeSpec.from_job(job)).verifiers["clip-redness"]
+    # partial clips at the pruning depth, whole ones at the end, always with the clip prompt
+    assert sorted(set(verifier.seen)) == [(2, PROMPT), (3, PROMPT)]
+
+
+def test_the_same_job_gives_the_same_clips_whatever_the_batch_size(tmp_path: Path) -> None:
+    for name, batch_size in (("a", 8), ("b", 1)):
+        run_fake(tof_job(batch_size=batch_size), tmp_path / name)
+    assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
+    assert media_bytes(tmp_path / "a") == media_bytes(tmp_path / "b")
+
+
+def test_an_interrupted_tree_resumes_by_replay(tmp_path: Path) -> None:
+    job = tof_job(batch_size=1)
+    run_fake(job, tmp_path / "full")
+    seen = []
+
+    def stop_in_the_second_depth(event) -> None:
+        seen.append(event)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(job, tmp_path / "stopped", on_progress=stop_in_the_second_depth)
+    _, denoiser = run_fake(job, tmp_path / "stopped", resume=True)
+    assert len(denoiser.calls) == 7 - 4  # only the unfinished frames ran again
+    assert comparable(tmp_path / "stopped") == comparable(tmp_path / "full")
+    assert media_bytes(tmp_path / "stopped") == media_bytes(tmp_path / "full")
+
+
+def test_linear_clips_end_to_end(tmp_path: Path) -> None:
+    job = tof_job(strategy={"name": "linear-clips", "num_frames": 3}, budget=70)
+    result, _ = run_fake(job, tmp_path / "run")
+    prompt = result.prompts[0]
+    assert result.nfe == 3 * 22
+    last = [c for c in prompt.candidates if c.candidate >= 6]
+    assert prompt.best.candidate == max(last, key=lambda c: c.reward).candidate
+    assert all(c.reward is None for c in prompt.candidates if c.candidate < 6)
+    for c in last:
+        assert (tmp_path / "run" / candidate_clip_path(0, c.candidate)).is_file()
+
+
+def test_clip_scoring_with_an_image_verifier_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(VerifierError, match="need a video verifier .* 'redness' scores images"):
+        run_fake(tof_job(verifier="redness"), tmp_path / "run")
