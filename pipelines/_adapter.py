@@ -1,0 +1,194 @@
+"""What every diffusers adapter shares: prompt caching, the resumable loop, fixed-batch decoding.
+
+The loop is written once here and each family fills in four hooks: how a prompt is encoded, how
+a fresh scheduler is set up, how the network (with guidance) predicts, and how one sampler step
+and the forward process look in that scheduler's state space.
+
+A fresh scheduler is built for every ``denoise`` call and told where to begin
+(``set_begin_index``): diffusers schedulers keep a step counter, so one shared instance would make
+a call depend on the previous one (and on other threads of the same worker).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from diffsearch.pipelines.base import Conditioning, DenoiseResult, Denoiser, stack_generators_noise
+
+PROMPT_CACHE_SIZE = 256
+"""Encoded prompts kept per adapter. Bounded: a job may have thousands of prompts, and SDXL/SD3/
+FLUX encodings are megabytes each on the accelerator."""
+
+
+class DiffusersDenoiser(Denoiser):
+    """Base of the adapters over a loaded diffusers pipeline (see module docstring)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        network: torch.nn.Module,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        latent_shape: tuple[int, int, int],
+        compute_batch: int | None = None,
+    ) -> None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if compute_batch is not None:
+            if compute_batch < 1:
+                raise ValueError(f"compute_batch must be >= 1, got {compute_batch}")
+            self.compute_batch = compute_batch
+        self.pipe = pipe
+        self.network = network
+        self.num_steps = num_steps
+        self.guidance_scale = float(guidance_scale)
+        self.latent_shape = latent_shape
+        self.device = network.device
+        self.dtype = network.dtype
+        self._prompts: OrderedDict[str, Conditioning] = OrderedDict()
+        self._schedule = self._new_scheduler()
+        """A scheduler never stepped: read-only source of timesteps and noise levels."""
+
+    # ---- hooks ------------------------------------------------------------------------------
+    @abstractmethod
+    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The prompt's tensors (batch dimension 1) that :meth:`_predict_rows` takes per row."""
+
+    @abstractmethod
+    def _new_scheduler(self) -> Any:
+        """A scheduler of the pipeline's config with its timesteps set for ``num_steps``."""
+
+    @abstractmethod
+    def _predict_rows(self, x: torch.Tensor, t: torch.Tensor, **rows: torch.Tensor
+                      ) -> torch.Tensor:
+        """The guided network output for exactly ``compute_batch`` rows (float32)."""
+
+    @abstractmethod
+    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The sampler state as the network sees it (e.g. Euler's input scaling)."""
+
+    @abstractmethod
+    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
+              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampler step from ``step`` to ``step + 1``: (next state, x0 estimate)."""
+
+    @abstractmethod
+    def _to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the latent scaling (and shift) before the VAE decoder."""
+
+    @abstractmethod
+    def _noise_std(self, step: int) -> float:
+        """The eta = 1 std of the stochastic step from ``step`` (0 <= step < num_steps)."""
+
+    @abstractmethod
+    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
+                         noise: torch.Tensor) -> torch.Tensor:
+        """A draw of q(x_to | x_from) built from the standard-normal ``noise``."""
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def encode(self, prompt: str) -> Conditioning:
+        if prompt in self._prompts:
+            self._prompts.move_to_end(prompt)
+            return self._prompts[prompt]
+        with torch.no_grad():
+            cond = Conditioning(prompt=prompt, tensors=self._encode(prompt))
+        self._prompts[prompt] = cond
+        if len(self._prompts) > PROMPT_CACHE_SIZE:
+            self._prompts.popitem(last=False)
+        return cond
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        conds: Sequence[Conditioning],
+        start: int,
+        end: int,
+        *,
+        eta: float = 0.0,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> DenoiseResult:
+        self._check_call(latents, conds, start, end, eta, generators)
+        x = latents.to(self.device, torch.float32)
+        x0 = x
+        rows = {key: torch.cat([c.tensors[key] for c in conds]) for key in conds[0].tensors}
+        scheduler = self._new_scheduler()
+        if hasattr(scheduler, "set_begin_index"):  # stateful schedulers count their steps
+            scheduler.set_begin_index(start)
+        with torch.no_grad():
+            for step in range(start, end):
+                t = scheduler.timesteps[step]
+                model_in = self._model_input(scheduler, x, t)
+                output = self.forward_in_fixed_batches(
+                    lambda xs, *values: self._predict_rows(xs, t, **dict(zip(rows, values))),
+                    model_in, *rows.values())
+                noise = None
+                if eta > 0:
+                    assert generators is not None  # checked above
+                    noise = stack_generators_noise(generators, self.latent_shape).to(self.device)
+                x, x0 = self._step(scheduler, step, x, output, eta, noise)
+        if end == self.num_steps:
+            x0 = x  # the clean sample is its own estimate (Denoiser contract)
+        return DenoiseResult(latents=x.to("cpu", torch.float32),
+                             x0=x0.to("cpu", torch.float32))
+
+    def _check_call(self, latents: torch.Tensor, conds: Sequence[Conditioning], start: int,
+                    end: int, eta: float, generators: Sequence[torch.Generator] | None) -> None:
+        if not 0 <= start <= end <= self.num_steps:
+            raise ValueError(f"denoise needs 0 <= start <= end <= {self.num_steps}, "
+                             f"got {start} -> {end}")
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(self.latent_shape):
+            expected = ", ".join(map(str, self.latent_shape))
+            raise ValueError(f"latents must have shape (B, {expected}), "
+                             f"got {tuple(latents.shape)}")
+        if len(conds) != latents.shape[0]:
+            raise ValueError(f"got {len(conds)} conditionings for {latents.shape[0]} latents")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if eta > 0 and (generators is None or len(generators) != latents.shape[0]):
+            raise ValueError("eta > 0 needs one generator per candidate")
+
+    # ---- images -----------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+
+        def decode_rows(rows: torch.Tensor) -> torch.Tensor:
+            images = vae.decode(self._to_vae(rows).to(vae.dtype), return_dict=False)[0]
+            return (images.float() / 2 + 0.5).clamp(0, 1)
+
+        with torch.no_grad():
+            images = self.forward_in_fixed_batches(decode_rows, latents.to(self.device))
+        return images.to("cpu", torch.float32)
+
+    # ---- noise levels -----------------------------------------------------------------------
+    def step_noise_std(self, step: int) -> float:
+        if not 0 <= step <= self.num_steps:
+            raise ValueError(f"step must be in 0..{self.num_steps}, got {step}")
+        return 0.0 if step == self.num_steps else self._noise_std(step)
+
+    def renoise(
+        self,
+        latents: torch.Tensor,
+        from_step: int,
+        to_step: int,
+        generators: Sequence[torch.Generator],
+    ) -> torch.Tensor:
+        if not 0 <= to_step < from_step <= self.num_steps:
+            raise ValueError(f"renoise needs 0 <= to_step < from_step <= {self.num_steps}, "
+                             f"got {from_step} -> {to_step}")
+        if len(generators) != latents.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for {latents.shape[0]} latents")
+        noise = stack_generators_noise(generators, self.latent_shape)
+        return self._forward_process(latents.to("cpu", torch.float32), from_step, to_step, noise)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _guided(self, both: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance over rows stacked [unconditional; conditional]."""
+        uncond, cond = both.float().chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)

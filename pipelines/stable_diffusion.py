@@ -1,0 +1,118 @@
+"""Adapter for StableDiffusionPipeline (SD 1.x / 2.x): a UNet with eps or v prediction, sampled
+with DDIM or Euler, classifier-free guidance with the empty negative prompt.
+
+Every tensor of the sampler state is float32, also when the network runs in float16: the
+network's input is cast down and its output back up, so rounding does not build up over steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffsearch.pipelines._adapter import DiffusersDenoiser
+from diffsearch.pipelines._discrete import resumable_scheduler, sampler_for
+
+NEGATIVE = "negative_"
+"""Prefix of the unconditional counterpart of a conditioning tensor (``negative_prompt_embeds``)."""
+
+
+class StableDiffusionDenoiser(DiffusersDenoiser):
+    """A StableDiffusionPipeline as a resumable, batched, seeded sampler.
+
+    ``height`` / ``width`` default to the pipeline's own default (the UNet's sample size times
+    the VAE scale factor). Guidance is on when ``guidance_scale > 1``, as in diffusers.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        compute_batch: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        unet = pipe.unet
+        if unet.config.time_cond_proj_dim is not None:
+            raise ValueError("guidance-embedding UNets (LCM) are not supported: they need no "
+                             "classifier-free guidance and a different sampler")
+        self._scheduler_class, self._scheduler_config = resumable_scheduler(pipe.scheduler)
+        factor = pipe.vae_scale_factor
+        sample = unet.config.sample_size
+        sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
+        height = height or sample_h * factor
+        width = width or sample_w * factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, "
+                             f"got {height}x{width}")
+        self.height, self.width = height, width
+        super().__init__(
+            pipe, unet, num_steps=num_steps, guidance_scale=guidance_scale,
+            latent_shape=(unet.config.in_channels, height // factor, width // factor),
+            compute_batch=compute_batch,
+        )
+        self._sampler = sampler_for(self._schedule)
+
+    @property
+    def do_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _new_scheduler(self) -> Any:
+        scheduler = self._scheduler_class.from_config(self._scheduler_config)
+        scheduler.set_timesteps(self.num_steps)
+        return scheduler
+
+    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        positive, negative = self.pipe.encode_prompt(
+            prompt, self.device, 1, self.do_guidance, negative_prompt="")
+        tensors = {"prompt_embeds": positive}
+        if self.do_guidance:
+            tensors[NEGATIVE + "prompt_embeds"] = negative
+        return tensors
+
+    def _predict_rows(self, x: torch.Tensor, t: torch.Tensor, **rows: torch.Tensor
+                      ) -> torch.Tensor:
+        if self.do_guidance:
+            x = torch.cat([x, x])
+            rows = {key: torch.cat([rows[NEGATIVE + key], value])
+                    for key, value in rows.items() if not key.startswith(NEGATIVE)}
+        output = self.network(
+            x.to(self.dtype), t, encoder_hidden_states=rows["prompt_embeds"],
+            return_dict=False, **self._extra_unet_inputs(rows),
+        )[0]
+        return self._guided(output) if self.do_guidance else output.float()
+
+    def _extra_unet_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """UNet keyword inputs beyond the text embeddings (SDXL's added conditions)."""
+        return {}
+
+    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._sampler.model_input(scheduler, x, t)
+
+    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
+              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sampler.step(scheduler, step, x, output, eta, noise)
+
+    def _noise_std(self, step: int) -> float:
+        return self._sampler.step_noise_std(step)
+
+    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
+                         noise: torch.Tensor) -> torch.Tensor:
+        return self._sampler.renoise(x, from_step, to_step, noise)
+
+    def noise_scale(self) -> float:
+        return float(self._schedule.init_noise_sigma)
+
+    def _to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean_t = torch.tensor(mean, device=latents.device).view(shape)
+            std_t = torch.tensor(std, device=latents.device).view(shape)
+            return latents * std_t / config.scaling_factor + mean_t
+        return latents / config.scaling_factor

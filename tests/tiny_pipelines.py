@@ -1,0 +1,127 @@
+"""Tiny random-weight diffusers pipelines, saved as real pipeline folders, for fast tests.
+
+Every component is a real diffusers / transformers class built from a small config; nothing comes
+from the Hub. The tokenizers are written here: a byte-level CLIP BPE vocabulary (every byte
+symbol, with and without the end-of-word mark, so any text tokenizes) and, for SD3 / FLUX, a
+Unigram T5 tokenizer built in code with the ``tokenizers`` backend.
+
+Weights are drawn under a forked, fixed global RNG so a builder gives the same folder every time
+and leaves the caller's RNG state alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+TEXT_LENGTH = 32
+"""Token context of the tiny CLIP encoders (SD uses 77; shorter keeps tests fast)."""
+SD_DEFAULTS = {"num_steps": 4, "guidance_scale": 3.0}
+"""The ``diffsearch_defaults.json`` written beside the tiny SD pipeline: few steps, so engine
+tests that load it by path stay fast."""
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character byte-level BPE uses for each of the 256 bytes."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    table = {b: (b if b in printable else next(extra)) for b in range(256)}
+    return [chr(table[b]) for b in range(256)]
+
+
+def write_clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer (vocab.json + merges.txt on disk), loaded back from the folder.
+
+    No merges: every character is one token, which keeps the vocabulary at 514 rows. End-of-text
+    gets the largest id, which CLIP's pooling looks for.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": TEXT_LENGTH, "tokenizer_class": "CLIPTokenizer"}))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def clip_text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int | None = None
+                     ) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=projection or hidden,
+    )
+
+
+def tiny_vae(latent_channels: int = 4, **extra: object) -> AutoencoderKL:
+    """A two-level AutoencoderKL: scale factor 2 (16x16 images, 8x8 latents)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16, **extra,
+    )
+
+
+def tiny_unet(cross_attention_dim: int, **extra: object) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=4, **extra,
+    )
+
+
+def discrete_scheduler(kind: str, prediction_type: str) -> DDIMScheduler | EulerDiscreteScheduler:
+    """SD 1.x-style schedules: ``ddim`` (SD 2.x's) or ``euler`` (SDXL's default)."""
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", prediction_type=prediction_type,
+                  steps_offset=1, timestep_spacing="leading")
+    if kind == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    if kind == "euler":
+        return EulerDiscreteScheduler(**common)
+    raise ValueError(f"unknown scheduler kind {kind!r}")
+
+
+def write_defaults(folder: Path, defaults: dict | None) -> None:
+    if defaults is not None:
+        (folder / "diffsearch_defaults.json").write_text(json.dumps(defaults))
+
+
+def tiny_sd_pipeline(
+    tmp_path: Path,
+    *,
+    scheduler: str = "ddim",
+    prediction_type: str = "epsilon",
+    defaults: dict | None = SD_DEFAULTS,
+    name: str = "tiny-sd",
+) -> Path:
+    """Save a tiny StableDiffusionPipeline (16x16 images, 4x8x8 latents) and return its folder."""
+    folder = tmp_path / name
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_clip_tokenizer(folder / "tokenizer")
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=16))
+        pipe = StableDiffusionPipeline(
+            vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+            unet=tiny_unet(cross_attention_dim=16),
+            scheduler=discrete_scheduler(scheduler, prediction_type),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    write_defaults(folder, defaults)
+    return folder
