@@ -20,9 +20,15 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -124,4 +130,30 @@ def tiny_sd_pipeline(
         )
     pipe.save_pretrained(folder, safe_serialization=True)
     write_defaults(folder, defaults)
+    return folder
+
+
+def tiny_sdxl_pipeline(tmp_path: Path, *, scheduler: str = "euler",
+                       prediction_type: str = "epsilon", name: str = "tiny-sdxl") -> Path:
+    """Save a tiny StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning)."""
+    folder = tmp_path / name
+    time_embed, projection = 4, 16
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_clip_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_clip_tokenizer(folder / "tokenizer_2")
+        pipe = StableDiffusionXLPipeline(
+            vae=tiny_vae(), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            text_encoder=CLIPTextModel(clip_text_config(tokenizer, hidden=16)),
+            text_encoder_2=CLIPTextModelWithProjection(
+                clip_text_config(tokenizer_2, hidden=16, projection=projection)),
+            unet=tiny_unet(
+                cross_attention_dim=32, addition_embed_type="text_time",
+                addition_time_embed_dim=time_embed,
+                # six time ids (original size, crop corner, target size) + the pooled text
+                projection_class_embeddings_input_dim=6 * time_embed + projection),
+            scheduler=discrete_scheduler(scheduler, prediction_type),
+            add_watermarker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
