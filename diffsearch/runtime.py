@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from diffsearch.job import Job, VerifierSpec, verifier_label
+from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
 from diffsearch.search.base import Outcome, ScoreOn, Task
 from diffsearch.seeding import task_generator
@@ -292,8 +293,6 @@ class WorkerRuntime:
         latents = torch.stack(rows)
         perturbed = [i for i, t in enumerate(tasks) if t.perturbation is not None]
         if perturbed:
-            from diffsearch.perturb import apply_perturbations
-
             steps_by_row = {i: 0 for i in from_noise}
             if from_store:
                 steps_by_row.update({i: s for i, s in zip(from_store, source_steps)})
