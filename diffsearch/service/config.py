@@ -1,0 +1,54 @@
+"""What the service allows and how it runs searches: models, verifiers, limits, executor.
+
+Everything a request could use to reach beyond the service is decided here, by whoever starts
+it, never by a request: which models may be loaded (names mapped to folders or hub ids), which
+verifiers may be named, where runs are written, where work runs, and how big a search may be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; each is named in the 4xx answer of a request that breaks it."""
+
+    max_budget_nfe: int = 2000
+    """NFEs per prompt (a budget of ``"Nx"`` counts N times the model's steps)."""
+    max_prompts: int = 8
+    """Prompts per search."""
+    max_prompt_chars: int = 500
+    """Characters per prompt."""
+    max_queue: int = 32
+    """Searches waiting to start (running ones are not counted); more are answered 429."""
+    max_image_side: int = 1024
+    """The largest side an image download may be resized to (``?size=``). Requests cannot set
+    the generated size: it is the model's, and the operator picks the models."""
+    max_body_bytes: int = 64 * 1024
+    """Size of a request body."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    data_dir: Path
+    """Runs are written to ``data_dir/runs/<search id>``; nothing else is written."""
+    token: str | None = None
+    """Bearer token every /v1 request must present (None: no auth, loopback only)."""
+    models: dict[str, str] = field(default_factory=lambda: {"shapes": "shapes"})
+    """Model names a request may use -> what is loaded ("shapes", a folder, a cached hub id)."""
+    verifiers: tuple[str, ...] | None = None
+    """Verifier names a request may use; None: every one the registry can import."""
+    limits: Limits = field(default_factory=Limits)
+    executor: Literal["local", "dask"] = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    threads: int = 2
+    """Intra-op CPU threads per worker: part of the results' identity (see Job.threads)."""
+    concurrency: int = 1
+    """Searches run at the same time (the in-process executor allows 1)."""

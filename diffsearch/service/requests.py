@@ -1,0 +1,164 @@
+"""Turn a request body into a :class:`~diffsearch.job.Job`, or say exactly what is wrong.
+
+A request has the fields of a job file and goes through the same validation (``Job``), so a
+search submitted over HTTP means what the same job file means. Before that, everything that could
+reach beyond the service is refused: fields the service decides (where work runs, devices,
+threads, output), model names not in its allow-list, verifier names it does not offer, and any
+string in verifier or strategy options that looks like a file path (verifiers and TTSnap
+checkpoints can be loaded "by path"). After validation the limits are checked; the budget limit
+and the strategy's own checks need the model's step count, so they run once the model is known
+(:func:`check_against_model`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from diffsearch.job import Job, describe_validation_error
+from diffsearch.runtime import ModelInfo
+from diffsearch.search.registry import strategy_class
+from diffsearch.service.config import ServiceConfig
+
+SERVICE_FIELDS = frozenset({
+    "executor", "workers", "scheduler", "allow_download", "device", "dtype", "threads",
+    "compute_batch", "batch_size", "save_candidate_images",
+})
+"""Job fields the service sets itself: they decide where and how work runs, not what it finds."""
+
+PATH_FIELDS = frozenset({"prompts_file"})
+"""Job-file fields that read files: a request names no paths."""
+
+VERIFIER_SERVICE_KEYS = frozenset({"device"})
+"""Verifier spec keys the service decides (a verifier runs where the model runs)."""
+
+
+class RequestError(Exception):
+    """A request the service refuses: one line naming the field (and the limit, if one)."""
+
+    def __init__(self, message: str, *, field: str | None = None, limit: str | None = None,
+                 status: int = 422) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.limit = limit
+        self.status = status
+
+
+def parse_body(raw: bytes) -> Any:
+    """JSON without NaN/Infinity (which are not JSON, though Python accepts them)."""
+    def reject(constant: str) -> Any:
+        raise ValueError(f"{constant} is not allowed in JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject)
+    except UnicodeDecodeError:
+        raise RequestError("body: not UTF-8 text", field="body") from None
+    except json.JSONDecodeError as error:
+        raise RequestError(f"body: not valid JSON: {error.msg} (line {error.lineno} column "
+                           f"{error.colno})", field="body") from None
+    except ValueError as error:
+        raise RequestError(f"body: not valid JSON: {error}", field="body") from None
+
+
+def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -> Job:
+    """Validate a request body into the job the service will run (limits not needing the
+    model included)."""
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object of job fields (prompts, model, ...)",
+                           field="body")
+    for name in body:
+        if name in SERVICE_FIELDS:
+            raise RequestError(f"{name}: set by the service, not by a request", field=name)
+        if name in PATH_FIELDS:
+            raise RequestError(f"{name}: the service reads no files; give prompts", field=name)
+    data = dict(body)
+    data["model"] = _served_model(data.get("model", "shapes"), config)
+    data.update(executor=config.executor, threads=config.threads)
+    if config.executor == "dask":
+        data.update(workers=config.workers, scheduler=config.scheduler)
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as error:
+        message = describe_validation_error(error)
+        raise RequestError(message, field=message.partition(":")[0]) from None
+    _check_prompts(job, config)
+    offered = set(verifier_names)
+    _check_verifier(job.verifier, "verifier", offered)
+    for index, spec in enumerate(job.eval_verifiers):
+        _check_verifier(spec, f"eval_verifiers.{index}", offered)
+    _reject_paths(job.strategy.options, "strategy")
+    return job
+
+
+def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> None:
+    """The checks that need the model: the NFE budget limit and the strategy's own options."""
+    limit = config.limits.max_budget_nfe
+    try:
+        budget = job.budget_nfe(info.num_steps)
+    except OverflowError:  # a multiple with hundreds of digits
+        budget = limit + 1
+    if budget > limit:
+        raise RequestError(
+            f"budget: {job.budget} is {budget} NFE per prompt ({info.num_steps} steps per "
+            f"sample), over this service's limit of {limit} (max_budget_nfe)",
+            field="budget", limit="max_budget_nfe")
+    cls = strategy_class(job.strategy.name)
+    try:  # what the engine does first; refusing now beats a search that fails once queued
+        cls(prompt_index=0, prompt=job.prompts[0], num_steps=info.num_steps,
+            budget_nfe=budget // info.nfe_per_step, seed=job.seed, **job.strategy.options)
+    except (ValueError, TypeError) as error:
+        raise RequestError(f"strategy: {error}", field="strategy") from None
+
+
+def _served_model(name: Any, config: ServiceConfig) -> Any:
+    if not isinstance(name, str):
+        return name  # Job validation names the type error
+    if name not in config.models:
+        raise RequestError(f"model: {name!r} is not served here; choose one of: "
+                           f"{', '.join(sorted(config.models))}", field="model")
+    return config.models[name]
+
+
+def _check_prompts(job: Job, config: ServiceConfig) -> None:
+    limits = config.limits
+    if len(job.prompts) > limits.max_prompts:
+        raise RequestError(f"prompts: {len(job.prompts)} prompts, over this service's limit of "
+                           f"{limits.max_prompts} per search (max_prompts)",
+                           field="prompts", limit="max_prompts")
+    for index, prompt in enumerate(job.prompts):
+        if len(prompt) > limits.max_prompt_chars:
+            raise RequestError(f"prompts.{index}: {len(prompt)} characters, over this service's "
+                               f"limit of {limits.max_prompt_chars} (max_prompt_chars)",
+                               field=f"prompts.{index}", limit="max_prompt_chars")
+
+
+def _check_verifier(spec: str | dict[str, Any], field: str, offered: set[str]) -> None:
+    name = spec if isinstance(spec, str) else spec.get("name")
+    if not isinstance(name, str) or name not in offered:
+        raise RequestError(f"{field}: unknown verifier {name!r}; this service offers: "
+                           f"{', '.join(sorted(offered)) or 'none'}", field=field)
+    if isinstance(spec, dict):
+        for key in spec:
+            if key in VERIFIER_SERVICE_KEYS:
+                raise RequestError(f"{field}.{key}: set by the service, not by a request",
+                                   field=f"{field}.{key}")
+        _reject_paths(spec, field)
+
+
+def _reject_paths(value: Any, field: str) -> None:
+    """Refuse any string that could name a file: nothing in a request may reach the disk."""
+    if isinstance(value, str):
+        if "/" in value or "\\" in value or value.startswith(("~", ".")) or "\x00" in value:
+            raise RequestError(f"{field}: {value[:80]!r} looks like a path; the service accepts "
+                               f"names and numbers here, not paths", field=field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_paths(str(key), field)
+            _reject_paths(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_paths(item, f"{field}.{index}")
