@@ -1,0 +1,114 @@
+"""What the round-based search strategies share: candidate ids and seeds, the ask/tell
+bookkeeping, the NFE plan and the best final image.
+
+Subclasses implement :meth:`RoundStrategy._next_round` (the tasks of the next round, [] when
+finished) and :meth:`RoundStrategy._receive` (the outcomes of the last round, in task order).
+The base checks the engine's side of the contract (one outcome per task, in order) and the
+strategy's own (never plan past the budget), because either failing silently would attach scores
+to the wrong candidates or overspend.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from diffsearch.search.base import Outcome, Perturbation, ScoreOn, Strategy, Task
+from diffsearch.seeding import derive_seed
+
+
+def ranked(outcomes: Iterable[Outcome]) -> list[Outcome]:
+    """Scored, successful outcomes, best first; equal rewards by candidate id, so equal
+    outcomes always give equal choices (replay, determinism)."""
+    scored = [o for o in outcomes if o.ok and o.reward is not None]
+    return sorted(scored, key=lambda o: (-o.rank_key(), o.candidate))
+
+
+def kept(share: float, n: int) -> int:
+    """How many of ``n`` survive keeping the top ``share``: rounded up, at least one (the
+    rounding to 9 digits stops 0.4 * 10 = 4.000000000000001 from becoming 5)."""
+    return max(1, math.ceil(round(share * n, 9)))
+
+
+class RoundStrategy(Strategy):
+    """A strategy that asks in rounds of tasks it builds with :meth:`_task`."""
+
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
+        self._next_candidate = 0
+        self._pending: list[Task] | None = None
+        self._done = False
+        self._best: Outcome | None = None
+        self.planned_nfe = 0
+        """NFEs of every task asked so far (what the engine will charge)."""
+
+    # ---- for subclasses ---------------------------------------------------------------------
+    @abstractmethod
+    def _next_round(self) -> list[Task]:
+        """The tasks of the next round; [] when the search is over."""
+
+    @abstractmethod
+    def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
+        """Take the outcomes of the last round (``outcomes[i]`` answers ``tasks[i]``)."""
+
+    def _task(self, *, start: int, end: int, score_on: ScoreOn, source: int | None = None,
+              perturbation: Perturbation | None = None, eta: float = 0.0,
+              verifier: str | None = None) -> Task:
+        """A new candidate: the next id, its seed, and its source as its parent.
+
+        The seed is best-of-N's (job seed, prompt, candidate, "noise"), so a round of tasks from
+        noise draws exactly the noises best-of-N draws for the same candidate ids.
+        """
+        candidate = self._next_candidate
+        self._next_candidate += 1
+        return Task(prompt_index=self.prompt_index, prompt=self.prompt, candidate=candidate,
+                    seed=derive_seed(self.seed, self.prompt, candidate, "noise"), start=start,
+                    end=end, parent=source, source_candidate=source, perturbation=perturbation,
+                    eta=eta, score_on=score_on, verifier=verifier)
+
+    def _cost(self, task: Task) -> int:
+        return task.denoise_nfe(self.num_steps)
+
+    def _finish(self) -> None:
+        self._done = True
+
+    # ---- the Strategy interface ---------------------------------------------------------------
+    def ask(self) -> list[Task]:
+        if self._pending is not None:
+            raise RuntimeError(f"{self.name}: ask() called again before the last round was told")
+        if self._done:
+            return []
+        tasks = self._next_round()
+        if not tasks:
+            self._done = True
+            return []
+        self.planned_nfe += sum(self._cost(t) for t in tasks)
+        if self.planned_nfe > self.budget_nfe:
+            raise RuntimeError(f"{self.name} planned {self.planned_nfe} NFE, over its budget of "
+                               f"{self.budget_nfe} (a strategy bug)")
+        self._pending = tasks
+        return tasks
+
+    def tell(self, outcomes: list[Outcome]) -> None:
+        tasks = self._pending
+        if tasks is None:
+            raise RuntimeError(f"{self.name}: tell() without a pending ask()")
+        if [o.candidate for o in outcomes] != [t.candidate for t in tasks]:
+            raise ValueError(f"{self.name}: tell() needs one outcome per asked task, in order")
+        self._pending = None
+        for task, outcome in zip(tasks, outcomes):
+            if task.score_on is ScoreOn.FINAL and outcome.ok and outcome.reward is not None:
+                if self._best is None or ranked([outcome, self._best])[0] is outcome:
+                    self._best = outcome
+        self._receive(tasks, outcomes)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def best(self) -> Outcome | None:
+        return self._best
