@@ -1,0 +1,149 @@
+"""TTSnap (noise-aware pruning): start many candidates, score their x0 estimates early, keep
+the top share, and only let the survivors reach the end.
+
+Round i denoises the survivors from the previous pruning step to ``prune_at[i]`` and scores the
+decoded x0 estimate there (``ScoreOn.X0``); the top ``keep[i]`` share (rounded up, at least
+one) goes on. The last round denoises the survivors to the end and scores the final images.
+The reference schedule for 20 steps prunes at steps 2, 6, 11 keeping 40%, 40%, 50%, so 8% of
+the candidates are finished; for other T the steps are scaled (steps that collide are merged,
+their shares multiplied, so the same fraction survives).
+
+Pruning counts do not depend on scores, so the whole cost is known up front and the number of
+starting candidates ``n`` is the largest the budget pays for: n * k1 + n1 * (k2 - k1) + ...
++ n_last * (T - k_last). Failed or unscored candidates never survive a pruning.
+
+``verifiers`` maps a pruning step to the verifier that scores there (TTSnap's per-level
+distilled noise-aware checkpoints); unmapped steps and the final images use the job's
+guiding verifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from diffsearch.search import options
+from diffsearch.search.base import Outcome, ScoreOn, Task
+from diffsearch.search.common import RoundStrategy, kept, ranked
+
+REFERENCE_STEPS = 20
+REFERENCE_PRUNE_AT = (2, 6, 11)
+REFERENCE_KEEP = (0.4, 0.4, 0.5)
+
+
+def default_schedule(num_steps: int) -> tuple[list[int], list[float]]:
+    """The reference pruning steps scaled to ``num_steps`` (half up, within 1..T-1); shares of
+    steps that land on the same step are multiplied."""
+    steps: list[int] = []
+    shares: list[float] = []
+    for step, share in zip(REFERENCE_PRUNE_AT, REFERENCE_KEEP):
+        scaled = min(max(int(step * num_steps / REFERENCE_STEPS + 0.5), 1), num_steps - 1)
+        if scaled < 1:  # T = 1: nowhere to prune
+            continue
+        if steps and steps[-1] == scaled:
+            shares[-1] *= share
+        else:
+            steps.append(scaled)
+            shares.append(share)
+    return steps, shares
+
+
+def survivors(n: int, keep: Sequence[float]) -> list[int]:
+    """How many candidates are alive after each pruning, starting from ``n``."""
+    counts = []
+    for share in keep:
+        n = kept(share, n)
+        counts.append(n)
+    return counts
+
+
+def plan_cost(n: int, prune_at: Sequence[int], keep: Sequence[float], num_steps: int) -> int:
+    """NFEs of starting ``n`` candidates: each segment's length times the candidates that run
+    it (all n up to the first pruning step, then the survivors of each)."""
+    boundaries = [0, *prune_at, num_steps]
+    alive = [n, *survivors(n, keep)]
+    return sum(count * (b - a) for count, a, b in zip(alive, boundaries, boundaries[1:]))
+
+
+class TTSnap(RoundStrategy):
+    """TTSnap; see the module docstring. Options: ``prune_at`` (pruning steps), ``keep`` (share
+    kept at each, a number or one per step; required with a custom ``prune_at``), ``n``
+    (starting candidates; the most the budget pays for), ``verifiers`` (step -> verifier)."""
+
+    name = "ttsnap"
+
+    def __init__(
+        self, *, prune_at: Sequence[int] | None = None, keep: float | Sequence[float] | None = None,
+        n: int | None = None, verifiers: Mapping[Any, str] | None = None, **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        t = self.num_steps
+        if prune_at is None:
+            self.prune_at, default_keep = default_schedule(t)
+        else:
+            self.prune_at = options.integer_list("prune_at", prune_at, minimum=1, maximum=t - 1)
+            options.strictly_increasing("prune_at", self.prune_at)
+            if keep is None:
+                raise ValueError("keep is required with a custom prune_at (the share kept at "
+                                 "each pruning step)")
+        self.keep = (default_keep if keep is None else
+                     options.number_list("keep", keep, len(self.prune_at), low=0.0, high=1.0,
+                                         low_open=True))
+        self.verifiers = self._check_verifiers(verifiers or {})
+        unit = plan_cost(1, self.prune_at, self.keep, t)
+        if unit > self.budget_nfe:
+            raise ValueError(f"budget of {self.budget_nfe} NFE cannot pay for one candidate "
+                             f"({unit} NFE)")
+        if n is None:
+            self.n = 1
+            while plan_cost(self.n + 1, self.prune_at, self.keep, t) <= self.budget_nfe:
+                self.n += 1
+        else:
+            self.n = options.integer("n", n, minimum=1)
+            cost = plan_cost(self.n, self.prune_at, self.keep, t)
+            if cost > self.budget_nfe:
+                raise ValueError(f"n={self.n} needs {cost} NFE, over the budget of "
+                                 f"{self.budget_nfe}")
+        self.counts = survivors(self.n, self.keep)
+        self._round_index = 0
+        self._alive: list[int] = []
+        """Candidates whose state at the last pruning step the next round continues."""
+
+    def _check_verifiers(self, verifiers: Any) -> dict[int, str]:
+        if not isinstance(verifiers, Mapping):
+            raise ValueError(f"verifiers must be a mapping of pruning step to verifier name, "
+                             f"got {verifiers!r}")
+        checked = {}
+        for key, name in verifiers.items():
+            step = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if step not in self.prune_at:
+                raise ValueError(f"verifiers: step {key!r} is not a pruning step "
+                                 f"{self.prune_at}")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"verifiers[{key!r}] must be a verifier name, got {name!r}")
+            checked[step] = name
+        return checked
+
+    def _next_round(self) -> list[Task]:
+        i = self._round_index
+        start = 0 if i == 0 else self.prune_at[i - 1]
+        if i < len(self.prune_at):
+            end, score_on = self.prune_at[i], ScoreOn.X0
+            verifier = self.verifiers.get(end)
+        else:
+            end, score_on, verifier = self.num_steps, ScoreOn.FINAL, None
+        if i == 0:
+            return [self._task(start=0, end=end, score_on=score_on, verifier=verifier)
+                    for _ in range(self.n)]
+        return [self._task(start=start, end=end, score_on=score_on, verifier=verifier,
+                           source=candidate) for candidate in self._alive]
+
+    def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
+        i = self._round_index
+        self._round_index += 1
+        if i == len(self.prune_at):
+            self._finish()
+            return
+        self._alive = [o.candidate for o in ranked(outcomes)[: self.counts[i]]]
+        if not self._alive:  # every candidate failed
+            self._finish()
