@@ -1,0 +1,157 @@
+"""The ``clip`` verifier and the shared preprocessing, on a tiny open_clip model saved to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from verifier_fixtures import (
+    TINY_IMAGE,
+    pixel_batch,
+    put_in_hub_cache,
+    register_tiny_clip,
+    tiny_open_clip,
+    write_open_clip_checkpoint,
+)
+
+from diffsearch.verifiers._preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
+from diffsearch.verifiers.base import MissingWeightsError, VerifierError
+from diffsearch.verifiers.clip import ClipVerifier
+from diffsearch.verifiers.registry import create_verifier
+
+PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return register_tiny_clip(tmp_path_factory.mktemp("open-clip-configs"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_open_clip_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def verifier(arch: str, checkpoint: Path) -> ClipVerifier:
+    return ClipVerifier(arch=arch, pretrained=str(checkpoint))
+
+
+def _reference_scores(arch: str, seed: int, images: torch.Tensor, prompts: list[str]
+                      ) -> torch.Tensor:
+    """100 * cosine computed the way open_clip's own docs do it: PIL images through
+    open_clip's validation transform, then encode_image / encode_text."""
+    model = tiny_open_clip(seed, arch)
+    transform = open_clip.image_transform(TINY_IMAGE, is_train=False, mean=CLIP_MEAN,
+                                          std=CLIP_STD)
+    pils = [Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            for img in images]
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(torch.stack([transform(p) for p in pils])), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(prompts)), dim=-1)
+    return 100 * (image * text).sum(-1)
+
+
+def test_scores_match_open_clip_reference_pipeline(verifier: ClipVerifier, arch: str) -> None:
+    images = pixel_batch(3, seed=5)
+    scores = verifier.score(images, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, _reference_scores(arch, 1, images, PROMPTS),
+                               atol=1e-3, rtol=1e-4)
+    assert ((scores >= -100) & (scores <= 100)).all()
+
+
+def test_score_is_identical_alone_or_batched(verifier: ClipVerifier) -> None:
+    images = pixel_batch(5, seed=6)
+    prompts = [PROMPTS[i % 3] for i in range(5)]
+    together = verifier.score(images, prompts)
+    for row in range(5):
+        alone = verifier.score(images[row:row + 1], prompts[row:row + 1])
+        assert torch.equal(alone[0], together[row]), row
+    reordered = verifier.score(images.flip(0), prompts[::-1])
+    assert torch.equal(reordered.flip(0), together)
+
+
+def test_prompt_changes_score(verifier: ClipVerifier) -> None:
+    image = pixel_batch(1, seed=7).expand(3, -1, -1, -1)
+    scores = verifier.score(image, PROMPTS)
+    assert len(set(scores.tolist())) == 3
+
+
+def test_resizes_any_input_size_like_pil(verifier: ClipVerifier) -> None:
+    """A 64x48 image is resized (shortest side) and centre-cropped; close to PIL's bicubic."""
+    generator = torch.Generator().manual_seed(8)
+    smooth = F.interpolate(torch.rand(1, 3, 6, 8, generator=generator), size=(48, 64),
+                           mode="bilinear", align_corners=False)
+    ours = clip_pixels(smooth, TINY_IMAGE)
+    pil = Image.fromarray((smooth[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    transform = open_clip.image_transform(TINY_IMAGE, is_train=False)
+    assert ours.shape == (1, 3, TINY_IMAGE, TINY_IMAGE)
+    assert (ours[0] - transform(pil)).abs().mean() < 0.03
+    assert verifier.score(smooth, PROMPTS[:1]).shape == (1,)
+
+
+def test_built_by_registry_with_job_file_options(arch: str, checkpoint: Path) -> None:
+    built = create_verifier({"name": "clip", "arch": arch, "pretrained": str(checkpoint),
+                             "label": "clip-tiny", "chunk": 4})
+    assert isinstance(built, ClipVerifier) and built.chunk == 4
+    assert built.describe()["weights"] == f"{arch} {checkpoint}"
+
+
+def test_missing_checkpoint_file_names_it(arch: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "clip.pt"
+    with pytest.raises(MissingWeightsError, match="nowhere/clip.pt"):
+        ClipVerifier(arch=arch, pretrained=str(missing))
+
+
+def test_unknown_tag_lists_the_archs_tags() -> None:
+    with pytest.raises(VerifierError, match="laion2b_s32b_b79k"):
+        ClipVerifier(arch="ViT-H-14", pretrained="no-such-tag")
+
+
+def test_uncached_tag_names_the_hub_file_and_never_downloads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the verifier alone must keep it offline
+    with pytest.raises(MissingWeightsError,
+                       match=r"open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_224"):
+        ClipVerifier(arch="ViT-L-14", pretrained="openai")
+
+
+def test_tag_found_in_local_hub_cache(arch: str, checkpoint: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pretrained tag resolves to the file in the Hugging Face cache layout."""
+    import huggingface_hub.constants
+    from open_clip import pretrained as oc_pretrained
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, arch,
+                        {"tiny": {"hf_hub": "diffsearch-test/tiny-clip/", "quick_gelu": False,
+                                  "mean": CLIP_MEAN, "std": CLIP_STD}})
+    put_in_hub_cache(tmp_path, "diffsearch-test/tiny-clip", "open_clip_pytorch_model.bin",
+                     checkpoint)
+    built = ClipVerifier(arch=arch, pretrained="tiny")
+    images = pixel_batch(2, seed=9)
+    torch.testing.assert_close(built.score(images, PROMPTS[:2]),
+                               _reference_scores(arch, 1, images, PROMPTS[:2]),
+                               atol=1e-3, rtol=1e-4)
+
+
+def test_checkpoint_of_another_architecture_is_refused(checkpoint: Path) -> None:
+    with pytest.raises(VerifierError, match="does not fit open_clip ViT-B-32"):
+        ClipVerifier(arch="ViT-B-32", pretrained=str(checkpoint))
+
+
+def test_malformed_input_is_refused(verifier: ClipVerifier) -> None:
+    with pytest.raises(VerifierError, match="2 images but 1 prompts"):
+        verifier.score(pixel_batch(2, seed=1), PROMPTS[:1])
+    with pytest.raises(VerifierError, match=r"\(B, 3, H, W\)"):
+        verifier.score(torch.zeros(2, 32, 32), PROMPTS[:2])

@@ -1,0 +1,180 @@
+"""Tiny random-weight reward models written to disk in their REAL file formats.
+
+The verifiers under test load these exactly as they load the published weights (an open_clip
+checkpoint of a registered architecture, an aesthetic-predictor state dict with the LAION key
+names, a transformers CLIPModel folder with a tokenizer and image processor, the Hugging Face cache
+layout), so the loading code is what is tested, not a stub. Random initialisation happens inside
+``torch.random.fork_rng`` so tests do not disturb global RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_CLIP_ARCH = "diffsearch-tiny-clip"
+TINY_EMBED = 16
+TINY_IMAGE = 32
+
+_TINY_CLIP_CONFIG = {
+    "embed_dim": TINY_EMBED,
+    "vision_cfg": {"image_size": TINY_IMAGE, "layers": 1, "width": 32, "patch_size": 8,
+                   "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}
+
+
+def register_tiny_clip(folder: Path) -> str:
+    """Register the tiny open_clip architecture (config file in ``folder``); returns its name.
+    ``folder`` must outlive the tests that use the arch: open_clip rescans config paths."""
+    import open_clip
+
+    if TINY_CLIP_ARCH not in open_clip.list_models():
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{TINY_CLIP_ARCH}.json"
+        path.write_text(json.dumps(_TINY_CLIP_CONFIG))
+        open_clip.add_model_config(path)
+    return TINY_CLIP_ARCH
+
+
+def tiny_open_clip(seed: int, arch: str = TINY_CLIP_ARCH) -> torch.nn.Module:
+    """A randomly initialised open_clip model of ``arch`` (registered first)."""
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None)
+    return model.eval()
+
+
+def write_open_clip_checkpoint(path: Path, seed: int, wrap: str | None = None) -> Path:
+    """Save a tiny open_clip model's state dict as a ``.pt`` file; ``wrap`` puts it under that
+    key (HPS checkpoints keep it under ``state_dict``)."""
+    state = tiny_open_clip(seed).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({wrap: state} if wrap else state, path)
+    return path
+
+
+AESTHETIC_HIDDEN = (1024, 128, 64, 16, 1)
+"""Layer widths of the LAION improved aesthetic predictor after its input."""
+AESTHETIC_LINEAR_KEYS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+"""Where its Linear layers sit in its nn.Sequential (dropouts in between at 1, 3, 5)."""
+
+
+def write_aesthetic_weights(path: Path, seed: int, input_dim: int = TINY_EMBED) -> Path:
+    """A random aesthetic-predictor state dict with the real key names and layer sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    fan_in = input_dim
+    for key, width in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN):
+        bound = fan_in ** -0.5
+        state[f"{key}.weight"] = (torch.rand(width, fan_in, generator=generator) * 2 - 1) * bound
+        state[f"{key}.bias"] = (torch.rand(width, generator=generator) * 2 - 1) * bound
+        fan_in = width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable ASCII/Latin-1 map
+    to themselves, the rest to code points from 256 up)."""
+    direct = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+              *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in direct:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def tiny_clip_tokenizer_vocab() -> dict[str, int]:
+    """A CLIP BPE vocabulary with no merges: every byte, every byte ending a word, specials."""
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_tiny_hf_clip(folder: Path, seed: int) -> Path:
+    """A tiny transformers CLIPModel + CLIPProcessor saved with ``save_pretrained``, as a
+    PickScore-style folder."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    vocab = tiny_clip_tokenizer_vocab()
+    eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "eos_token_id": eos, "bos_token_id": bos,
+                     "pad_token_id": eos},
+        vision_config={"image_size": TINY_IMAGE, "patch_size": 8, "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2},
+        projection_dim=TINY_EMBED,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    vocab_file = folder / "vocab-src.json"
+    merges_file = folder / "merges-src.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file))
+    vocab_file.unlink()
+    merges_file.unlink()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE},
+                                           crop_size={"height": TINY_IMAGE,
+                                                      "width": TINY_IMAGE}),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, filename: str, source: Path) -> Path:
+    """Place ``source`` where the Hugging Face cache keeps ``repo_id/filename`` (the layout
+    ``hf download`` writes: refs/main -> snapshots/<commit>/<file>)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    target = repo / "snapshots" / commit / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def pixel_batch(count: int, seed: int, size: int = TINY_IMAGE) -> torch.Tensor:
+    """Random images in [0, 1] on the 8-bit grid (k/255), so PIL round trips are exact."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, size, size), generator=generator).float() / 255
+
+
+def write_distribution(site: Path, name: str, version: str, entry_points: dict[str, str],
+                       modules: dict[str, str]) -> Path:
+    """An installed distribution as pip leaves it (``<name>-<version>.dist-info`` with METADATA
+    and entry_points.txt, plus its modules) in ``site``; put ``site`` on sys.path to use it."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[diffsearch.verifiers]", *(f"{k} = {v}" for k, v in entry_points.items())]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+    return info
