@@ -20,6 +20,8 @@ import torch
 
 from diffsearch.pipelines.base import Conditioning, DenoiseResult, Denoiser, stack_generators_noise
 
+NEGATIVE = "negative_"
+"""Prefix of the unconditional counterpart of a conditioning tensor (``negative_prompt_embeds``)."""
 PROMPT_CACHE_SIZE = 256
 """Encoded prompts kept per adapter. Bounded: a job may have thousands of prompts, and SDXL/SD3/
 FLUX encodings are megabytes each on the accelerator."""
@@ -187,8 +189,25 @@ class DiffusersDenoiser(Denoiser):
         noise = stack_generators_noise(generators, self.latent_shape)
         return self._forward_process(latents.to("cpu", torch.float32), from_step, to_step, noise)
 
-    # ---- helpers ----------------------------------------------------------------------------
+    # ---- classifier-free guidance -----------------------------------------------------------
+    @property
+    def do_guidance(self) -> bool:
+        """Whether the unconditional branch runs (diffusers: ``guidance_scale > 1``)."""
+        return self.guidance_scale > 1.0
+
+    def _with_unconditional(self, x: torch.Tensor, rows: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rows stacked [unconditional; conditional] for one guided forward pass, pairing each
+        tensor ``k`` with its ``negative_k``."""
+        if not self.do_guidance:
+            return x, rows
+        paired = {key: torch.cat([rows[NEGATIVE + key], value])
+                  for key, value in rows.items() if not key.startswith(NEGATIVE)}
+        return torch.cat([x, x]), paired
+
     def _guided(self, both: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance over rows stacked [unconditional; conditional]."""
+        """The guided prediction from :meth:`_with_unconditional`'s rows (as is without CFG)."""
+        if not self.do_guidance:
+            return both.float()
         uncond, cond = both.float().chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)

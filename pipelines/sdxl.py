@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from diffsearch.pipelines.stable_diffusion import NEGATIVE, StableDiffusionDenoiser
+from diffsearch.pipelines._adapter import NEGATIVE
+from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser
 
 
 class StableDiffusionXLDenoiser(StableDiffusionDenoiser):

@@ -11,11 +11,8 @@ from typing import Any
 
 import torch
 
-from diffsearch.pipelines._adapter import DiffusersDenoiser
+from diffsearch.pipelines._adapter import NEGATIVE, DiffusersDenoiser
 from diffsearch.pipelines._discrete import resumable_scheduler, sampler_for
-
-NEGATIVE = "negative_"
-"""Prefix of the unconditional counterpart of a conditioning tensor (``negative_prompt_embeds``)."""
 
 
 class StableDiffusionDenoiser(DiffusersDenoiser):
@@ -56,10 +53,6 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         )
         self._sampler = sampler_for(self._schedule)
 
-    @property
-    def do_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
-
     # ---- hooks ------------------------------------------------------------------------------
     def _new_scheduler(self) -> Any:
         scheduler = self._scheduler_class.from_config(self._scheduler_config)
@@ -76,15 +69,12 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
 
     def _predict_rows(self, x: torch.Tensor, t: torch.Tensor, **rows: torch.Tensor
                       ) -> torch.Tensor:
-        if self.do_guidance:
-            x = torch.cat([x, x])
-            rows = {key: torch.cat([rows[NEGATIVE + key], value])
-                    for key, value in rows.items() if not key.startswith(NEGATIVE)}
+        x, rows = self._with_unconditional(x, rows)
         output = self.network(
             x.to(self.dtype), t, encoder_hidden_states=rows["prompt_embeds"],
             return_dict=False, **self._extra_unet_inputs(rows),
         )[0]
-        return self._guided(output) if self.do_guidance else output.float()
+        return self._guided(output)
 
     def _extra_unet_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
         """UNet keyword inputs beyond the text embeddings (SDXL's added conditions)."""

@@ -12,6 +12,7 @@ and leaves the caller's RNG state alone.
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import torch
@@ -19,6 +20,11 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -28,6 +34,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
 
 BOS = "<|startoftext|>"
@@ -154,6 +163,88 @@ def tiny_sdxl_pipeline(tmp_path: Path, *, scheduler: str = "euler",
                 projection_class_embeddings_input_dim=6 * time_embed + projection),
             scheduler=discrete_scheduler(scheduler, prediction_type),
             add_watermarker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ---- flow-matching families: SD3, FLUX ---------------------------------------------------------
+T5_WIDTH = 32
+FLOW_VAE = {"shift_factor": 0.06, "scaling_factor": 1.5}
+"""SD3/FLUX VAEs shift as well as scale their latents; non-trivial values test both."""
+
+
+def write_t5_tokenizer(folder: Path) -> T5TokenizerFast:
+    """A Unigram T5 tokenizer over letters, digits and punctuation (with and without the word-start
+    mark), built with the tokenizers backend and saved as tokenizer.json: no sentencepiece."""
+    chars = string.ascii_letters + string.digits + ",.!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
+def tiny_t5(tokenizer: T5TokenizerFast) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=T5_WIDTH, d_ff=2 * T5_WIDTH, d_kv=8, num_layers=2,
+        num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id))
+
+
+def tiny_sd3_pipeline(tmp_path: Path, *, shift: float = 3.0, name: str = "tiny-sd3") -> Path:
+    """Save a tiny StableDiffusion3Pipeline (MMDiT, two CLIP encoders and a T5; load it with
+    ``text_encoder_3=None, tokenizer_3=None`` for SD3 without T5)."""
+    folder = tmp_path / name
+    clip_width = T5_WIDTH // 2  # the two CLIP widths, concatenated, are padded to the T5 width
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_clip_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_clip_tokenizer(folder / "tokenizer_2")
+        tokenizer_3 = write_t5_tokenizer(folder / "tokenizer_3")
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(
+                sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                caption_projection_dim=16, pooled_projection_dim=2 * clip_width,
+                pos_embed_max_size=16),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+            vae=tiny_vae(**FLOW_VAE),
+            text_encoder=CLIPTextModelWithProjection(
+                clip_text_config(tokenizer, hidden=clip_width)),
+            tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(
+                clip_text_config(tokenizer_2, hidden=clip_width)),
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=tiny_t5(tokenizer_3),
+            tokenizer_3=tokenizer_3,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_flux_pipeline(tmp_path: Path, *, guidance_embeds: bool = True,
+                       name: str = "tiny-flux") -> Path:
+    """Save a tiny FluxPipeline (4-channel latents packed 2x2 into 16-wide tokens)."""
+    folder = tmp_path / name
+    latent_channels = 4
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_clip_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
+        pipe = FluxPipeline(
+            transformer=FluxTransformer2DModel(
+                patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=T5_WIDTH, pooled_projection_dim=16,
+                guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)),
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                base_shift=0.5, max_shift=1.15),
+            vae=tiny_vae(latent_channels=latent_channels, **FLOW_VAE),
+            text_encoder=CLIPTextModel(clip_text_config(tokenizer, hidden=16)),
+            tokenizer=tokenizer,
+            text_encoder_2=tiny_t5(tokenizer_2),
+            tokenizer_2=tokenizer_2,
         )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
