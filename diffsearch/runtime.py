@@ -193,12 +193,19 @@ class WorkerRuntime:
                 store.write_latents(first.prompt_index, candidates, final, final=True)
                 since = timer.add("store", since)
                 to_decode = final
-                labels = [self._task_verifier(first), *self._eval_labels_for(video=False)]
             images = self.denoiser.decode(to_decode)
             since = timer.add("decode", since)
-            if first.score_on is ScoreOn.FINAL and batch.images_dir:
-                _write_pngs(Path(batch.images_dir), first.prompt_index, candidates, images)
-                since = timer.add("store", since)
+            whole_clips = images.ndim == 5  # a whole-clip video model (pipelines/video.py)
+            if first.score_on is ScoreOn.FINAL:
+                labels = [self._task_verifier(first),
+                          *self._eval_labels_for(video=whole_clips)]
+                if batch.images_dir:
+                    folder = Path(batch.images_dir)
+                    _write_pngs(folder, first.prompt_index, candidates,
+                                images[:, -1] if whole_clips else images)
+                    if whole_clips:
+                        _write_gifs(folder, first.prompt_index, candidates, images)
+                    since = timer.add("store", since)
             to_score, prompts = images, [t.prompt for t in tasks]
         if first.score_on is not ScoreOn.NONE:
             ok_rows = [i for i, e in enumerate(errors) if e is None]
