@@ -53,7 +53,8 @@ class FakeBackend(LocalBackend):
 
     def _describe(self, spec: RuntimeSpec, job: Job) -> ModelInfo:
         if spec not in _RUNTIMES:
-            install_fake_runtime(job, SlowFakeDenoiser(self.delay, num_steps=10))
+            denoiser = SlowFakeDenoiser(self.delay, num_steps=job.num_steps or 10)
+            install_fake_runtime(job, denoiser)
         return describe_model(spec)
 
 

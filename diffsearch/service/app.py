@@ -249,7 +249,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     return app
 
 
-# ---- helpers ---------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing (413) as soon as it is known to be over ``limit`` bytes."""
     too_big = RequestError(f"body: over this service's limit of {limit} bytes (max_body_bytes)",

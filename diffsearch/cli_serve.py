@@ -1,0 +1,138 @@
+"""``diffsearch serve``: the HTTP service and its page (see docs/api.md).
+
+Every option has an environment variable (shown by ``--help``), so a container or a systemd unit
+can configure the service without a command line. Listening beyond the loopback interface needs
+a token: the service never serves the network unauthenticated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from diffsearch.service.config import Limits, ServiceConfig
+
+TOKEN_ENV = "DIFFSEARCH_TOKEN"
+_DEFAULTS = Limits()
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The token from ``--token-file`` (first line), else from $DIFFSEARCH_TOKEN."""
+    if token_file is not None:
+        try:
+            lines = token_file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            _fail(f"--token-file {token_file}: cannot read it ({error.strerror})")
+        token = lines[0].strip() if lines else ""
+        if not token:
+            _fail(f"--token-file {token_file}: the file is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def parse_models(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``NAME=FOLDER_OR_HUB_ID`` pairs (a bare ``NAME`` serves it under its own name)."""
+    models = {"shapes": "shapes"}
+    for pair in pairs:
+        name, sep, target = pair.partition("=")
+        name = name.strip()
+        if not name or (sep and not target.strip()):
+            _fail(f"--model {pair!r}: expected NAME=FOLDER (or a bare NAME)")
+        models[name] = target.strip() if sep else name
+    return models
+
+
+def _limit(name: str, help_text: str) -> click.Option:
+    default = getattr(_DEFAULTS, name)
+    return click.option(f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1),
+                        default=default, show_default=True, show_envvar=True,
+                        envvar=f"DIFFSEARCH_{name.upper()}", help=help_text)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="DIFFSEARCH_HOST",
+              show_envvar=True, help="Interface to listen on; other than loopback needs a token.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              envvar="DIFFSEARCH_PORT", show_envvar=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("diffsearch-service"), show_default=True,
+              envvar="DIFFSEARCH_DATA_DIR", show_envvar=True,
+              help="Run folders go to DATA_DIR/runs/<search id>.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"File whose first line is the bearer token (default: ${TOKEN_ENV}).")
+@click.option("--model", "models", multiple=True, metavar="NAME=FOLDER",
+              help="Serve a model under NAME (a diffusers folder or a cached hub id); "
+                   "repeatable. 'shapes' is always served.")
+@click.option("--verifier", "verifiers", multiple=True, metavar="NAME",
+              help="Offer only these verifiers (repeatable; default: every installed one).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local",
+              show_default=True, envvar="DIFFSEARCH_EXECUTOR", show_envvar=True)
+@click.option("--workers", type=click.IntRange(min=1), help="Workers of the local Dask cluster.")
+@click.option("--scheduler", help="Address of a running Dask scheduler.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="CPU threads per worker (pinned: part of the results' identity).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Searches running at once (dask executor only).")
+@_limit("max_budget_nfe", "Most NFEs per prompt a search may spend.")
+@_limit("max_prompts", "Most prompts per search.")
+@_limit("max_prompt_chars", "Most characters per prompt.")
+@_limit("max_queue", "Most searches waiting to start.")
+@_limit("max_image_side", "Largest ?size= an image download may be shrunk to.")
+@_limit("max_body_bytes", "Largest request body.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
+          models: tuple[str, ...], verifiers: tuple[str, ...], executor: str,
+          workers: int | None, scheduler: str | None, threads: int, concurrency: int,
+          max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
+          max_image_side: int, max_body_bytes: int, log_level: str) -> None:
+    """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
+    import uvicorn
+
+    from diffsearch.service.app import create_app
+
+    token = read_token(token_file)
+    if token is None and not is_loopback(host):
+        _fail(f"refusing to listen on {host} without a token: set ${TOKEN_ENV} or pass "
+              f"--token-file (or listen on 127.0.0.1)")
+    if executor == "local" and concurrency != 1:
+        _fail("--concurrency: the local executor runs one search at a time; use "
+              "--executor dask to run several")
+    if scheduler and executor != "dask":
+        _fail("--scheduler: only used with --executor dask")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _fail(f"--data-dir {data_dir}: cannot create it ({error.strerror})")
+    config = ServiceConfig(
+        data_dir=data_dir.resolve(), token=token, models=parse_models(models),
+        verifiers=tuple(verifiers) or None,
+        limits=Limits(max_budget_nfe=max_budget_nfe, max_prompts=max_prompts,
+                      max_prompt_chars=max_prompt_chars, max_queue=max_queue,
+                      max_image_side=max_image_side, max_body_bytes=max_body_bytes),
+        executor=executor,  # type: ignore[arg-type]
+        workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency)
+    app = create_app(config)
+    click.echo(f"diffsearch: serving on http://{host}:{port}/ (auth: "
+               f"{'bearer token' if token else 'none, loopback only'}; runs in {data_dir})",
+               err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
