@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from PIL import Image
+
+from diffsearch.cli import main as cli_main
 
 from diffsearch.runtime import (
     RuntimeSpec,
@@ -22,7 +26,7 @@ from diffsearch.search.tree_of_frames import LinearClips, TreeOfFrames
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.verifiers.base import VerifierError
-from engine_harness import clip_redness, fake_job, run_fake
+from engine_harness import clip_redness, fake_job, install_fake_runtime, run_fake
 from test_engine import comparable
 
 PROMPT = "a red circle moving from left to right"
@@ -284,3 +288,32 @@ def test_linear_clips_end_to_end(tmp_path: Path) -> None:
 def test_clip_scoring_with_an_image_verifier_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(VerifierError, match="need a video verifier .* 'redness' scores images"):
         run_fake(tof_job(verifier="redness"), tmp_path / "run")
+
+
+def test_the_cli_runs_tree_of_frames_from_flags_and_from_a_job_file(tmp_path: Path) -> None:
+    job = tof_job(executor="local", threads=1)
+    install_fake_runtime(job)
+    flags = ["--model", "fake", "--verifier", "clip-redness", "--budget", "120",
+             "--executor", "local", "--threads", "1", "--quiet"]
+    options = ["--option", "num_frames=3", "--option", "first_frame_candidates=3",
+               "--option", "branching=2", "--option", "image_verifier=redness"]
+    result = CliRunner().invoke(cli_main, ["generate", PROMPT, "--strategy", "tree-of-frames",
+                                           *options, *flags, "--out", str(tmp_path / "flags")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    result = CliRunner().invoke(cli_main, ["run", str(tmp_path / "job.yaml"), "--out",
+                                           str(tmp_path / "file"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert comparable(tmp_path / "flags") == comparable(tmp_path / "file")
+    best = json.loads((tmp_path / "file" / "results.json").read_text())["prompts"][0]["best"]
+    assert (tmp_path / "file" / candidate_clip_path(0, best["candidate"])).is_file()
+
+
+def test_the_cli_names_the_missing_video_verifier_in_one_line(tmp_path: Path) -> None:
+    install_fake_runtime(tof_job(verifier="redness", executor="local", threads=1))
+    result = CliRunner().invoke(cli_main, [
+        "generate", PROMPT, "--strategy", "tree-of-frames", "--option", "image_verifier=redness",
+        "--model", "fake", "--verifier", "redness", "--budget", "120", "--executor", "local",
+        "--threads", "1", "--quiet", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "need a video verifier" in result.output and "Traceback" not in result.output
