@@ -12,6 +12,11 @@ from diffsearch.search.base import Strategy
 
 _STRATEGIES: dict[str, str] = {
     "best-of-n": "diffsearch.search.best_of_n:BestOfN",
+    "evosearch": "diffsearch.search.evosearch:EvoSearch",
+    "ttsnap": "diffsearch.search.ttsnap:TTSnap",
+    "zero-order": "diffsearch.search.zero_order:ZeroOrder",
+    "paths": "diffsearch.search.paths:Paths",
+    "particles": "diffsearch.search.particles:Particles",
     "tree-of-frames": "diffsearch.search.tree_of_frames:TreeOfFrames",
     "linear-clips": "diffsearch.search.tree_of_frames:LinearClips",
 }
