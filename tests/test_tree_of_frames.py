@@ -14,8 +14,10 @@ from PIL import Image
 
 from diffsearch.cli import main as cli_main
 
+from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.runtime import (
     RuntimeSpec,
+    WorkBatch,
     candidate_clip_path,
     candidate_image_path,
     get_runtime,
@@ -317,3 +319,28 @@ def test_the_cli_names_the_missing_video_verifier_in_one_line(tmp_path: Path) ->
         "--threads", "1", "--quiet", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "need a video verifier" in result.output and "Traceback" not in result.output
+
+
+def test_one_batch_may_hold_clips_of_different_lengths(tmp_path: Path) -> None:
+    """The runtime scores each clip length as its own batch; every clip is its own chain."""
+    job = tof_job()
+    _, denoiser = run_fake(job, tmp_path / "run")
+    store = RunStore.open(tmp_path / "run" / "store.zarr")
+    parents = {c.candidate: c.parent for c in store.finished_candidates(0)}
+    depth_two = next(c for c, p in parents.items() if p is not None and parents[p] is not None)
+    chain = FrameChain.for_prompt(PROMPT, 4, 0.6)
+    tasks = tuple(chain.next_frame_task(prompt_index=0, frame=frame, candidate=candidate,
+                                        parent=parent, seed=candidate, num_steps=T,
+                                        score_on=ScoreOn.CLIP)
+                  for candidate, parent, frame in ((7, 0, 1), (8, depth_two, 3)))
+    store.ensure_capacity(0, 9)
+    runtime = get_runtime(RuntimeSpec.from_job(job))
+    outcomes = runtime.run(WorkBatch(tasks=tasks, store_path=str(store.path)))
+    for task, out in zip(tasks, outcomes):
+        ancestors = [task.parent]
+        while parents[ancestors[0]] is not None:
+            ancestors.insert(0, parents[ancestors[0]])
+        frames = torch.cat([denoiser.decode(store.read_latents(0, ancestors)),
+                            denoiser.decode(store.read_latents(0, [task.candidate]))])
+        assert len(frames) == {7: 2, 8: 4}[task.candidate]
+        assert out.reward == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
