@@ -92,6 +92,9 @@ def _limit(name: str, help_text: str) -> click.Option:
               help="CPU threads per worker (pinned: part of the results' identity).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Searches running at once (dask executor only).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Candidates per work unit; smaller gives livelier progress, larger batches "
+                   "the model better.")
 @_limit("max_budget_nfe", "Most NFEs per prompt a search may spend.")
 @_limit("max_prompts", "Most prompts per search.")
 @_limit("max_prompt_chars", "Most characters per prompt.")
@@ -103,6 +106,7 @@ def _limit(name: str, help_text: str) -> click.Option:
 def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
           models: tuple[str, ...], verifiers: tuple[str, ...], executor: str,
           workers: int | None, scheduler: str | None, threads: int, concurrency: int,
+          batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
           max_image_side: int, max_body_bytes: int, log_level: str) -> None:
     """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
@@ -130,7 +134,8 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
                       max_prompt_chars=max_prompt_chars, max_queue=max_queue,
                       max_image_side=max_image_side, max_body_bytes=max_body_bytes),
         executor=executor,  # type: ignore[arg-type]
-        workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency)
+        workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency,
+        batch_size=batch_size)
     app = create_app(config)
     click.echo(f"diffsearch: serving on http://{host}:{port}/ (auth: "
                f"{'bearer token' if token else 'none, loopback only'}; runs in {data_dir})",

@@ -52,3 +52,5 @@ class ServiceConfig:
     """Intra-op CPU threads per worker: part of the results' identity (see Job.threads)."""
     concurrency: int = 1
     """Searches run at the same time (the in-process executor allows 1)."""
+    batch_size: int = 8
+    """Candidates per work unit: also how often progress arrives (one event per unit)."""

@@ -77,7 +77,7 @@ def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -
             raise RequestError(f"{name}: the service reads no files; give prompts", field=name)
     data = dict(body)
     data["model"] = _served_model(data.get("model", "shapes"), config)
-    data.update(executor=config.executor, threads=config.threads)
+    data.update(executor=config.executor, threads=config.threads, batch_size=config.batch_size)
     if config.executor == "dask":
         data.update(workers=config.workers, scheduler=config.scheduler)
     try:

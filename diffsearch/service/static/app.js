@@ -122,7 +122,7 @@ async function watch(id) {
     node.querySelector(".prompt-text").textContent = text;
     node.dataset.promptIndex = index;
     container.append(node);
-    watching.prompts.push({ node, tiles: new Map(), points: [], best: null });
+    watching.prompts.push({ node, tiles: new Map(), points: [], scores: [], best: null, nfe: 0 });
   });
   showStatus(detail.status, detail.error);
   follow(watching).catch((error) => {
@@ -164,8 +164,12 @@ async function handle(state, kind, data) {
   $("progress").max = data.nfe_total;
   $("progress").value = data.nfe_done;
   $("nfe").textContent = `${data.nfe_done} / ${data.nfe_total} NFE`;
-  for (const candidate of data.candidates) addTile(state.prompts[candidate.prompt_index], candidate);
   const prompt = state.prompts[data.prompt_index];
+  prompt.nfe = data.nfe_done;
+  for (const candidate of data.candidates) {
+    addTile(state.prompts[candidate.prompt_index], candidate);
+    if (candidate.reward !== null) prompt.scores.push([data.nfe_done, candidate.reward]);
+  }
   if (data.best && (!prompt.best || data.best.candidate !== prompt.best.candidate)) {
     prompt.best = data.best;
     prompt.points.push([data.best.nfe, data.best.score]);
@@ -231,7 +235,7 @@ function showStatus(status, error) {
   if (error) $("search-error").textContent = error;
 }
 
-// ---- the plot: best score (y) against NFE spent (x), a step line ----------------------------------
+// ---- the plot: every scored candidate (grey) and the best so far (a step line) against NFE ----------
 function drawPlot(state, prompt) {
   const canvas = prompt.node.querySelector(".plot");
   const ctx = canvas.getContext("2d");
@@ -249,7 +253,7 @@ function drawPlot(state, prompt) {
   const points = prompt.points;
   if (!points.length) return;
   const maxX = Math.max(state.nfeTotal || 1, ...points.map((p) => p[0]));
-  const scores = points.map((p) => p[1]);
+  const scores = prompt.scores.map((p) => p[1]).concat(points.map((p) => p[1]));
   let [low, high] = [Math.min(...scores), Math.max(...scores)];
   if (high - low < 1e-9) { low -= 0.5; high += 0.5; }
   const x = (nfe) => pad.left + (nfe / maxX) * (width - pad.left - pad.right);
@@ -258,6 +262,8 @@ function drawPlot(state, prompt) {
   ctx.fillText(low.toFixed(3), 2, height - pad.bottom);
   ctx.fillText("0", pad.left - 3, height - 8);
   ctx.fillText(`${maxX} NFE`, width - pad.right - 52, height - 8);
+  ctx.fillStyle = "rgba(113, 128, 150, 0.55)";
+  for (const [nfe, score] of prompt.scores) ctx.fillRect(x(nfe) - 1.5, y(score) - 1.5, 3, 3);
   ctx.strokeStyle = COLOURS[Number(prompt.node.dataset.promptIndex) % COLOURS.length];
   ctx.lineWidth = 2;
   ctx.beginPath();
@@ -265,6 +271,8 @@ function drawPlot(state, prompt) {
     if (i === 0) ctx.moveTo(x(nfe), y(score));
     else { ctx.lineTo(x(nfe), y(points[i - 1][1])); ctx.lineTo(x(nfe), y(score)); }
   });
+  const last = points[points.length - 1];
+  ctx.lineTo(x(Math.max(last[0], prompt.nfe)), y(last[1]));  // flat until now
   ctx.stroke();
   ctx.fillStyle = ctx.strokeStyle;
   for (const [nfe, score] of points) ctx.fillRect(x(nfe) - 2, y(score) - 2, 4, 4);

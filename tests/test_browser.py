@@ -1,0 +1,72 @@
+"""The page in a real headless Chromium (Debian's package, driven by Playwright): type the token
+and a prompt, watch the candidates arrive, check the best image is shown and downloadable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from test_service_harness import TOKEN, FakeBackend, client, fake_config, serve
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_submit_on_the_page_and_see_the_best_image(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    config = replace(fake_config(tmp_path), batch_size=1)  # one progress event per candidate
+    with serve(config, FakeBackend(delay=0.02)) as url, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        expect(page.locator("#auth-state")).to_have_text("token needed")
+
+        page.fill("#token", TOKEN)
+        page.click("#token-form button")
+        expect(page.locator("#auth-state")).to_have_text("token accepted")
+        assert page.evaluate("sessionStorage.getItem('diffsearch-token')") == TOKEN
+
+        page.fill("#prompt", "a red circle on the left")
+        page.select_option("#verifier", "redness")
+        page.fill("#budget", "12x")
+        page.click("#submit")
+
+        expect(page.locator("#status")).to_have_text("done", timeout=60_000)
+        download = page.locator(".download")
+        expect(download).to_be_visible()
+        expect(page.locator(".tile")).to_have_count(12)
+        expect(page.locator(".tile.best")).to_have_count(1)
+        best = page.locator(".best-image")
+        expect(best).to_have_attribute("data-candidate", str(_best_candidate(url)))
+        assert page.evaluate("document.querySelector('.best-image').naturalWidth") == 8
+        plotted = page.evaluate(
+            "(() => { const c = document.querySelector('.plot');"
+            " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            " let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0) n++;"
+            " return n; })()")
+        assert plotted > 200  # axes, labels and the step line were drawn
+        expect(page.locator("#nfe")).to_have_text("120 / 120 NFE")
+        assert download.get_attribute("download").endswith("-best.png")
+
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def _best_candidate(url: str) -> int:
+    with client(url) as http:
+        searches = http.get("/v1/searches").json()["searches"]
+        detail = http.get(f"/v1/searches/{searches[-1]['id']}").json()
+    return int(detail["result"]["prompts"][0]["best"]["candidate"])
