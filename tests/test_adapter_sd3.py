@@ -61,6 +61,20 @@ def test_batching_does_not_change_any_bit(denoiser, eta):
     checks.check_batch_invariance(denoiser, eta=eta)
 
 
+def test_without_guidance_matches_the_pipeline_and_batches_exactly(pipe):
+    denoiser = StableDiffusion3Denoiser(pipe, num_steps=STEPS, guidance_scale=1.0,
+                                        compute_batch=3)
+    assert set(denoiser.encode("a red circle").tensors) == {"prompt_embeds",
+                                                             "pooled_prompt_embeds"}
+
+    def reference(noise, prompts):
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise,
+                    output_type="latent").images
+
+    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_batch_invariance(denoiser)
+
+
 def test_stochastic_steps_use_each_candidates_own_generator(denoiser):
     checks.check_stochastic_steps(denoiser)
 

@@ -19,8 +19,17 @@ from diffsearch.pipelines.loading import (
     UnsupportedModelError,
     load_denoiser,
 )
+from diffsearch.pipelines.flux import FluxDenoiser
+from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
+from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser
-from tiny_pipelines import SD_DEFAULTS, tiny_sd_pipeline
+from tiny_pipelines import (
+    SD_DEFAULTS,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,9 +93,21 @@ def test_a_malformed_defaults_file_is_a_one_line_error(tmp_path):
         load_denoiser(str(folder))
 
 
-def test_family_is_detected_from_model_index(sd_folder):
-    source = loading.resolve_model(str(sd_folder))
-    assert loading.family_of(source).name == "sd"
+@pytest.mark.parametrize("build, family, adapter", [
+    (tiny_sd_pipeline, "sd", StableDiffusionDenoiser),
+    (tiny_sdxl_pipeline, "sdxl", StableDiffusionXLDenoiser),
+    (tiny_sd3_pipeline, "sd3", StableDiffusion3Denoiser),
+    (tiny_flux_pipeline, "flux", FluxDenoiser),
+])
+def test_family_is_detected_from_model_index(tmp_path, build, family, adapter):
+    folder = build(tmp_path)
+    assert loading.family_of(loading.resolve_model(str(folder))).name == family
+    denoiser = load_denoiser(str(folder), num_steps=2)
+    assert type(denoiser) is adapter
+    assert denoiser.num_steps == 2
+    x = denoiser.initial_noise([1])
+    result = denoiser.denoise(x, [denoiser.encode("a red circle")], 0, 2)
+    assert denoiser.decode(result.latents).shape == (1, 3, 16, 16)
 
 
 def test_an_unsupported_pipeline_class_is_refused(tmp_path, sd_folder):

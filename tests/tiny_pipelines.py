@@ -170,6 +170,12 @@ def tiny_sdxl_pipeline(tmp_path: Path, *, scheduler: str = "euler",
 
 # ---- flow-matching families: SD3, FLUX ---------------------------------------------------------
 T5_WIDTH = 32
+TRANSFORMER_WIDTH = 32
+"""Inner width of the tiny SD3/FLUX transformers (2 heads of 16). Per-candidate rows of
+elementwise ops (the timestep embedding is (B, width)) must be a multiple of the CPU kernels'
+unrolled SIMD width (2 x 16 floats with AVX-512): a row that ends in the kernels' scalar tail is
+computed by a different code path, so its bits would depend on its position in the batch."""
+FLUX_SIZE = {"height": 16, "width": 16}
 FLOW_VAE = {"shift_factor": 0.06, "scaling_factor": 1.5}
 """SD3/FLUX VAEs shift as well as scale their latents; non-trivial values test both."""
 
@@ -204,8 +210,8 @@ def tiny_sd3_pipeline(tmp_path: Path, *, shift: float = 3.0, name: str = "tiny-s
         pipe = StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(
                 sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
-                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
-                caption_projection_dim=16, pooled_projection_dim=2 * clip_width,
+                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                caption_projection_dim=TRANSFORMER_WIDTH, pooled_projection_dim=2 * clip_width,
                 pos_embed_max_size=16),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
             vae=tiny_vae(**FLOW_VAE),
@@ -224,7 +230,10 @@ def tiny_sd3_pipeline(tmp_path: Path, *, shift: float = 3.0, name: str = "tiny-s
 
 def tiny_flux_pipeline(tmp_path: Path, *, guidance_embeds: bool = True,
                        name: str = "tiny-flux") -> Path:
-    """Save a tiny FluxPipeline (4-channel latents packed 2x2 into 16-wide tokens)."""
+    """Save a tiny FluxPipeline (4-channel latents packed 2x2 into 16-wide tokens).
+
+    FluxPipeline's default size is fixed at 1024, so the folder's ``diffsearch_defaults.json``
+    names the tiny size (16x16)."""
     folder = tmp_path / name
     latent_channels = 4
     with torch.random.fork_rng():
@@ -234,9 +243,9 @@ def tiny_flux_pipeline(tmp_path: Path, *, guidance_embeds: bool = True,
         pipe = FluxPipeline(
             transformer=FluxTransformer2DModel(
                 patch_size=1, in_channels=4 * latent_channels, num_layers=1,
-                num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                 joint_attention_dim=T5_WIDTH, pooled_projection_dim=16,
-                guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)),
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8)),
             scheduler=FlowMatchEulerDiscreteScheduler(
                 use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
                 base_shift=0.5, max_shift=1.15),
@@ -247,4 +256,5 @@ def tiny_flux_pipeline(tmp_path: Path, *, guidance_embeds: bool = True,
             tokenizer_2=tokenizer_2,
         )
     pipe.save_pretrained(folder, safe_serialization=True)
+    write_defaults(folder, FLUX_SIZE)
     return folder
