@@ -54,23 +54,30 @@ def clip_pixels(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     interpolation: str = "bicubic",
+    resize_to: int | None = None,
 ) -> torch.Tensor:
-    """Resize the shortest side to ``size`` (antialiased), centre-crop to square, normalise.
+    """Resize the shortest side to ``resize_to`` (default ``size``; antialiased), centre-crop a
+    ``size`` square, normalise.
 
     Works in float32 on the images' device and clamps to [0, 1] first, because bicubic
     overshoot on decoded images would otherwise push values outside what the model saw.
     """
     x = images.detach().float().clamp(0, 1)
+    resize_to = resize_to or size
+    if resize_to < size:
+        raise VerifierError(f"cannot crop {size} pixels out of a {resize_to}-pixel resize")
     height, width = x.shape[-2:]
-    if (height, width) != (size, size):
+    if min(height, width) != resize_to:
         # torchvision's conventions (truncated long side, rounded crop offsets), so a tensor
         # takes the same pixels as the PIL pipeline the models were evaluated with
         short, long = min(height, width), max(height, width)
-        new_long = max(size, int(size * long / short))
-        new_h, new_w = (size, new_long) if height <= width else (new_long, size)
+        new_long = max(resize_to, int(resize_to * long / short))
+        new_h, new_w = (resize_to, new_long) if height <= width else (new_long, resize_to)
         x = F.interpolate(x, size=(new_h, new_w), mode=interpolation, antialias=True,
                           align_corners=False).clamp(0, 1)
-        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+        height, width = new_h, new_w
+    if (height, width) != (size, size):
+        top, left = round((height - size) / 2), round((width - size) / 2)
         x = x[..., top:top + size, left:left + size]
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
