@@ -11,6 +11,7 @@ a call depend on the previous one (and on other threads of the same worker).
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ class DiffusersDenoiser(Denoiser):
         self.device = network.device
         self.dtype = network.dtype
         self._prompts: OrderedDict[str, Conditioning] = OrderedDict()
+        self._prompts_lock = threading.Lock()  # Dask workers may run tasks in threads
         self._schedule = self._new_scheduler()
         """A scheduler never stepped: read-only source of timesteps and noise levels."""
 
@@ -95,14 +97,16 @@ class DiffusersDenoiser(Denoiser):
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str) -> Conditioning:
-        if prompt in self._prompts:
-            self._prompts.move_to_end(prompt)
-            return self._prompts[prompt]
+        with self._prompts_lock:
+            if prompt in self._prompts:
+                self._prompts.move_to_end(prompt)
+                return self._prompts[prompt]
         with torch.no_grad():
             cond = Conditioning(prompt=prompt, tensors=self._encode(prompt))
-        self._prompts[prompt] = cond
-        if len(self._prompts) > PROMPT_CACHE_SIZE:
-            self._prompts.popitem(last=False)
+        with self._prompts_lock:
+            self._prompts[prompt] = cond
+            if len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
         return cond
 
     # ---- the loop ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -185,3 +186,15 @@ def test_auto_device_and_dtype_follow_the_hardware(monkeypatch):
     sd = loading.FAMILIES["StableDiffusionPipeline"]
     assert loading._dtype(None, sd, torch.device("cuda")) == torch.float16
     assert loading._dtype("float32", sd, torch.device("cuda")) == torch.float32
+
+
+def test_without_xformers_cuda_pipelines_keep_pytorch_sdpa(sd_folder, monkeypatch):
+    """xformers is an optional extra: when it cannot be imported nothing changes."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers` fail
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    loading._choose_attention(pipe, torch.device("cuda"))
+    processors = set(map(type, pipe.unet.attn_processors.values()))
+    assert processors == {AttnProcessor2_0}
