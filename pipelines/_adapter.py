@@ -122,7 +122,7 @@ class DiffusersDenoiser(Denoiser):
     ) -> DenoiseResult:
         self._check_call(latents, conds, start, end, eta, generators)
         x = latents.to(self.device, torch.float32)
-        x0 = x
+        x0 = x  # start == end takes no step: the state stands for its own estimate
         rows = {key: torch.cat([c.tensors[key] for c in conds]) for key in conds[0].tensors}
         scheduler = self._new_scheduler()
         if hasattr(scheduler, "set_begin_index"):  # stateful schedulers count their steps
@@ -153,6 +153,8 @@ class DiffusersDenoiser(Denoiser):
             expected = ", ".join(map(str, self.latent_shape))
             raise ValueError(f"latents must have shape (B, {expected}), "
                              f"got {tuple(latents.shape)}")
+        if latents.shape[0] == 0:
+            raise ValueError("denoise needs at least one candidate")
         if len(conds) != latents.shape[0]:
             raise ValueError(f"got {len(conds)} conditionings for {latents.shape[0]} latents")
         if not 0.0 <= eta <= 1.0:
