@@ -6,10 +6,15 @@ A latent "at step k" is the sampler state before the k-th denoising step has bee
 
 Bit-exact reproducibility across batch sizes and worker counts: on CPU (and for some CUDA
 kernels) a row's result depends on the shape of the batch it was computed in and on the number
-of intra-op threads, but not on its position in the batch or on the other rows' contents. So
-every model forward pass goes through :meth:`Denoiser.forward_in_fixed_batches`, which cuts the
-rows into chunks of exactly ``compute_batch`` rows (padding the last one), and workers pin the
-thread count. Task grouping then never changes a single bit of any candidate.
+of intra-op threads, but not on the other rows' contents. So every model forward pass goes
+through :meth:`Denoiser.forward_in_fixed_batches`, which cuts the rows into chunks of exactly
+``compute_batch`` rows (padding the last one), and workers pin the thread count. Task grouping
+then never changes a single bit of any candidate.
+
+One caveat, measured: a row's result can also depend on its position in the chunk when a
+per-row width is not a multiple of the CPU's SIMD width (e.g. 16 floats with AVX-512: the last
+rows fall into the scalar tail of the kernel). Real models' widths are multiples of 32; tiny
+test models must keep theirs so too (see tests/tiny_pipelines.py).
 """
 
 from __future__ import annotations
