@@ -151,6 +151,8 @@ def test_wrong_or_missing_token_is_401(service: str) -> None:
         (b'["a", "b"]', "body", "JSON object"),
         (b'{"prompts": ["a"], "guidance_scale": NaN}', "body", "NaN"),
         (b"\xff\xfe", "body", "UTF-8"),
+        (b'{"prompts": ["a", "\\ud800"]}', "prompts.1", "surrogate"),
+        ({"budget": "0x"}, "budget", "0 NFE"),
         ({"prompts": []}, "prompts", "at least 1"),
         ({"prompts": ["  "]}, "prompts", "prompt 0 is empty"),
         ({"colour": "red"}, "colour", "unknown field"),

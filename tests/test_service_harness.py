@@ -19,11 +19,14 @@ import httpx
 import uvicorn
 
 from diffsearch.job import Job
-from diffsearch.runtime import ModelInfo, RuntimeSpec, _RUNTIMES, describe_model
+from diffsearch.runtime import (
+    _RUNTIMES, ModelInfo, RuntimeSpec, WorkerRuntime, describe_model, register_runtime,
+)
 from diffsearch.service.app import create_app
 from diffsearch.service.backend import LocalBackend
 from diffsearch.service.config import Limits, ServiceConfig
-from engine_harness import install_fake_runtime
+from diffsearch.verifiers.base import Verifier, VerifierError
+from engine_harness import create_fake_verifier
 from fake_denoiser import FakeDenoiser
 
 TOKEN = "test-token-123"
@@ -43,6 +46,14 @@ class SlowFakeDenoiser(FakeDenoiser):
         return super().denoise(*args, **kwargs)
 
 
+def create_checked_fake_verifier(spec: str | dict[str, Any], device: str = "cpu") -> Verifier:
+    """The fake verifiers, with bad options reported as the registry reports them."""
+    try:
+        return create_fake_verifier(spec, device)
+    except TypeError as error:
+        raise VerifierError(f"verifier {spec!r}: bad options: {error}") from None
+
+
 class FakeBackend(LocalBackend):
     """The in-process backend, with the fake runtime registered for each job's spec on first
     use (the spec the service builds, so everything after that is the real code path)."""
@@ -54,7 +65,7 @@ class FakeBackend(LocalBackend):
     def _describe(self, spec: RuntimeSpec, job: Job) -> ModelInfo:
         if spec not in _RUNTIMES:
             denoiser = SlowFakeDenoiser(self.delay, num_steps=job.num_steps or 10)
-            install_fake_runtime(job, denoiser)
+            register_runtime(WorkerRuntime(spec, denoiser, create_checked_fake_verifier))
         return describe_model(spec)
 
 

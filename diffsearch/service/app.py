@@ -38,7 +38,7 @@ from diffsearch.service import schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig
 from diffsearch.service.requests import (
-    SERVICE_FIELDS, RequestError, build_job, check_against_model, parse_body,
+    SERVICE_FIELDS, RequestError, build_job, check_against_model, parse_body, request_schema,
 )
 from diffsearch.service.searches import (
     NotCancellable, QueueFull, SearchManager, SearchRecord, Status, image_url, summary_fields,
@@ -170,15 +170,14 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                 responses={200: {"content": {"text/event-stream": {}},
                                  "description": "Server-sent events: status, progress."}})
     async def events(search_id: str, request: Request,
-                     last_event_id: int | None = Header(None, ge=-1)) -> StreamingResponse:
+                     last_event_id: int = Header(-1, ge=-1)) -> StreamingResponse:
         """Progress as server-sent events, from the first (or after ``Last-Event-ID``) to the
         end: ``status`` {status, error} and ``progress`` {nfe_done, nfe_total, prompt_index,
         candidates: [...], best}. The stream closes after the final status."""
         record = find(search_id, request)
 
         async def stream() -> AsyncIterator[str]:
-            async for event in record.events.follow(-1 if last_event_id is None
-                                                    else last_event_id):
+            async for event in record.events.follow(last_event_id):
                 if event is None:
                     yield ": keep-alive\n\n"
                 else:
@@ -245,7 +244,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    _document_request_body(app)
+    _document_request_body(app, config, verifiers)
     return app
 
 
@@ -377,21 +376,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(error.status_code, str(error.detail), headers=error.headers)
 
 
-def _document_request_body(app: FastAPI) -> None:
-    """Put the request body's schema (a Job without the service's fields) into the OpenAPI
-    document; the endpoint validates with Job itself, so schema and checks cannot drift."""
+def _document_request_body(app: FastAPI, config: ServiceConfig, verifiers: list[str]) -> None:
+    """Put the request body's schema into the OpenAPI document (the endpoint reads the raw body
+    and validates it with Job itself, so the schema documents, it does not validate)."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version,
                                  description=app.description, routes=app.routes)
-            request = Job.model_json_schema(ref_template="#/components/schemas/{model}")
+            request, definitions = request_schema(config, verifiers)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(request.pop("$defs", {}))
-            for name in SERVICE_FIELDS:
-                request["properties"].pop(name, None)
-            request["title"] = "SearchRequest"
-            request["description"] = ("A job file's fields. The service sets where and how "
-                                      "work runs; `model` is one of /v1/info's models.")
+            components.update(definitions)
             components["SearchRequest"] = request
             app.openapi_schema = schema
         return app.openapi_schema

@@ -54,7 +54,7 @@ def parse_body(raw: bytes) -> Any:
         raise ValueError(f"{constant} is not allowed in JSON")
 
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=reject)
+        body = json.loads(raw.decode("utf-8"), parse_constant=reject)
     except UnicodeDecodeError:
         raise RequestError("body: not UTF-8 text", field="body") from None
     except json.JSONDecodeError as error:
@@ -62,6 +62,26 @@ def parse_body(raw: bytes) -> Any:
                            f"{error.colno})", field="body") from None
     except ValueError as error:
         raise RequestError(f"body: not valid JSON: {error}", field="body") from None
+    _check_text(body, "body")
+    return body
+
+
+def _check_text(value: Any, field: str) -> None:
+    """JSON escapes can smuggle lone UTF-16 surrogates ("\\ud800") into strings, which no file,
+    store or answer can encode: refuse them here, naming where they are."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{field}: a string holds a lone UTF-16 surrogate escape; send "
+                               f"real Unicode text", field=field) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field)
+            _check_text(item, f"{field}.{key}" if field != "body" else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_text(item, f"{field}.{index}")
 
 
 def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -> Job:
@@ -75,8 +95,10 @@ def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -
             raise RequestError(f"{name}: set by the service, not by a request", field=name)
         if name in PATH_FIELDS:
             raise RequestError(f"{name}: the service reads no files; give prompts", field=name)
+    offered = sorted(verifier_names)
     data = dict(body)
-    data["model"] = _served_model(data.get("model", "shapes"), config)
+    data["model"] = _served_model(data.get("model", default_model(config)), config)
+    data.setdefault("verifier", default_verifier(offered))
     data.update(executor=config.executor, threads=config.threads, batch_size=config.batch_size)
     if config.executor == "dask":
         data.update(workers=config.workers, scheduler=config.scheduler)
@@ -86,12 +108,60 @@ def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -
         message = describe_validation_error(error)
         raise RequestError(message, field=message.partition(":")[0]) from None
     _check_prompts(job, config)
-    offered = set(verifier_names)
-    _check_verifier(job.verifier, "verifier", offered)
+    _check_verifier(job.verifier, "verifier", set(offered))
     for index, spec in enumerate(job.eval_verifiers):
-        _check_verifier(spec, f"eval_verifiers.{index}", offered)
+        _check_verifier(spec, f"eval_verifiers.{index}", set(offered))
     _reject_paths(job.strategy.options, "strategy")
     return job
+
+
+def default_model(config: ServiceConfig) -> str:
+    """A request without ``model`` gets the bundled one if served, else the first served."""
+    return "shapes" if "shapes" in config.models else sorted(config.models)[0]
+
+
+def default_verifier(offered: list[str]) -> str:
+    """A request without ``verifier`` gets a job file's default if offered, else the first."""
+    default = Job.model_fields["verifier"].default
+    return default if default in offered or not offered else offered[0]
+
+
+def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON schema of a request body and its definitions, for the OpenAPI document.
+
+    It is Job's own schema without the service's fields, narrowed to what this service accepts
+    (served models, offered verifiers, known strategies, prompt limits) so that tools can build
+    forms from it. Limits that depend on the model (an ``Nx`` budget, strategy options) are
+    checked on submission only.
+    """
+    from diffsearch.search.registry import strategy_names
+
+    schema = Job.model_json_schema(ref_template="#/components/schemas/{model}")
+    definitions = schema.pop("$defs", {})
+    properties = schema["properties"]
+    for name in SERVICE_FIELDS:
+        properties.pop(name, None)
+    limits, offered = config.limits, sorted(verifier_names)
+    properties["prompts"].update(maxItems=limits.max_prompts, items={
+        "type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars,
+        "pattern": r"\S"})
+    properties["model"].update(enum=sorted(config.models), default=default_model(config))
+    definitions["StrategySpec"]["properties"]["name"]["enum"] = strategy_names()
+    verifier = {"anyOf": [
+        {"type": "string", "enum": offered},
+        {"type": "object", "required": ["name"], "additionalProperties": True,
+         "properties": {"name": {"type": "string", "enum": offered}}}]}
+    properties["verifier"] = {**verifier, "default": default_verifier(offered),
+                              "title": "Verifier"}
+    properties["eval_verifiers"]["items"] = verifier
+    properties["budget"]["anyOf"] = [
+        {"type": "integer", "minimum": 1, "maximum": limits.max_budget_nfe},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*x\s*$"}]
+    schema.update(title="SearchRequest", description=(
+        "A job file's fields; the service sets where and how the work runs. Limits that need "
+        "the model (an Nx budget's NFEs, strategy options) are checked on submission."))
+    return schema, definitions
 
 
 def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> None:
@@ -103,9 +173,12 @@ def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> Non
         budget = limit + 1
     if budget > limit:
         raise RequestError(
-            f"budget: {job.budget} is {budget} NFE per prompt ({info.num_steps} steps per "
+            f"budget: {job.budget!r} is {budget} NFE per prompt ({info.num_steps} steps per "
             f"sample), over this service's limit of {limit} (max_budget_nfe)",
             field="budget", limit="max_budget_nfe")
+    if budget < 1:
+        raise RequestError(f"budget: {job.budget!r} is 0 NFE; give a positive budget",
+                           field="budget")
     cls = strategy_class(job.strategy.name)
     try:  # what the engine does first; refusing now beats a search that fails once queued
         cls(prompt_index=0, prompt=job.prompts[0], num_steps=info.num_steps,
