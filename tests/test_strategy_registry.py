@@ -1,6 +1,7 @@
 """Every search strategy by its job-file name, through the real engine, runtime, perturbations
-and Zarr store on the fake denoiser: they finish within budget, name a stored best image, refuse
-bad options as job errors, and give the same bits whatever the batch size."""
+and Zarr store: on the fake denoiser they finish within budget, name a stored best image, refuse
+bad options as job errors and give the same bits whatever the batch size; on a tiny real
+diffusers pipeline (Euler, so the noise scale is not 1) every perturbation runs on real latents."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from diffsearch.errors import JobError
+from diffsearch.pipelines.base import Denoiser
+from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.search import registry
 from engine_harness import fake_job, run_fake
+from tiny_pipelines import tiny_sd_pipeline
 
 SEARCHES = {
     "evosearch": {"schedule": [0, 0, 4, 6], "population": [4, 3, 3, 3]},
@@ -53,3 +57,26 @@ def test_unknown_options_are_job_errors_naming_them(name: str, tmp_path: Path) -
     job = fake_job(strategy={"name": name, "colour": "red"})
     with pytest.raises(JobError, match=f"strategy: strategy '{name}' takes no option.*colour"):
         run_fake(job, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Denoiser]:
+    folder = tiny_sd_pipeline(tmp_path_factory.mktemp("sd"), scheduler="euler")
+    return folder, load_denoiser(str(folder))
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHES))
+def test_default_options_run_on_a_real_pipeline(name: str, tiny_sd: tuple[Path, Denoiser],
+                                                tmp_path: Path) -> None:
+    folder, denoiser = tiny_sd
+    multiple = 16 if name == "evosearch" else 8  # evosearch: enough for step-noise generations
+    job = fake_job(model=str(folder), strategy={"name": name}, budget=f"{multiple}x")
+    result, _ = run_fake(job, tmp_path / "run", denoiser=denoiser)  # type: ignore[arg-type]
+    budget = multiple * denoiser.num_steps
+    assert budget * 0.8 < result.nfe <= budget
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert data["failed_candidates"] == 0
+    (prompt,) = data["prompts"]
+    assert (tmp_path / "run" / prompt["best"]["image"]).is_file()
+    if name == "evosearch":
+        assert max(c["step"] for c in prompt["candidates"]) == denoiser.num_steps
