@@ -90,3 +90,15 @@ def test_resize_and_crop_follow_the_processor(verifier: PickScoreVerifier) -> No
     assert verifier.score(wide, PROMPTS[:1]).shape == (1,)
     with pytest.raises(VerifierError, match="1 images but 2 prompts"):
         verifier.score(wide, PROMPTS[:2])
+
+
+def test_processor_without_vocabulary_is_refused(folder: Path, tmp_path: Path) -> None:
+    """A processor folder that lost tokenizer.json loads (transformers 5) as an empty
+    tokenizer; scoring prompts as [UNK]s must not happen silently."""
+    hollow = tmp_path / "hollow"
+    hollow.mkdir()
+    for file in folder.iterdir():
+        if file.name != "tokenizer.json":
+            (hollow / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(MissingWeightsError, match="has no vocabulary"):
+        PickScoreVerifier(model=str(folder), processor=str(hollow))

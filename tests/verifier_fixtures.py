@@ -178,3 +178,98 @@ def write_distribution(site: Path, name: str, version: str, entry_points: dict[s
     for module, source in modules.items():
         (site / f"{module}.py").write_text(source)
     return info
+
+
+IR_VISION = {"width": 64, "patch": 8, "image": TINY_IMAGE, "mlp": 128, "layers": 1}
+IR_TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 64, "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
+           "hidden_act": "gelu", "pad_token_id": 0}
+IR_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle",
+            "square", "##s", "triangle", "on", "the", "left", "right", "two", "three"]
+
+
+def imagereward_state(seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names and shapes of ``ImageReward.pt`` (BLIP's timm-style
+    ViT, BLIP's "med" BERT with cross-attention, the MLP head), tiny widths."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.2, offset: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * scale + offset
+
+    v, t = IR_VISION, IR_TEXT
+    width, hidden = v["width"], t["hidden_size"]
+    state = {
+        "blip.visual_encoder.cls_token": rand(1, 1, width),
+        "blip.visual_encoder.pos_embed": rand(1, (v["image"] // v["patch"]) ** 2 + 1, width),
+        "blip.visual_encoder.patch_embed.proj.weight": rand(width, 3, v["patch"], v["patch"],
+                                                            scale=0.05),
+        "blip.visual_encoder.patch_embed.proj.bias": rand(width),
+        "blip.visual_encoder.norm.weight": rand(width, scale=0.1, offset=1.0),
+        "blip.visual_encoder.norm.bias": rand(width, scale=0.1),
+    }
+    for i in range(v["layers"]):
+        block = f"blip.visual_encoder.blocks.{i}"
+        for name, (rows, cols) in {"attn.qkv": (3 * width, width), "attn.proj": (width, width),
+                                   "mlp.fc1": (v["mlp"], width),
+                                   "mlp.fc2": (width, v["mlp"])}.items():
+            state[f"{block}.{name}.weight"] = rand(rows, cols, scale=cols ** -0.5)
+            state[f"{block}.{name}.bias"] = rand(rows, scale=0.05)
+        for norm in ("norm1", "norm2"):
+            state[f"{block}.{norm}.weight"] = rand(width, scale=0.1, offset=1.0)
+            state[f"{block}.{norm}.bias"] = rand(width, scale=0.1)
+
+    text = "blip.text_encoder"
+    state[f"{text}.embeddings.word_embeddings.weight"] = rand(len(IR_WORDS), hidden)
+    state[f"{text}.embeddings.position_embeddings.weight"] = rand(t["max_position_embeddings"],
+                                                                  hidden)
+    state[f"{text}.embeddings.position_ids"] = torch.arange(
+        t["max_position_embeddings"]).expand(1, -1)
+    layer_norms = ["embeddings.LayerNorm"]
+    for i in range(t["num_hidden_layers"]):
+        layer = f"encoder.layer.{i}"
+        shapes = {
+            "attention.self.query": (hidden, hidden), "attention.self.key": (hidden, hidden),
+            "attention.self.value": (hidden, hidden), "attention.output.dense": (hidden, hidden),
+            "crossattention.self.query": (hidden, hidden),
+            "crossattention.self.key": (hidden, width),
+            "crossattention.self.value": (hidden, width),
+            "crossattention.output.dense": (hidden, hidden),
+            "intermediate.dense": (t["intermediate_size"], hidden),
+            "output.dense": (hidden, t["intermediate_size"]),
+        }
+        for name, (rows, cols) in shapes.items():
+            state[f"{text}.{layer}.{name}.weight"] = rand(rows, cols, scale=cols ** -0.5)
+            state[f"{text}.{layer}.{name}.bias"] = rand(rows, scale=0.05)
+        layer_norms += [f"{layer}.attention.output.LayerNorm",
+                        f"{layer}.crossattention.output.LayerNorm", f"{layer}.output.LayerNorm"]
+    for norm in layer_norms:
+        state[f"{text}.{norm}.weight"] = rand(hidden, scale=0.1, offset=1.0)
+        state[f"{text}.{norm}.bias"] = rand(hidden, scale=0.1)
+    # contrastive projections: present in the release, unused by the reward
+    state["blip.vision_proj.weight"], state["blip.vision_proj.bias"] = rand(8, width), rand(8)
+    state["blip.text_proj.weight"], state["blip.text_proj.bias"] = rand(8, hidden), rand(8)
+
+    fan_in = hidden
+    for key, out in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN):
+        state[f"mlp.{key}.weight"] = rand(out, fan_in, scale=fan_in ** -0.5)
+        state[f"mlp.{key}.bias"] = rand(out, scale=0.05)
+        fan_in = out
+    return state
+
+
+def write_tiny_imagereward(folder: Path, seed: int) -> dict[str, str]:
+    """ImageReward.pt + med_config.json (as in the THUDM/ImageReward repo) and a WordPiece
+    tokenizer folder; returns the verifier options that point at them."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(imagereward_state(seed), folder / "ImageReward.pt")
+    med = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": len(IR_WORDS),
+           "type_vocab_size": 2, "add_cross_attention": True, "hidden_dropout_prob": 0.1,
+           "attention_probs_dropout_prob": 0.1, **IR_TEXT}
+    (folder / "med_config.json").write_text(json.dumps(med))
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(IR_WORDS) + "\n")
+    BertTokenizer(vocab=str(vocab)).save_pretrained(folder / "tokenizer")
+    vocab.unlink()
+    return {"weights": str(folder / "ImageReward.pt"), "tokenizer": str(folder / "tokenizer")}

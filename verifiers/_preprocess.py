@@ -85,19 +85,28 @@ def clip_pixels(
 
 
 def encode_fixed_chunks(
-    encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int
+    encode: Callable[..., torch.Tensor], inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    chunk: int,
 ) -> torch.Tensor:
-    """``encode`` applied to ``inputs`` in chunks of exactly ``chunk`` rows (last one padded by
-    repeating its final row), so each row's result is independent of the other rows."""
+    """``encode`` applied to ``inputs`` in chunks of exactly ``chunk`` rows (the last one padded
+    by repeating its final row), so each row's result is independent of the other rows.
+
+    ``inputs`` is one tensor, or a tuple of tensors with the same number of rows (an image and
+    its prompt's tokens) that are chunked together and passed to ``encode`` as arguments.
+    """
     if chunk < 1:
         raise VerifierError(f"chunk must be a positive number of rows, got {chunk}")
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    rows = parts[0].shape[0]
     outputs = []
     with torch.no_grad():
-        for begin in range(0, inputs.shape[0], chunk):
-            part = inputs[begin:begin + chunk]
-            real = part.shape[0]
-            if real < chunk:
-                pad = part[-1:].expand(chunk - real, *part.shape[1:])
-                part = torch.cat([part, pad])
-            outputs.append(encode(part)[:real])
+        for begin in range(0, rows, chunk):
+            real = min(chunk, rows - begin)
+            args = []
+            for tensor in parts:
+                piece = tensor[begin:begin + real]
+                if real < chunk:
+                    piece = torch.cat([piece, piece[-1:].expand(chunk - real, *piece.shape[1:])])
+                args.append(piece)
+            outputs.append(encode(*args)[:real])
     return torch.cat(outputs)

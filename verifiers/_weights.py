@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 
@@ -97,3 +98,32 @@ def open_clip_checkpoint(arch: str, pretrained: str, allow_download: bool = Fals
         f"open_clip weights {arch} {pretrained!r} not found: {cached} is missing; download {url} "
         f"there, set allow_download: true, or give a checkpoint file as `pretrained`"
     )
+
+
+def from_pretrained_local(what: str, loader: Any, source: str, allow_download: bool) -> Any:
+    """``loader.from_pretrained(source)`` for a local folder or a hub id in the local cache
+    (the network only when ``allow_download``); a missing one becomes a MissingWeightsError
+    naming it and the command that fetches it."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        source = str(path)
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise MissingWeightsError(f"{what} folder not found: {path}")
+    try:
+        return loader.from_pretrained(source, local_files_only=not allow_download)
+    except OSError as error:
+        reason = " ".join(str(error).split())[:240]
+        raise MissingWeightsError(
+            f"{what} {source!r} is not available locally ({reason}); fetch it with "
+            f"`hf download {source}`, pass a local folder, or set allow_download: true"
+        ) from error
+
+
+def check_tokenizer(tokenizer: Any, what: str, source: str) -> Any:
+    """Refuse a tokenizer that knows only its special tokens. transformers 5 builds such an
+    empty tokenizer, without an error, when a folder lacks its vocabulary files; every prompt
+    would then score as a row of [UNK]s."""
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise MissingWeightsError(f"{what} {source!r} has no vocabulary (only special tokens); "
+                                  f"its vocab/tokenizer files are missing")
+    return tokenizer

@@ -55,16 +55,23 @@ class AestheticMlp(nn.Module):
         except Exception as error:
             raise VerifierError(f"cannot read aesthetic weights {path}: "
                                 f"{type(error).__name__}: {error}") from error
+        return cls.from_state_dict(state, path)
+
+    @classmethod
+    def from_state_dict(cls, state: Any, source: str) -> AestheticMlp:
+        """The MLP holding ``state`` (input width read from it). ImageReward's reward head has
+        this same layout, which is why it lives here."""
         if not isinstance(state, dict) or "layers.0.weight" not in state:
             keys = ", ".join(list(state)[:5]) if isinstance(state, dict) else type(state).__name__
-            raise VerifierError(f"{path} is not an aesthetic-predictor state dict "
+            raise VerifierError(f"{source} is not an aesthetic-predictor state dict "
                                 f"(expected layers.0.weight ...; found {keys})")
         mlp = cls(int(state["layers.0.weight"].shape[1]))
         try:
             mlp.load_state_dict(state, strict=True)
         except RuntimeError as error:
             reason = " ".join(str(error).split())[:300]
-            raise VerifierError(f"{path} does not fit the aesthetic predictor: {reason}") from error
+            raise VerifierError(f"{source} does not fit the aesthetic-predictor MLP: "
+                                f"{reason}") from error
         return mlp.eval().requires_grad_(False)
 
 

@@ -16,7 +16,6 @@ the other prompts in the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,30 +28,13 @@ from diffsearch.verifiers._preprocess import (
     encode_fixed_chunks,
     resolve_dtype,
 )
-from diffsearch.verifiers.base import MissingWeightsError, Verifier
+from diffsearch.verifiers._weights import check_tokenizer, from_pretrained_local
+from diffsearch.verifiers.base import Verifier
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 """PIL resample codes the CLIP image processors use -> torch interpolation modes."""
-
-
-def _load(kind: str, loader: Any, source: str, allow_download: bool) -> Any:
-    """``loader.from_pretrained`` of a local folder or a cached hub id, never the network
-    unless allowed; a missing folder or id becomes a MissingWeightsError naming it."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        source = str(path)
-    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        raise MissingWeightsError(f"pickscore {kind} folder not found: {path}")
-    try:
-        return loader.from_pretrained(source, local_files_only=not allow_download)
-    except OSError as error:
-        reason = " ".join(str(error).split())[:240]
-        raise MissingWeightsError(
-            f"pickscore {kind} {source!r} is not available locally ({reason}); fetch it with "
-            f"`hf download {source}`, pass a local folder, or set allow_download: true"
-        ) from error
 
 
 def _field(size: Any, key: str) -> Any:
@@ -75,8 +57,9 @@ class PickScoreVerifier(Verifier):
         super().__init__(device, **options)
         from transformers import CLIPModel, CLIPProcessor
 
-        clip = _load("processor", CLIPProcessor, processor, allow_download)
-        network = _load("model", CLIPModel, model, allow_download)
+        clip = from_pretrained_local("pickscore processor", CLIPProcessor, processor,
+                                     allow_download)
+        network = from_pretrained_local("pickscore model", CLIPModel, model, allow_download)
         self._setup(network, clip, chunk, resolve_dtype(self.device, dtype),
                     weights=f"{model} (processor {processor})")
 
@@ -98,7 +81,7 @@ class PickScoreVerifier(Verifier):
         self._resize_to = int(_field(images.size, "shortest_edge") or crop)
         self._mean, self._std = tuple(images.image_mean), tuple(images.image_std)
         self._interpolation = _RESAMPLE.get(int(images.resample), "bicubic")
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = check_tokenizer(processor.tokenizer, "pickscore processor", weights)
         self.context = int(model.config.text_config.max_position_embeddings)
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype, self.chunk, self.weights = dtype, chunk, weights
@@ -107,8 +90,7 @@ class PickScoreVerifier(Verifier):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
-    def _text_features(self, packed: torch.Tensor) -> torch.Tensor:
-        ids, mask = packed[:, 0], packed[:, 1]
+    def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -116,9 +98,9 @@ class PickScoreVerifier(Verifier):
         if missing:
             tokens = self.tokenizer(missing, padding="max_length", truncation=True,
                                     max_length=self.context, return_tensors="pt")
-            packed = torch.stack([tokens["input_ids"], tokens["attention_mask"]], dim=1)
-            features = encode_fixed_chunks(self._text_features, packed.to(self.device),
-                                           self.chunk)
+            inputs = (tokens["input_ids"].to(self.device),
+                      tokens["attention_mask"].to(self.device))
+            features = encode_fixed_chunks(self._text_features, inputs, self.chunk)
             self._text_cache.update(zip(missing, F.normalize(features.float(), dim=-1)))
         return torch.stack([self._text_cache[p] for p in prompts])
 
