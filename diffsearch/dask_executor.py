@@ -1,0 +1,280 @@
+"""The Dask executor: work batches run on a cluster of worker processes, one task at a time each.
+
+By default it starts a ``LocalCluster`` of worker processes on this machine: one per GPU (each
+worker sees only its own GPU through ``CUDA_VISIBLE_DEVICES`` and advertises the resource
+``GPU=1``), else one per ``threads`` CPU cores. Given a scheduler address it connects to a running
+cluster instead (see docs/cluster.md); workers there need nothing but ``diffsearch`` installed,
+because the model-loading plugin travels from the client.
+
+Each worker loads the job's model and verifiers once, in a worker plugin, and keeps them for every
+task; a worker that is restarted (after a crash or a kill) gets the plugin again from the
+scheduler. A task is ``run_batch(spec, batch)``: a pure function of small records (ids, seeds,
+store keys) that writes latents straight to the Zarr store and returns small outcomes. So the
+scheduler never carries tensors, and when a worker is lost the scheduler simply runs its tasks
+again elsewhere, with the same seeds and therefore the same bits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from dask.system import CPU_COUNT
+from distributed import Client, Future, KilledWorker, LocalCluster, Nanny, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from diffsearch.errors import DiffsearchError
+from diffsearch.executor import Executor
+from diffsearch.runtime import (
+    ModelInfo,
+    RuntimeSpec,
+    WorkBatch,
+    describe_model,
+    get_runtime,
+    run_batch,
+)
+from diffsearch.search.base import Outcome
+
+RUNTIME_PLUGIN = "diffsearch-runtime"
+"""The worker plugin's name: registering a new spec under it replaces the previous job's plugin."""
+
+
+class ClusterError(DiffsearchError):
+    """The cluster cannot be reached or keeps losing workers; the message says what to check."""
+
+
+class RuntimePlugin(WorkerPlugin):
+    """Loads a job's model and verifiers into a worker process once, before it runs any task.
+
+    The load runs in the worker's task thread pool, not on its event loop: a model load takes
+    seconds to minutes, and a blocked event loop misses heartbeats. It also means the thread that
+    pins torch's intra-op thread count is the thread that runs the tasks (one per worker).
+    """
+
+    def __init__(self, spec: RuntimeSpec) -> None:
+        self.spec = spec
+
+    async def setup(self, worker: Any) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(worker.executor, get_runtime, self.spec)
+
+
+class DaskExecutor(Executor):
+    """Runs work batches on Dask workers; see the module docstring.
+
+    ``workers``: how many worker processes to start (own cluster), or how many to wait for
+    before starting (``scheduler`` given). ``threads``: the job's intra-op CPU threads per worker,
+    used to size the default local cluster. ``profile``: write a Dask performance report (HTML)
+    to this path when the executor is closed. ``retries``: how often a batch that raised is run
+    again (transient I/O on a shared filesystem); lost workers are handled by the scheduler on
+    its own. ``worker_plugins`` are set up on every worker before the model is loaded (embedding
+    applications use them to register their own runtimes or environment).
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        scheduler: str | None = None,
+        threads: int = 2,
+        profile: str | None = None,
+        retries: int = 1,
+        dashboard_address: str | None = ":8787",
+        connect_timeout: float = 30.0,
+        worker_timeout: float = 300.0,
+        worker_plugins: Sequence[WorkerPlugin] = (),
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ClusterError(f"workers must be at least 1, got {workers}")
+        if profile is not None and importlib.util.find_spec("bokeh") is None:
+            raise ClusterError("a Dask performance report needs bokeh: pip install 'bokeh>=3.1'")
+        self.workers = workers
+        self.scheduler = scheduler
+        self.threads = threads
+        self.profile = profile
+        self.retries = retries
+        self.dashboard_address = dashboard_address
+        self.connect_timeout = connect_timeout
+        self.worker_timeout = worker_timeout
+        self.worker_plugins = tuple(worker_plugins)
+        self._cluster: LocalCluster | None = None
+        self._client: Client | None = None
+        self._spec: RuntimeSpec | None = None
+        self._resources: dict[str, float] | None = None
+        self._pending: dict[str, tuple[Future, WorkBatch]] = {}
+        self._finished: as_completed | None = None
+        self._report = contextlib.ExitStack()
+
+    # ---- connection ---------------------------------------------------------------------------
+    @property
+    def client(self) -> Client:
+        """The connected client (after :meth:`start`): for dashboards, diagnostics, tests."""
+        if self._client is None:
+            raise RuntimeError("start() the executor first")
+        return self._client
+
+    def start(self, spec: RuntimeSpec) -> ModelInfo:
+        """Connect (or start the local cluster), load the model on every worker, describe it.
+
+        A worker's load error (missing weights, unknown model) is raised here, before any work.
+        """
+        if self._client is None:
+            self._client = self._connect()
+            self._finished = as_completed(loop=self._client.loop)
+            for plugin in self.worker_plugins:
+                self._client.register_plugin(plugin)
+            self._wait_for_workers()
+            self._resources = {"GPU": 1} if self._workers_have_gpus() else None
+            if self.profile:
+                from distributed import performance_report
+
+                self._report.enter_context(performance_report(filename=self.profile))
+            print(f"diffsearch: {self.describe()}", file=sys.stderr)
+        self._cancel_pending()  # a previous run on this executor may have stopped early
+        self._spec = spec
+        try:
+            self._client.register_plugin(RuntimePlugin(spec), name=RUNTIME_PLUGIN)
+        except BaseException:
+            # workers that join later would keep failing on it
+            self._client.unregister_worker_plugin(RUNTIME_PLUGIN)
+            raise
+        future = self._client.submit(describe_model, spec, key=f"describe-model-{uuid.uuid4().hex}",
+                                     pure=False, resources=self._resources)
+        return future.result()
+
+    def _connect(self) -> Client:
+        if self.scheduler is None:
+            self._cluster = _local_cluster(self.workers, self.threads, self.dashboard_address)
+            return Client(self._cluster)
+        try:
+            return Client(self.scheduler, timeout=self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as error:
+            raise ClusterError(f"cannot reach the Dask scheduler at {self.scheduler} "
+                               f"({type(error).__name__}: {error}); is `dask scheduler` running "
+                               f"there?") from None
+
+    def _wait_for_workers(self) -> None:
+        wanted = self.workers or 1
+        try:
+            self.client.wait_for_workers(wanted, timeout=self.worker_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            have = len(self.client.scheduler_info(n_workers=-1)["workers"])
+            raise ClusterError(
+                f"only {have} of {wanted} Dask worker(s) joined {self._address()} within "
+                f"{self.worker_timeout:g} s; start them with `dask worker {self._address()} "
+                f"--nthreads 1`") from None
+
+    def _workers_have_gpus(self) -> bool:
+        """GPU work asks for the resource ``GPU`` when the cluster's workers advertise it."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return any(info.get("resources", {}).get("GPU", 0) >= 1 for info in workers)
+
+    def _address(self) -> str:
+        return self.client.scheduler.address if self._client else str(self.scheduler)
+
+    # ---- work ---------------------------------------------------------------------------------
+    def submit(self, batch: WorkBatch) -> None:
+        if self._spec is None:
+            raise RuntimeError("start() the executor first")
+        first = batch.tasks[0]
+        key = f"denoise-p{first.prompt_index}-c{first.candidate}-{uuid.uuid4().hex}"
+        future = self.client.submit(run_batch, self._spec, batch, key=key, pure=False,
+                                    retries=self.retries, resources=self._resources)
+        self._pending[future.key] = (future, batch)
+        assert self._finished is not None
+        self._finished.add(future)
+
+    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+        if self._finished is None:
+            raise RuntimeError("start() the executor first")
+        for future in self._finished:
+            _, batch = self._pending.pop(future.key)
+            try:
+                outcomes = future.result()
+            except KilledWorker as error:
+                raise ClusterError(
+                    f"batch {future.key}: {error.allowed_failures + 1} workers died while "
+                    f"running it (last {error.last_worker.address}), often from running out of "
+                    f"memory; use fewer workers or a smaller batch_size, then --resume") from None
+            yield batch, outcomes
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Cancel what is still queued, write the profile, release the client and own cluster.
+
+        Finished candidates are already marked done in the store, so an interrupted run resumes.
+        """
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        self._spec = None
+        try:
+            if client is not None:
+                try:
+                    self._cancel_pending(client)
+                    self._report.close()
+                finally:
+                    self._finished = None
+                    client.close()
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+    def _cancel_pending(self, client: Client | None = None) -> None:
+        pending = [future for future, _ in self._pending.values()]
+        self._pending.clear()
+        if pending:
+            (client or self.client).cancel(pending, force=True)
+            self._finished = as_completed(loop=(client or self.client).loop)
+
+    def describe(self) -> str:
+        if self._client is None:
+            return "dask executor (not started)"
+        workers = self._client.scheduler_info(n_workers=-1)["workers"]
+        where = "local cluster" if self._cluster is not None else "cluster"
+        gpu = ", GPU=1 per task" if self._resources else ""
+        # an own cluster started without a dashboard still serves HTTP (health, metrics)
+        dashboard = "" if self._cluster is not None and self.dashboard_address is None \
+            else f", dashboard {self._client.dashboard_link}"
+        return (f"dask {where} at {self._client.scheduler.address}, {len(workers)} worker(s)"
+                f"{gpu}{dashboard}")
+
+
+def _local_cluster(workers: int | None, threads: int, dashboard_address: str | None
+                   ) -> LocalCluster:
+    """Worker processes of one task thread each: one per GPU, else one per ``threads`` cores."""
+    gpus = _visible_gpus()
+    options: dict[str, Any] = {"processes": True, "threads_per_worker": 1,
+                               "dashboard_address": dashboard_address}
+    if dashboard_address is None:  # the scheduler's HTTP server would still take port 8787
+        options.update(dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})
+    if not gpus:
+        count = workers or max(1, CPU_COUNT // threads)
+        return LocalCluster(n_workers=count, **options)
+    count = workers or len(gpus)
+    cluster = LocalCluster(n_workers=0, resources={"GPU": 1}, **options)
+    template = cluster.new_spec["options"]
+    for index in range(count):
+        env = {**template.get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}
+        cluster.worker_spec[f"gpu-{index}"] = {"cls": Nanny, "options": {**template, "env": env}}
+    cluster.scale(count)
+    cluster.wait_for_workers(count)
+    return cluster
+
+
+def _visible_gpus() -> list[str]:
+    """The CUDA device ids this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
