@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
 
 from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.job import Job
@@ -68,12 +70,15 @@ class LocalBackend(Backend):
 
 
 class DaskBackend(Backend):
+    """``worker_plugins`` are set up on every worker before a model loads (see DaskExecutor)."""
+
     def __init__(self, *, workers: int | None, scheduler: str | None, threads: int,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, worker_plugins: Sequence[Any] = ()) -> None:
         super().__init__()
         self.workers = workers
         self.threads = threads
         self.concurrency = concurrency
+        self.worker_plugins = tuple(worker_plugins)
         self._address = scheduler
         self._cluster_owner: Executor | None = None
         self._start_lock = threading.Lock()
@@ -90,12 +95,18 @@ class DaskBackend(Backend):
 
         with self._start_lock:
             if self._address is None:  # start the service's cluster once, keep it
-                owner = DaskExecutor(workers=self.workers, threads=self.threads)
+                owner = DaskExecutor(workers=self.workers, threads=self.threads,
+                                     worker_plugins=self.worker_plugins)
                 owner.start(RuntimeSpec.from_job(job))
                 self._cluster_owner = owner
                 self._address = owner.client.scheduler.address
         return DaskExecutor(workers=self.workers, scheduler=self._address, threads=self.threads,
-                            dashboard_address=None)
+                            worker_plugins=self.worker_plugins)
+
+    @property
+    def scheduler_address(self) -> str | None:
+        """The cluster's scheduler (None until the first search starts the service's own)."""
+        return self._address
 
     def close(self) -> None:
         if self._cluster_owner is not None:
