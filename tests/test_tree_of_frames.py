@@ -142,6 +142,7 @@ def test_budget_fitting_is_exact_and_never_overspends() -> None:
     ({"first_frame_candidates": 5, "branching": 3, "budget": 100}, "needs 104 NFE"),
     ({"prune_depths": [2]}, r"prune_depths must lie between .* \(1..1\), got \[2\]"),
     ({"prune_depths": [0]}, "prune_depths"),
+    ({"prune_depths": 1}, r"prune_depths must be a list of frame depths \(e.g. \[1\]\)"),
     ({"keep": 0}, "keep must be a share"),
     ({"branching": 0}, "branching must be at least 1"),
     ({"strength": 0.01}, "leaves no denoising step"),

@@ -119,6 +119,9 @@ class TreeOfFrames(_FrameChainStrategy):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must be a share in (0, 1], got {keep}")
         last = self.last_depth
+        if prune_depths is not None and not isinstance(prune_depths, (list, tuple)):
+            raise ValueError(f"prune_depths must be a list of frame depths (e.g. [1]), "
+                             f"got {prune_depths!r}")
         depths = range(1, last) if prune_depths is None else prune_depths
         self.prune_depths = frozenset(int(d) for d in depths)
         bad = sorted(d for d in self.prune_depths if not 1 <= d < last)
