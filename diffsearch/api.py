@@ -201,7 +201,7 @@ def lineage(candidates: list[CandidateRecord], candidate: int) -> tuple[int, ...
     return tuple(chain)
 
 
-# ---- one-call searches -----------------------------------------------------------------------------
+# ---- one-call searches ---------------------------------------------------------------------------
 def search(
     prompts: str | list[str],
     *,
