@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from verifier_fixtures import (
     TINY_IMAGE,
+    forbid_network,
     pixel_batch,
     put_in_hub_cache,
     register_tiny_clip,
@@ -120,10 +121,11 @@ def test_uncached_tag_names_the_hub_file_and_never_downloads(
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the verifier alone must keep it offline
+    attempts = forbid_network(monkeypatch)
     with pytest.raises(MissingWeightsError,
                        match=r"open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_224"):
         ClipVerifier(arch="ViT-L-14", pretrained="openai")
+    assert attempts == []
 
 
 def test_tag_found_in_local_hub_cache(arch: str, checkpoint: Path, tmp_path: Path,
@@ -138,7 +140,9 @@ def test_tag_found_in_local_hub_cache(arch: str, checkpoint: Path, tmp_path: Pat
                                   "mean": CLIP_MEAN, "std": CLIP_STD}})
     put_in_hub_cache(tmp_path, "diffsearch-test/tiny-clip", "open_clip_pytorch_model.bin",
                      checkpoint)
+    attempts = forbid_network(monkeypatch)
     built = ClipVerifier(arch=arch, pretrained="tiny")
+    assert attempts == []
     images = pixel_batch(2, seed=9)
     torch.testing.assert_close(built.score(images, PROMPTS[:2]),
                                _reference_scores(arch, 1, images, PROMPTS[:2]),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from verifier_fixtures import (
+    forbid_network,
     pixel_batch,
     put_in_hub_cache,
     register_tiny_clip,
@@ -81,6 +82,7 @@ def test_found_in_hub_cache_by_version(arch: str, wrapped: Path, tmp_path: Path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    attempts = forbid_network(monkeypatch)
     with pytest.raises(MissingWeightsError,
                        match=r"HPS_v2\.1_compressed\.pt of xswu/HPSv2.*hf download"):
         HpsV2Verifier(arch=arch)
@@ -89,6 +91,7 @@ def test_found_in_hub_cache_by_version(arch: str, wrapped: Path, tmp_path: Path,
     assert built.describe()["weights"].endswith("HPS_v2.1_compressed.pt")
     with pytest.raises(MissingWeightsError, match=r"HPS_v2_compressed\.pt"):
         HpsV2Verifier(arch=arch, version="2.0")
+    assert attempts == []
 
 
 def test_bad_inputs(arch: str, tmp_path: Path) -> None:

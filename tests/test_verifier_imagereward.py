@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertTokenizer
-from verifier_fixtures import IR_TEXT, IR_VISION, pixel_batch, write_tiny_imagereward
+from verifier_fixtures import (
+    IR_TEXT,
+    IR_VISION,
+    forbid_network,
+    pixel_batch,
+    write_tiny_imagereward,
+)
 
 from diffsearch.verifiers._preprocess import clip_pixels
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
@@ -134,6 +140,7 @@ def test_missing_files_are_named(options: dict[str, str], tmp_path: Path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    attempts = forbid_network(monkeypatch)
     with pytest.raises(MissingWeightsError, match="ImageReward.pt of THUDM/ImageReward"):
         ImageRewardVerifier(tokenizer=options["tokenizer"])
     lone = tmp_path / "lone" / "ImageReward.pt"
@@ -143,6 +150,7 @@ def test_missing_files_are_named(options: dict[str, str], tmp_path: Path,
         ImageRewardVerifier(weights=str(lone), tokenizer=options["tokenizer"])
     with pytest.raises(MissingWeightsError, match="'bert-base-uncased'.*hf download"):
         ImageRewardVerifier(weights=options["weights"])
+    assert attempts == []
 
 
 def test_foreign_checkpoints_are_refused(options: dict[str, str], tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
-from verifier_fixtures import TINY_IMAGE, pixel_batch, put_in_hub_cache, write_tiny_hf_clip
+from verifier_fixtures import (
+    TINY_IMAGE,
+    forbid_network,
+    pixel_batch,
+    put_in_hub_cache,
+    write_tiny_hf_clip,
+)
 
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 from diffsearch.verifiers.pickscore import PickScoreVerifier
@@ -68,6 +74,7 @@ def test_loads_hub_ids_from_the_local_cache_only(folder: Path, tmp_path: Path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    attempts = forbid_network(monkeypatch)
     with pytest.raises(MissingWeightsError, match="'diffsearch-test/tiny-pickscore'.*hf download"):
         PickScoreVerifier(model="diffsearch-test/tiny-pickscore", processor=str(folder))
     for file in folder.iterdir():
@@ -75,6 +82,7 @@ def test_loads_hub_ids_from_the_local_cache_only(folder: Path, tmp_path: Path,
     built = create_verifier({"name": "pickscore", "model": "diffsearch-test/tiny-pickscore",
                              "processor": "diffsearch-test/tiny-pickscore"})
     images = pixel_batch(2, seed=10)
+    assert attempts == []
     torch.testing.assert_close(built.score(images, PROMPTS[:2]),
                                _reference(folder, images, PROMPTS[:2]), atol=1e-3, rtol=1e-4)
 

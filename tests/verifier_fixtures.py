@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY_CLIP_ARCH = "diffsearch-tiny-clip"
@@ -273,3 +274,29 @@ def write_tiny_imagereward(folder: Path, seed: int) -> dict[str, str]:
     BertTokenizer(vocab=str(vocab)).save_pretrained(folder / "tokenizer")
     vocab.unlink()
     return {"weights": str(folder / "ImageReward.pt"), "tokenizer": str(folder / "tokenizer")}
+
+
+def forbid_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record (and refuse) every DNS lookup and socket connection; returns the record.
+
+    Hugging Face offline mode is switched OFF here, so a verifier that stays offline does so by
+    its own choice, not because the test environment sets HF_HUB_OFFLINE.
+    """
+    import socket
+
+    import huggingface_hub.constants
+
+    attempts: list[str] = []
+
+    def refuse_lookup(host: object, *args: object, **kwargs: object) -> None:
+        attempts.append(f"lookup {host}")
+        raise OSError("network disabled by the test")
+
+    def refuse_connect(sock: socket.socket, address: object) -> None:
+        attempts.append(f"connect {address}")
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_lookup)
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts

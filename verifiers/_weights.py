@@ -24,21 +24,28 @@ def local_file(path: str, what: str, where: str) -> str:
 
 def hub_file(repo_id: str, filename: str, allow_download: bool = False) -> str:
     """The path of ``repo_id/filename`` in the local Hugging Face cache (downloaded first only
-    when ``allow_download``), else a MissingWeightsError with the command that fetches it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    when ``allow_download``), else a MissingWeightsError with the command that fetches it.
 
-    try:
-        return hf_hub_download(repo_id, filename, local_files_only=not allow_download)
-    except LocalEntryNotFoundError:
+    The cache is read with ``try_to_load_from_cache``, a pure file-system lookup: even
+    ``hf_hub_download(local_files_only=True)`` contacts the Hub (huggingface_hub 2.x looks up
+    its agent registry) unless HF_HUB_OFFLINE is set, and workers may not have it set.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return cached
+    if not allow_download:
         raise MissingWeightsError(
             f"{filename} of {repo_id} is not in the local Hugging Face cache; fetch it with "
             f"`hf download {repo_id} {filename}` or set the option allow_download: true"
-        ) from None
+        )
+    try:
+        return hf_hub_download(repo_id, filename)
     except Exception as error:  # network, auth, missing repo: keep the hub's reason, one line
         raise MissingWeightsError(
             f"cannot download {filename} of {repo_id}: {type(error).__name__}: "
-            f"{' '.join(str(error).split())}"
+            f"{' '.join(str(error).split())}"[:400]
         ) from error
 
 
@@ -100,23 +107,43 @@ def open_clip_checkpoint(arch: str, pretrained: str, allow_download: bool = Fals
     )
 
 
+_SNAPSHOT_PROBES = ("config.json", "preprocessor_config.json", "processor_config.json",
+                    "tokenizer_config.json")
+"""Files one of which every transformers model/processor/tokenizer repo has at its root."""
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub repo, found without any network call."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for probe in _SNAPSHOT_PROBES:
+        cached = try_to_load_from_cache(repo_id, probe)
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+    return None
+
+
 def from_pretrained_local(what: str, loader: Any, source: str, allow_download: bool) -> Any:
-    """``loader.from_pretrained(source)`` for a local folder or a hub id in the local cache
+    """``loader.from_pretrained`` of a local folder or of a hub id's snapshot in the local cache
     (the network only when ``allow_download``); a missing one becomes a MissingWeightsError
     naming it and the command that fetches it."""
     path = Path(source).expanduser()
     if path.is_dir():
-        source = str(path)
+        folder: str | None = str(path)
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise MissingWeightsError(f"{what} folder not found: {path}")
-    try:
-        return loader.from_pretrained(source, local_files_only=not allow_download)
-    except OSError as error:
-        reason = " ".join(str(error).split())[:240]
+    else:
+        folder = _cached_snapshot(source)
+    if folder is None and not allow_download:
         raise MissingWeightsError(
-            f"{what} {source!r} is not available locally ({reason}); fetch it with "
+            f"{what} {source!r} is not in the local Hugging Face cache; fetch it with "
             f"`hf download {source}`, pass a local folder, or set allow_download: true"
-        ) from error
+        )
+    try:
+        return loader.from_pretrained(folder or source, local_files_only=folder is not None)
+    except OSError as error:  # a folder or snapshot missing some of its files
+        reason = " ".join(str(error).split())[:240]
+        raise MissingWeightsError(f"{what} {source!r} is incomplete: {reason}") from error
 
 
 def check_tokenizer(tokenizer: Any, what: str, source: str) -> Any:

@@ -180,15 +180,31 @@ class ImageRewardVerifier(Verifier):
         vision = _vision_model(vision_state, vision_heads)
         text = _text_model(config, vision.config.hidden_size, text_state)
         head = AestheticMlp.from_state_dict(head_state, f"{checkpoint} (mlp.*)")
-        self.tokenizer = check_tokenizer(
-            from_pretrained_local("ImageReward tokenizer", AutoTokenizer, tokenizer,
-                                  allow_download), "ImageReward tokenizer", tokenizer)
+        loaded = from_pretrained_local("ImageReward tokenizer", AutoTokenizer, tokenizer,
+                                       allow_download)
+        self._setup(vision, text, head, check_tokenizer(loaded, "ImageReward tokenizer",
+                                                        tokenizer), chunk, dtype, checkpoint)
+
+    def _setup(self, vision: torch.nn.Module, text: torch.nn.Module, head: AestheticMlp,
+               tokenizer: Any, chunk: int, dtype: str | None, weights: str) -> None:
+        self.tokenizer = tokenizer
         self.dtype = resolve_dtype(self.device, dtype)
-        self.vision = vision.to(self.device, self.dtype)
-        self.text = text.to(self.device, self.dtype)
-        self.head = head.to(self.device)
-        self.input_size = vision.config.image_size  # type: ignore[misc]
-        self.chunk, self.weights = chunk, checkpoint
+        self.vision = vision.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.text = text.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.head = head.to(self.device).eval().requires_grad_(False)
+        self.input_size = int(vision.config.image_size)  # type: ignore[misc]
+        self.chunk, self.weights = chunk, weights
+
+    @classmethod
+    def from_modules(cls, vision: torch.nn.Module, text: torch.nn.Module, head: AestheticMlp,
+                     tokenizer: Any, device: str | torch.device = "cpu",
+                     chunk: int = DEFAULT_CHUNK, dtype: str | None = None,
+                     weights: str = "in-memory model") -> ImageRewardVerifier:
+        """Wrap already-built BlipVisionModel / BlipTextModel / head (benchmarks, fine-tuning)."""
+        verifier = cls.__new__(cls)
+        Verifier.__init__(verifier, device)
+        verifier._setup(vision, text, head, tokenizer, chunk, dtype, weights)
+        return verifier
 
     def _reward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:

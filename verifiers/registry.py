@@ -200,8 +200,6 @@ def _read_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     name, options = data.get("verifier"), data.get("options", {})
     if not isinstance(name, str) or not name:
         raise VerifierError(f"{manifest}: 'verifier' must name a registered verifier")
-    if Path(name).is_dir() or (folder / name).is_dir():
-        raise VerifierError(f"{manifest}: 'verifier' must be a registered name, not a folder")
     if not isinstance(options, dict):
         raise VerifierError(f"{manifest}: 'options' must be a JSON object")
     return name, _resolve_paths(options, folder)
