@@ -199,9 +199,10 @@ def test_malformed_requests_are_422_naming_the_field(http: httpx.Client, body: A
 # ---- limits -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> str:
-    config = fake_config(tmp_path_factory.mktemp("strict"), max_budget_nfe=50, max_prompts=2,
-                         max_prompt_chars=30, max_image_side=6, max_body_bytes=2000,
-                         max_queue=1)
+    # threads=2: its own runtime spec, so its slow fake is not the other service's fast one
+    config = fake_config(tmp_path_factory.mktemp("strict"), threads=2, max_budget_nfe=50,
+                         max_prompts=2, max_prompt_chars=30, max_image_side=6,
+                         max_body_bytes=2000, max_queue=1)
     with serve(config, FakeBackend(delay=0.05)) as url:
         yield url
 

@@ -20,7 +20,7 @@ import uvicorn
 
 from diffsearch.job import Job
 from diffsearch.runtime import (
-    _RUNTIMES, ModelInfo, RuntimeSpec, WorkerRuntime, describe_model, register_runtime,
+    ModelInfo, RuntimeSpec, WorkerRuntime, describe_model, register_runtime,
 )
 from diffsearch.service.app import create_app
 from diffsearch.service.backend import LocalBackend
@@ -55,23 +55,26 @@ def create_checked_fake_verifier(spec: str | dict[str, Any], device: str = "cpu"
 
 
 class FakeBackend(LocalBackend):
-    """The in-process backend, with the fake runtime registered for each job's spec on first
-    use (the spec the service builds, so everything after that is the real code path)."""
+    """The in-process backend, with its fake runtime registered for each job's spec on first
+    use (the spec the service builds, so everything after that is the real code path).
+
+    Runtimes are per process and keyed by spec: two services alive at once that need different
+    fakes (a slow one, to cancel mid-run) must differ in the spec, e.g. in ``threads``.
+    """
 
     def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
 
     def _describe(self, spec: RuntimeSpec, job: Job) -> ModelInfo:
-        if spec not in _RUNTIMES:
-            denoiser = SlowFakeDenoiser(self.delay, num_steps=job.num_steps or 10)
-            register_runtime(WorkerRuntime(spec, denoiser, create_checked_fake_verifier))
+        denoiser = SlowFakeDenoiser(self.delay, num_steps=job.num_steps or 10)
+        register_runtime(WorkerRuntime(spec, denoiser, create_checked_fake_verifier))
         return describe_model(spec)
 
 
-def fake_config(tmp_path: Path, **limits: int) -> ServiceConfig:
+def fake_config(tmp_path: Path, threads: int = 1, **limits: int) -> ServiceConfig:
     return ServiceConfig(data_dir=tmp_path / "data", token=TOKEN, models={"fake": "fake"},
-                         verifiers=("redness", "fails-on-bright"), threads=1,
+                         verifiers=("redness", "fails-on-bright"), threads=threads,
                          limits=replace(Limits(), **limits))
 
 
