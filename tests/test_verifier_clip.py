@@ -159,3 +159,12 @@ def test_malformed_input_is_refused(verifier: ClipVerifier) -> None:
         verifier.score(pixel_batch(2, seed=1), PROMPTS[:1])
     with pytest.raises(VerifierError, match=r"\(B, 3, H, W\)"):
         verifier.score(torch.zeros(2, 32, 32), PROMPTS[:2])
+
+
+def test_squash_resize_mode_keeps_the_whole_image() -> None:
+    """open_clip's resize_mode 'squash' (SigLIP) distorts to the square instead of cropping."""
+    wide = torch.zeros(1, 3, 32, 64)
+    wide[..., :16] = 1.0  # a white band at the left edge, cropped away by centre-cropping
+    squashed = clip_pixels(wide, 32, mean=(0, 0, 0), std=(1, 1, 1), squash=True)
+    cropped = clip_pixels(wide, 32, mean=(0, 0, 0), std=(1, 1, 1))
+    assert squashed[..., :6].min() > 0.99 and cropped[..., :6].max() < 0.01

@@ -71,7 +71,7 @@ def write_aesthetic_weights(path: Path, seed: int, input_dim: int = TINY_EMBED) 
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     fan_in = input_dim
-    for key, width in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN):
+    for key, width in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN, strict=True):
         bound = fan_in ** -0.5
         state[f"{key}.weight"] = (torch.rand(width, fan_in, generator=generator) * 2 - 1) * bound
         state[f"{key}.bias"] = (torch.rand(width, generator=generator) * 2 - 1) * bound
@@ -251,7 +251,7 @@ def imagereward_state(seed: int) -> dict[str, torch.Tensor]:
     state["blip.text_proj.weight"], state["blip.text_proj.bias"] = rand(8, hidden), rand(8)
 
     fan_in = hidden
-    for key, out in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN):
+    for key, out in zip(AESTHETIC_LINEAR_KEYS, AESTHETIC_HIDDEN, strict=True):
         state[f"mlp.{key}.weight"] = rand(out, fan_in, scale=fan_in ** -0.5)
         state[f"mlp.{key}.bias"] = rand(out, scale=0.05)
         fan_in = out

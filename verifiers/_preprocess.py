@@ -55,9 +55,11 @@ def clip_pixels(
     std: Sequence[float] = CLIP_STD,
     interpolation: str = "bicubic",
     resize_to: int | None = None,
+    squash: bool = False,
 ) -> torch.Tensor:
     """Resize the shortest side to ``resize_to`` (default ``size``; antialiased), centre-crop a
-    ``size`` square, normalise.
+    ``size`` square, normalise. ``squash`` resizes straight to the square instead (open_clip's
+    ``resize_mode: squash``, used by e.g. SigLIP), distorting rather than cropping.
 
     Works in float32 on the images' device and clamps to [0, 1] first, because bicubic
     overshoot on decoded images would otherwise push values outside what the model saw.
@@ -67,6 +69,10 @@ def clip_pixels(
     if resize_to < size:
         raise VerifierError(f"cannot crop {size} pixels out of a {resize_to}-pixel resize")
     height, width = x.shape[-2:]
+    if squash and (height, width) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=interpolation, antialias=True,
+                          align_corners=False).clamp(0, 1)
+        height = width = size
     if min(height, width) != resize_to:
         # torchvision's conventions (truncated long side, rounded crop offsets), so a tensor
         # takes the same pixels as the PIL pipeline the models were evaluated with

@@ -88,6 +88,7 @@ class OpenClipVerifier(Verifier):
         self.input_size = size if isinstance(size, int) else int(size[0])  # type: ignore[misc]
         self._mean, self._std = tuple(cfg["mean"]), tuple(cfg["std"])
         self._interpolation = cfg.get("interpolation", "bicubic")
+        self._squash = cfg.get("resize_mode") == "squash"
         self.model, self.tokenizer, self.chunk, self.dtype = model, tokenizer, chunk, dtype
         self.weights = weights
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -109,7 +110,7 @@ class OpenClipVerifier(Verifier):
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm float32 image embeddings (B, D), each row independent of the others."""
         pixels = clip_pixels(images.to(self.device), self.input_size or 224, self._mean,
-                             self._std, self._interpolation).to(self.dtype)
+                             self._std, self._interpolation, squash=self._squash).to(self.dtype)
         embeddings = encode_fixed_chunks(self.model.encode_image, pixels, self.chunk)
         return F.normalize(embeddings.float(), dim=-1)
 
@@ -119,7 +120,8 @@ class OpenClipVerifier(Verifier):
         if missing:
             tokens = self.tokenizer(missing).to(self.device)
             embeddings = encode_fixed_chunks(self.model.encode_text, tokens, self.chunk)
-            self._text_cache.update(zip(missing, F.normalize(embeddings.float(), dim=-1)))
+            normalised = F.normalize(embeddings.float(), dim=-1)
+            self._text_cache.update(zip(missing, normalised, strict=True))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -96,7 +96,8 @@ def split_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
                 parts[1][name] = value
         elif key.startswith("mlp."):
             parts[2][key.removeprefix("mlp.")] = value
-    for part, what in zip(parts, ("blip.visual_encoder", "blip.text_encoder", "mlp")):
+    names = ("blip.visual_encoder", "blip.text_encoder", "mlp")
+    for part, what in zip(parts, names, strict=True):
         if not part:
             raise VerifierError(f"not an ImageReward checkpoint: no {what}.* tensors")
     return parts

@@ -101,7 +101,8 @@ class PickScoreVerifier(Verifier):
             inputs = (tokens["input_ids"].to(self.device),
                       tokens["attention_mask"].to(self.device))
             features = encode_fixed_chunks(self._text_features, inputs, self.chunk)
-            self._text_cache.update(zip(missing, F.normalize(features.float(), dim=-1)))
+            normalised = F.normalize(features.float(), dim=-1)
+            self._text_cache.update(zip(missing, normalised, strict=True))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
