@@ -27,13 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Error types that mean bad input, not a bug: shown as one line, exit status 2."""
-    errors: list[type[BaseException]] = [DiffsearchError]
-    try:
-        from diffsearch.pipelines.loading import ModelNotFoundError
-        errors.append(ModelNotFoundError)
-    except ImportError:  # the adapters are optional at import time of the CLI
-        pass
-    return tuple(errors)
+    return (DiffsearchError,)
 
 
 def friendly_errors(command: F) -> F:
@@ -195,11 +189,12 @@ def _timestamp() -> str:
 
 
 def _register_subcommands() -> None:
-    try:
-        from diffsearch.cli_verifiers import verifiers
-    except ImportError:  # being built; the CLI works without it
-        return
+    """Commands that live in their own modules (each imports its heavy parts lazily)."""
+    from diffsearch.cli_serve import serve
+    from diffsearch.cli_verifiers import verifiers
+
     main.add_command(verifiers)
+    main.add_command(serve)
 
 
 _register_subcommands()
