@@ -170,8 +170,20 @@ def _hub_source(repo_id: str, allow_download: bool) -> ModelSource:
         RepositoryNotFoundError,
     )
 
+    if not allow_download:
+        # Read the cache straight from disk: huggingface_hub 2.x may still ask the Hub for
+        # metadata under local_files_only=True unless HF_HUB_OFFLINE is set, and a job must
+        # never touch the network unless asked to. The snapshot folder then loads like a path.
+        cached_index = try_to_load_from_cache(repo_id, "model_index.json")
+        if not isinstance(cached_index, str):
+            raise ModelNotFoundError(
+                f"model {repo_id!r} is not a folder and not in the local Hugging Face cache; "
+                f"download it with `hf download {repo_id}` or pass --allow-download")
+        snapshot = _local_source(repo_id, Path(cached_index).parent)
+        return ModelSource(name=repo_id, location=snapshot.location, index=snapshot.index,
+                           defaults=snapshot.defaults, hub=True, local_files_only=True)
     try:
-        index = hf_hub_download(repo_id, "model_index.json", local_files_only=not allow_download)
+        index = hf_hub_download(repo_id, "model_index.json")
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         if allow_download:
             raise ModelNotFoundError(
@@ -190,7 +202,7 @@ def _hub_source(repo_id: str, allow_download: bool) -> ModelSource:
     cached_defaults = try_to_load_from_cache(repo_id, DEFAULTS_FILE)
     defaults = _read_defaults(Path(cached_defaults)) if isinstance(cached_defaults, str) else {}
     return ModelSource(name=repo_id, location=repo_id, index=_read_json(Path(index)),
-                       defaults=defaults, hub=True, local_files_only=not allow_download)
+                       defaults=defaults, hub=True, local_files_only=False)
 
 
 def _read_json(path: Path) -> dict:
