@@ -14,12 +14,16 @@ starting candidates ``n`` is the largest the budget pays for: n * k1 + n1 * (k2 
 
 ``verifiers`` maps a pruning step to the verifier that scores there (TTSnap's per-level
 distilled noise-aware checkpoints); unmapped steps and the final images use the job's
-guiding verifier.
+guiding verifier. It may also be the folder ``diffsearch distill`` wrote: its
+``distilled.json`` maps each step to a checkpoint folder, and those steps must be exactly the
+pruning steps (a checkpoint scores well only at the noise level it was trained for).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from diffsearch.search import options
@@ -29,6 +33,8 @@ from diffsearch.search.common import RoundStrategy, kept, ranked
 REFERENCE_STEPS = 20
 REFERENCE_PRUNE_AT = (2, 6, 11)
 REFERENCE_KEEP = (0.4, 0.4, 0.5)
+DISTILLED_MANIFEST = "distilled.json"
+"""The file ``diffsearch distill`` writes into its output folder (see diffsearch/distill.py)."""
 
 
 def default_schedule(num_steps: int) -> tuple[list[int], list[float]]:
@@ -46,6 +52,27 @@ def default_schedule(num_steps: int) -> tuple[list[int], list[float]]:
             steps.append(scaled)
             shares.append(share)
     return steps, shares
+
+
+def distilled_verifiers(folder: str | Path, num_steps: int) -> dict[int, str]:
+    """Pruning step -> absolute checkpoint folder, from a ``diffsearch distill`` output folder
+    distilled for ``num_steps`` steps (checked: step k of 20 is not step k of 50)."""
+    root = Path(folder).expanduser()
+    manifest = root / DISTILLED_MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"verifiers: {str(folder)!r} is neither a mapping of pruning step to "
+                         f"verifier nor a folder holding {DISTILLED_MANIFEST}")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        steps, distilled_for = data["steps"], data["num_steps"]
+        mapping = {int(step): str((root / name).resolve()) for step, name in steps.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"verifiers: {manifest} is not a distill manifest with 'steps' and "
+                         f"'num_steps' ({type(error).__name__}: {error})") from None
+    if distilled_for != num_steps:
+        raise ValueError(f"verifiers: {root} was distilled for {distilled_for} denoising steps, "
+                         f"this run has {num_steps}")
+    return mapping
 
 
 def survivors(n: int, keep: Sequence[float]) -> list[int]:
@@ -68,13 +95,15 @@ def plan_cost(n: int, prune_at: Sequence[int], keep: Sequence[float], num_steps:
 class TTSnap(RoundStrategy):
     """TTSnap; see the module docstring. Options: ``prune_at`` (pruning steps), ``keep`` (share
     kept at each, a number or one per step; required with a custom ``prune_at``), ``n``
-    (starting candidates; the most the budget pays for), ``verifiers`` (step -> verifier)."""
+    (starting candidates; the most the budget pays for), ``verifiers`` (step -> verifier, or a
+    ``diffsearch distill`` output folder)."""
 
     name = "ttsnap"
 
     def __init__(
         self, *, prune_at: Sequence[int] | None = None, keep: float | Sequence[float] | None = None,
-        n: int | None = None, verifiers: Mapping[Any, str] | None = None, **common: Any,
+        n: int | None = None, verifiers: Mapping[Any, str] | str | Path | None = None,
+        **common: Any,
     ) -> None:
         super().__init__(**common)
         t = self.num_steps
@@ -89,6 +118,8 @@ class TTSnap(RoundStrategy):
         self.keep = (default_keep if keep is None else
                      options.number_list("keep", keep, len(self.prune_at), low=0.0, high=1.0,
                                          low_open=True))
+        if isinstance(verifiers, (str, Path)):
+            verifiers = self._distilled(verifiers)
         self.verifiers = self._check_verifiers(verifiers or {})
         unit = plan_cost(1, self.prune_at, self.keep, t)
         if unit > self.budget_nfe:
@@ -108,6 +139,16 @@ class TTSnap(RoundStrategy):
         self._round_index = 0
         self._alive: list[int] = []
         """Candidates whose state at the last pruning step the next round continues."""
+
+    def _distilled(self, folder: str | Path) -> dict[int, str]:
+        """The checkpoints of a distill output folder, which must cover exactly the pruning
+        steps."""
+        mapping = distilled_verifiers(folder, self.num_steps)
+        if sorted(mapping) != self.prune_at:
+            raise ValueError(f"verifiers: {folder} has checkpoints for steps {sorted(mapping)} "
+                             f"but TTSnap prunes at {self.prune_at}; distil at these steps or "
+                             f"set prune_at to match")
+        return mapping
 
     def _check_verifiers(self, verifiers: Any) -> dict[int, str]:
         if not isinstance(verifiers, Mapping):
