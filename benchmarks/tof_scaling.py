@@ -15,7 +15,7 @@ reaches linear's, as a share of linear's NFE (the target: 0.5 or less).
 
 Prints and saves ``benchmarks/results/tof_scaling.json`` and a plot ``tof_scaling.png``::
 
-    python benchmarks/tof_scaling.py [--prompts 20] [--budgets 1 2 4 8] [--strength 0.6]
+    python benchmarks/tof_scaling.py [--prompts 20] [--budgets 1 2 4 8] [--strength 0.7]
         [--frames 3] [--executor local|dask]
 """
 
@@ -103,15 +103,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 4, 8],
                         help="multiples of one linear clip's NFE")
     parser.add_argument("--frames", type=int, default=3)
-    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--strength", type=float, default=0.7)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="shapes", help="the bundled model or a pipeline folder")
+    parser.add_argument("--clip-weights", help="shapes-clip weights folder (default: bundled)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-tof-scaling"))
     parser.add_argument("--name", default="tof_scaling")
     args = parser.parse_args(argv)
 
-    steps = args.steps or int(bundled_defaults()["num_steps"])
+    steps = args.steps or int(bundled_defaults(None if args.model == "shapes" else args.model)
+                              ["num_steps"])
+    guide: str | dict[str, Any] = GUIDE
+    if args.clip_weights:
+        guide = {"name": GUIDE, "frame_verifier": {"name": "shapes-clip",
+                                                   "weights": args.clip_weights}}
     prompts = motion_prompts(args.prompts, seed=args.seed)
     clip_nfe = FrameChain.for_prompt(prompts[0], args.frames, args.strength).clip_nfe(steps)
     common = {"num_frames": args.frames, "strength": args.strength}
@@ -123,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir = args.work / f"{strategy}-{multiple:g}"
             shutil.rmtree(run_dir, ignore_errors=True)
             job = Job.model_validate({
-                "prompts": prompts, "model": "shapes", "num_steps": steps,
+                "prompts": prompts, "model": args.model, "num_steps": steps,
                 "strategy": {"name": strategy, **common}, "budget": budget,
-                "verifier": GUIDE, "eval_verifiers": [JUDGE], "seed": args.seed,
+                "verifier": guide, "eval_verifiers": [JUDGE], "seed": args.seed,
                 "executor": args.executor, "batch_size": 16,
             })
             result = run_job(job, run_dir, progress_bar=False)
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "tof_scaling", "prompts": len(prompts), "seed": args.seed,
         "num_steps": steps, "num_frames": args.frames, "strength": args.strength,
-        "clip_nfe": clip_nfe, "guide": GUIDE, "judge": JUDGE, "rows": rows,
+        "model": args.model, "clip_nfe": clip_nfe, "guide": guide, "judge": JUDGE, "rows": rows,
         "nfe_to_match_guiding_score": nfe_to_match(rows, "guiding_score"),
         "nfe_to_match_oracle_accuracy": nfe_to_match(rows, "oracle_accuracy"),
         "total_wall_seconds": round(time.perf_counter() - started, 1),

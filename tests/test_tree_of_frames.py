@@ -38,7 +38,7 @@ T = 10  # strength 0.6 -> frames >= 1 restart at k = 4 and cost 6 NFE
 
 def tof(budget: int = 1000, **options) -> TreeOfFrames:
     return TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=budget, seed=7,
-                        **options)
+                        **{"strength": 0.6, **options})
 
 
 def outcome(task: Task, reward: float | None, error: str | None = None) -> Outcome:
@@ -162,12 +162,13 @@ def test_same_outcomes_same_tasks() -> None:
     assert play(a, reward) == play(b, reward)
     assert a.best() == b.best()
     other_seed = TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=150,
-                              seed=8)
+                              seed=8, strength=0.6)
     assert play(other_seed, reward)[0] != play(tof(budget=150), reward)[0]
 
 
 def test_linear_clips_are_independent_chains_best_by_the_video_score() -> None:
-    s = LinearClips(prompt_index=3, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7)
+    s = LinearClips(prompt_index=3, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7,
+                    strength=0.6)
     assert s.n == 3  # one clip costs 10 + 6 + 6 = 22 NFE
     rounds = play(s, lambda t: None if t.candidate == 4 else float(t.candidate))
     assert [[t.candidate for t in r] for r in rounds] == [[0, 1, 2], [3, 4, 5], [6, 7]]
@@ -178,9 +179,11 @@ def test_linear_clips_are_independent_chains_best_by_the_video_score() -> None:
     assert all(t.prompt_index == 3 for r in rounds for t in r)
     assert s.best().candidate == 7
     with pytest.raises(ValueError, match="buys no clip of 3 frames"):
-        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=21, seed=7)
+        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=21, seed=7,
+                    strength=0.6)
     with pytest.raises(ValueError, match="n=4 clips need 88 NFE"):
-        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7, n=4)
+        LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7,
+                    strength=0.6, n=4)
 
 
 def test_both_are_registered() -> None:
@@ -277,7 +280,7 @@ def test_an_interrupted_tree_resumes_by_replay(tmp_path: Path) -> None:
 
 
 def test_linear_clips_end_to_end(tmp_path: Path) -> None:
-    job = tof_job(strategy={"name": "linear-clips", "num_frames": 3}, budget=70)
+    job = tof_job(strategy={"name": "linear-clips", "num_frames": 3, "strength": 0.6}, budget=70)
     result, _ = run_fake(job, tmp_path / "run")
     prompt = result.prompts[0]
     assert result.nfe == 3 * 22
@@ -298,7 +301,8 @@ def test_the_cli_runs_tree_of_frames_from_flags_and_from_a_job_file(tmp_path: Pa
     install_fake_runtime(job)
     flags = ["--model", "fake", "--verifier", "clip-redness", "--budget", "120",
              "--executor", "local", "--threads", "1", "--quiet"]
-    options = ["--option", "num_frames=3", "--option", "first_frame_candidates=3",
+    options = ["--option", "num_frames=3", "--option", "strength=0.6",
+               "--option", "first_frame_candidates=3",
                "--option", "branching=2", "--option", "image_verifier=redness"]
     result = CliRunner().invoke(cli_main, ["generate", PROMPT, "--strategy", "tree-of-frames",
                                            *options, *flags, "--out", str(tmp_path / "flags")])
@@ -316,6 +320,7 @@ def test_the_cli_names_the_missing_video_verifier_in_one_line(tmp_path: Path) ->
     install_fake_runtime(tof_job(verifier="redness", executor="local", threads=1))
     result = CliRunner().invoke(cli_main, [
         "generate", PROMPT, "--strategy", "tree-of-frames", "--option", "image_verifier=redness",
+        "--option", "strength=0.6",
         "--model", "fake", "--verifier", "redness", "--budget", "120", "--executor", "local",
         "--threads", "1", "--quiet", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2

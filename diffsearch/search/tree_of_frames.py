@@ -33,6 +33,14 @@ from diffsearch.search.base import Outcome, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
 
 
+DEFAULT_STRENGTH = 0.75
+"""img2img strength of frames >= 1. Measured on the bundled shapes model (20 steps, motion
+prompts, single chains): at 0.6 the object stays where the previous frame had it (frames 1-2
+right 5% of the time), at 0.75 about half the frames move as asked, at 0.9 nearly all do but
+each frame is then almost a fresh sample. 0.75 keeps frames tied to their predecessor while
+leaving the search something to find."""
+
+
 def _ranked(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Best first; failed or unscored last; equal rewards by candidate id."""
     return sorted(outcomes, key=lambda o: (-o.rank_key(), o.candidate))
@@ -100,7 +108,8 @@ class _FrameChainStrategy(Strategy):
 class TreeOfFrames(_FrameChainStrategy):
     """Tree-of-Frames search; see the module docstring. Options:
 
-    ``num_frames`` (3), ``strength`` (img2img strength of frames >= 1, 0.6),
+    ``num_frames`` (3), ``strength`` (img2img strength of frames >= 1, 0.75: see
+    :data:`DEFAULT_STRENGTH`),
     ``first_frame_candidates`` and ``branching`` (None: fitted to the budget),
     ``prune_depths`` (None: every depth between the first and the last frame), ``keep`` (share
     of open branches kept at a pruning depth, 0.5 = the median), ``image_verifier`` (judge of
@@ -110,7 +119,7 @@ class TreeOfFrames(_FrameChainStrategy):
     name = "tree-of-frames"
 
     def __init__(
-        self, *, num_frames: int = 3, strength: float = 0.6,
+        self, *, num_frames: int = 3, strength: float = DEFAULT_STRENGTH,
         first_frame_candidates: int | None = None, branching: int | None = None,
         prune_depths: Sequence[int] | None = None, keep: float = 0.5,
         image_verifier: str = "shapes-clip", **common: Any,
@@ -205,13 +214,14 @@ class TreeOfFrames(_FrameChainStrategy):
 class LinearClips(_FrameChainStrategy):
     """N independent clips (frame-chain, same strength), the best by the video verifier.
 
-    Options: ``num_frames`` (3), ``strength`` (0.6), ``n`` (None: as many clips as the budget
+    Options: ``num_frames`` (3), ``strength`` (0.75), ``n`` (None: as many clips as the budget
     buys). Frames before the last are not scored; one ask per frame depth, all clips together.
     """
 
     name = "linear-clips"
 
-    def __init__(self, *, num_frames: int = 3, strength: float = 0.6, n: int | None = None,
+    def __init__(self, *, num_frames: int = 3, strength: float = DEFAULT_STRENGTH,
+                 n: int | None = None,
                  **common: Any) -> None:
         super().__init__(num_frames=num_frames, strength=strength, **common)
         per_clip = self.chain.clip_nfe(self.num_steps)
