@@ -9,6 +9,7 @@ The output folder goes straight into TTSnap: ``strategy: {name: ttsnap, verifier
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -44,10 +45,22 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
     from diffsearch.pipelines.shapes import world
 
     train = (load_prompts_file(prompts_file) if prompts_file is not None
-             else world.train_prompts(200 if count is None else count, seed))
+             else _distinct(world.train_prompts, 200 if count is None else count, seed))
     held_out = (load_prompts_file(eval_file) if eval_file is not None
-                else world.heldout_prompts(eval_count, seed))
+                else _distinct(world.heldout_prompts, eval_count, seed))
     return train, held_out
+
+
+def _distinct(draw: Callable[[int, int], list[str]], count: int, seed: int) -> list[str]:
+    """The first ``count`` distinct prompts of a seeded shapes-world draw (the world's draws
+    repeat prompts; the held-out split has fewer than 100 combinations, so it may give
+    fewer)."""
+    prompts: list[str] = []
+    for size in (count * 2 ** i for i in range(6)):
+        prompts = list(dict.fromkeys(draw(size, seed)))
+        if len(prompts) >= count:
+            return prompts[:count]
+    return prompts
 
 
 @click.command(name="distill")
@@ -60,11 +73,11 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
                               "number of steps, e.g. 2,6,11 of 20).")
 @click.option("--num-steps", type=int, help="Denoising steps T (default: the model's).")
 @click.option("--prompts", "prompt_count", type=int,
-              help="Number of shapes-world training prompts (default 200; repeats dropped).")
+              help="Number of distinct shapes-world training prompts (default 200).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Training prompts (.txt one per line, or .jsonl with a prompt field).")
 @click.option("--eval-prompts", "eval_count", type=int, default=50, show_default=True,
-              help="Number of held-out shapes-world prompts for the Kendall tau table.")
+              help="Number of distinct held-out shapes-world prompts for the Kendall tau table.")
 @click.option("--eval-prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Held-out prompts for the Kendall tau table (required off shapes).")
 @click.option("--samples", type=int, default=4, show_default=True,

@@ -265,16 +265,9 @@ def distill(
     manifest. ``model`` is recorded as the name the denoiser was loaded from."""
     steps = check_steps(steps, denoiser.num_steps)
     train_prompts, eval_prompts = _prompts(train_prompts, eval_prompts)
-    for name, value in (("samples", samples), ("epochs", epochs), ("batch", batch)):
-        if value < 1:
-            raise DistillError(f"{name} must be at least 1, got {value}")
     eval_samples = eval_samples or samples
-    if samples < 2 or eval_samples < 2:
-        raise DistillError("samples: need at least 2 trajectories per prompt to rank them")
-    if not lr > 0:
-        raise DistillError(f"lr must be positive, got {lr}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DistillError(f"out: {out} exists and is not an empty folder; choose a new one")
+    _check_options(samples=samples, eval_samples=eval_samples, epochs=epochs, batch=batch,
+                   lr=lr, out=out)
     device = str(denoiser.device)
     teacher_verifier = create_verifier(teacher, device=device)
     adapter = distillable(teacher_verifier)
@@ -346,6 +339,19 @@ def distill(
     }
     (out / DISTILLED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check_options(*, samples: int, eval_samples: int, epochs: int, batch: int, lr: float,
+                   out: Path) -> None:
+    for name, value in (("epochs", epochs), ("batch", batch)):
+        if value < 1:
+            raise DistillError(f"{name} must be at least 1, got {value}")
+    if samples < 2 or eval_samples < 2:
+        raise DistillError("samples: need at least 2 trajectories per prompt to rank them")
+    if not lr > 0:
+        raise DistillError(f"lr must be positive, got {lr}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DistillError(f"out: {out} exists and is not an empty folder; choose a new one")
 
 
 def _prompts(train: Sequence[str], held_out: Sequence[str]) -> tuple[list[str], list[str]]:
