@@ -12,7 +12,9 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from diffsearch.api import run_job
 from diffsearch.cli import main as cli_main
+from diffsearch.job import Job
 
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.runtime import (
@@ -350,3 +352,22 @@ def test_one_batch_may_hold_clips_of_different_lengths(tmp_path: Path) -> None:
                             denoiser.decode(store.read_latents(0, [task.candidate]))])
         assert len(frames) == {7: 2, 8: 4}[task.candidate]
         assert out.reward == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
+
+
+def test_tree_of_frames_on_the_bundled_shapes_model(tmp_path: Path) -> None:
+    """The real adapter, renoise and VAE: a motion clip searched end to end (8 steps)."""
+    guide = {"name": "shapes-video", "frame_verifier": "shapes-oracle"}
+    job = Job.model_validate({
+        "prompts": [PROMPT], "model": "shapes", "num_steps": 8, "threads": 1,
+        "executor": "local", "verifier": guide, "eval_verifiers": ["shapes-video-oracle"],
+        "budget": 48, "strategy": {"name": "tree-of-frames", "first_frame_candidates": 3,
+                                   "branching": 2, "image_verifier": "shapes-oracle"}})
+    result = run_job(job, tmp_path / "run")
+    prompt = result.prompts[0]
+    assert result.nfe == 3 * 8 + 2 * 6 + 2 * 6  # strength 0.75 of 8 steps: k = 2
+    finished = [c for c in prompt.candidates if c.candidate >= 5]
+    assert len(finished) == 2 and prompt.best.candidate in {c.candidate for c in finished}
+    assert prompt.best.reward == max(c.reward for c in finished)
+    assert 0.0 <= prompt.best.scores["shapes-video-oracle"] <= 1.0
+    with Image.open(tmp_path / "run" / candidate_clip_path(0, prompt.best.candidate)) as gif:
+        assert gif.n_frames == 3 and gif.size == (32, 32)
