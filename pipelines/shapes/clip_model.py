@@ -39,8 +39,8 @@ def model_config(
     tokenizer_dir: str | Path,
     vocab_size: int,
     embed_dim: int = 64,
-    vision_width: int = 128,
-    vision_layers: int = 4,
+    vision_width: int = 96,
+    vision_layers: int = 3,
     text_width: int = 64,
     text_layers: int = 2,
 ) -> dict[str, Any]:

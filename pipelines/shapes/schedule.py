@@ -1,4 +1,4 @@
-"""A time-boxed training plan shared by the shapes trainers."""
+"""The learning-rate plan shared by the shapes trainers."""
 
 from __future__ import annotations
 
@@ -7,29 +7,35 @@ import time
 
 
 class Plan:
-    """Fixes a phase's step count from a timed warm-up, then gives the LR at each step."""
+    """Linear warm-up, then a cosine from 1 to 0.1, over a step count, a time box, or both.
 
-    def __init__(self, budget_s: float, warmup_steps: int, max_steps: int | None) -> None:
+    ``steps`` ends the phase after that many steps; ``budget_s`` is a hard deadline. When
+    ``follow_clock`` is set, progress is the larger of the step share and the time share: the
+    CPU is shared with other work whose load comes and goes, and following the clock still
+    finishes the decay by the deadline instead of being cut off at a high learning rate. Without
+    it (smoke tests) the schedule depends on the step only and runs are exactly reproducible.
+    """
+
+    def __init__(
+        self, budget_s: float, warmup_steps: int, steps: int | None, follow_clock: bool = True
+    ) -> None:
         self.start = time.monotonic()
         self.deadline = self.start + budget_s
         self.warmup = warmup_steps
-        self.max_steps = max_steps
-        self.total: int | None = max_steps
+        self.steps = steps
+        self.follow_clock = follow_clock
 
-    def observe(self, step: int) -> None:
-        """After 20 timed steps, plan the rest of the budget at the speed seen."""
-        if self.total is None and step == 20:
-            per_step = (time.monotonic() - self.start) / step
-            self.total = max(21, int((self.deadline - self.start) / per_step * 0.97))
+    def progress(self, step: int) -> float:
+        by_steps = step / self.steps if self.steps else 0.0
+        by_clock = (time.monotonic() - self.start) / max(1e-9, self.deadline - self.start)
+        return min(1.0, max(by_steps, by_clock) if self.follow_clock else by_steps)
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        total = self.total or 10**9
-        progress = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
 
     def done(self, step: int) -> bool:
-        if self.total is not None and step >= self.total:
+        if self.steps is not None and step >= self.steps:
             return True
-        return self.max_steps is None and time.monotonic() >= self.deadline
+        return time.monotonic() >= self.deadline

@@ -1,6 +1,6 @@
 """Train the shapes-world CLIP (``clip_model.py``) contrastively on CPU, time-boxed.
 
-    python -m diffsearch.pipelines.shapes.train_clip --out pipelines/shapes/weights/clip --minutes 6
+    python -m diffsearch.pipelines.shapes.train_clip --out pipelines/shapes/weights/clip --steps 1500
 
 Each batch holds rendered training-split images, their captions and one near-miss caption per
 image (one edit away: another colour, shape, position, count or relation, or the objects'
@@ -81,22 +81,26 @@ def train(
     out: Path,
     minutes: float,
     seed: int,
+    steps: int = 1500,
     n_images: int = 30_000,
-    batch: int = 256,
+    batch: int = 128,
     lr: float = 1e-3,
-    max_steps: int | None = None,
     tiny: bool = False,
     log=print,
 ) -> dict:
-    """Train and save ``open_clip_config.json``, tokenizer and weights into ``out``."""
+    """Train and save ``open_clip_config.json``, tokenizer and weights into ``out``.
+
+    ``steps`` steps, unless ``minutes`` run out first (then the schedule follows the clock);
+    ``tiny`` runs are scheduled by step only, so they are exactly reproducible.
+    """
     started = time.monotonic()
     torch.manual_seed(derive_seed(seed, "", 0, "shapes-clip-init") % 2**31)
     gen = torch_generator(derive_seed(seed, "", 0, "shapes-clip-train"))
     rng = numpy_rng(derive_seed(seed, "", 0, "shapes-clip-negatives"))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
-    sizes = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=1, embed_dim=32)
-    cfg = model_config(out, len(tokenizer), **(sizes if tiny else {}))
+    tiny_sizes = dict(vision_width=32, vision_layers=1, text_width=32, text_layers=1, embed_dim=32)
+    cfg = model_config(out, len(tokenizer), **(tiny_sizes if tiny else {}))
     write_config(out, cfg)
     model = open_clip.create_model(f"local-dir:{out}")
     text_tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
@@ -106,7 +110,8 @@ def train(
     log(f"dataset: {len(captions)} pairs in {time.monotonic() - started:.0f}s")
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    plan = Plan(minutes * 60.0 - (time.monotonic() - started) - 20.0, 100, max_steps)
+    budget = minutes * 60.0 - (time.monotonic() - started) - 20.0
+    plan = Plan(budget, 100, steps, follow_clock=not tiny)
     step, recent = 0, []
     model.train()
     while not plan.done(step):
@@ -126,10 +131,9 @@ def train(
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
         step += 1
-        plan.observe(step)
         recent.append(loss.item())
         if step % 50 == 0:
-            log(f"clip step {step}/{plan.total} loss {np.mean(recent):.4f}")
+            log(f"clip step {step} ({plan.progress(step):.0%}) loss {np.mean(recent):.4f}")
             recent = []
     model.eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -142,9 +146,14 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the model")
-    parser.add_argument("--minutes", type=float, default=6.0, help="wall-clock time box")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps")
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads; 1 because on a shared CPU threads that wait for each "
+        "other at every op's barrier lose far more than a second core gains",
+    )
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke-test config")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,10 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     if args.tiny:
-        train(args.out, args.minutes, args.seed, n_images=64, batch=8, max_steps=3, tiny=True,
-              log=log)
+        train(args.out, args.minutes, args.seed, steps=3, n_images=64, batch=8, tiny=True, log=log)
     else:
-        train(args.out, args.minutes, args.seed, log=log)
+        train(args.out, args.minutes, args.seed, steps=args.steps, log=log)
 
 
 if __name__ == "__main__":

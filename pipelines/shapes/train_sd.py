@@ -1,22 +1,24 @@
 """Train the bundled shapes StableDiffusionPipeline from scratch on CPU, time-boxed.
 
-    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd --minutes 40
+    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd --minutes 45
 
-Phases (each one's share of the time box is fixed, so a run is planned before it starts):
+Phases:
 
 1. tokenizer: generated from the grammar (``tokenizer.py``);
-2. VAE (AutoencoderKL, 32x32x3 -> 8x8x4): L1 + L2 reconstruction and a tiny KL term;
+2. VAE (AutoencoderKL, 32x32x3 -> 8x8x4): L1 + L2 reconstruction and a tiny KL term, a fixed
+   number of steps (capped at a share of the time box);
 3. the whole training set is encoded ONCE (posterior mean and std cached), and the latent
    scaling factor is set so scaled latents have unit variance;
 4. UNet + CLIP text encoder trained jointly on the cached latents (a fresh posterior sample per
-   step), v-prediction on a cosine schedule (a 4-channel 8x8 latent is so small that the
-   standard linear schedule leaves visible signal at t = T), 10% empty captions so classifier-
-   free guidance works, and an EMA of both networks, which is what gets saved.
+   step) for the rest of the time box: v-prediction on a cosine schedule (a 4-channel 8x8
+   latent is so small that the standard linear schedule leaves visible signal at t = T), 10%
+   empty captions so classifier-free guidance works, and an EMA of both networks, which is what
+   gets saved.
 
-Why time-boxed with a planned step count: the CPU is shared, so speed varies; the number of
-steps of each phase is fixed from a short timed warm-up, and the learning-rate schedule runs
-over that plan (a hard deadline still stops a phase that falls behind). The seed fixes data,
-initialisation and every draw; with the same step counts a rerun gives the same weights.
+Why a time box: the CPU is shared and its speed comes and goes, so the UNet phase's
+learning-rate schedule follows the clock (see ``schedule.Plan``) and ends on time; the steps
+taken are recorded in ``training_info.json``. The seed fixes the data, the initialisation and
+every random draw; step-scheduled runs (``SDConfig.max_steps``) are bit-for-bit reproducible.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ class SDConfig:
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    vae_share: float = 0.18
-    """Share of the time box spent on the VAE (the rest, minus caching, goes to the UNet)."""
+    vae_steps: int = 600
+    """VAE steps: a fixed count, since every later phase builds on its reconstructions..."""
+    vae_max_share: float = 0.3
+    """...unless the shared CPU is so slow that they would take this share of the time box."""
     vae_batch: int = 64
     vae_lr: float = 1e-3
     unet_batch: int = 64
@@ -75,7 +79,7 @@ class SDConfig:
     num_steps: int = 20
     kl_weight: float = 1e-6
     max_steps: int | None = None
-    """Cap on each phase's steps (smoke tests); None means the time box decides."""
+    """Smoke tests: every phase takes exactly this many steps, scheduled by step, not clock."""
     extra: dict = field(default_factory=dict)
 
 
@@ -173,7 +177,7 @@ def train_vae(
 ) -> tuple[AutoencoderKL, dict]:
     vae = make_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    plan = Plan(budget_s, 100, cfg.max_steps)
+    plan = Plan(budget_s, 100, cfg.max_steps or cfg.vae_steps, follow_clock=cfg.max_steps is None)
     step, recent = 0, []
     while not plan.done(step):
         for group in opt.param_groups:
@@ -190,10 +194,9 @@ def train_vae(
         loss.backward()
         opt.step()
         step += 1
-        plan.observe(step)
         recent.append(loss.item())
         if step % 100 == 0:
-            log(f"vae step {step}/{plan.total} loss {np.mean(recent):.4f}")
+            log(f"vae step {step} ({plan.progress(step):.0%}) loss {np.mean(recent):.4f}")
             recent = []
     vae.eval().requires_grad_(False)
     return vae, {"vae_steps": step, "vae_seconds": round(time.monotonic() - plan.start, 1)}
@@ -235,7 +238,7 @@ def train_denoiser(
         [""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt"
     ).input_ids
     mean, std = latents
-    plan = Plan(budget_s, cfg.warmup_steps, cfg.max_steps)
+    plan = Plan(budget_s, cfg.warmup_steps, cfg.max_steps, follow_clock=cfg.max_steps is None)
     step, recent = 0, []
     while not plan.done(step):
         for group in opt.param_groups:
@@ -260,10 +263,9 @@ def train_denoiser(
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text, decay)
-        plan.observe(step)
         recent.append(loss.item())
         if step % 100 == 0:
-            log(f"unet step {step}/{plan.total} loss {np.mean(recent):.4f}")
+            log(f"unet step {step} ({plan.progress(step):.0%}) loss {np.mean(recent):.4f}")
             recent = []
     info = {"unet_steps": step, "unet_seconds": round(time.monotonic() - plan.start, 1)}
     return ema_unet.eval(), ema_text.eval(), info
@@ -312,7 +314,7 @@ def train(out: Path, minutes: float, seed: int, cfg: SDConfig, log=print) -> dic
     log(f"dataset: {len(captions)} pairs in {time.monotonic() - started:.0f}s")
 
     budget = minutes * 60.0 - (time.monotonic() - started)
-    vae, info = train_vae(cfg, images, budget * cfg.vae_share, gen, log)
+    vae, info = train_vae(cfg, images, budget * cfg.vae_max_share, gen, log)
     cache_start = time.monotonic()
     mean, std = encode_all(vae, images)
     scaling = float(1.0 / mean.std())
@@ -345,7 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
     parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock time box")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads; 1 because on a shared CPU threads that wait for each "
+        "other at every op's barrier lose far more than a second core gains",
+    )
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke-test config")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
