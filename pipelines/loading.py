@@ -9,10 +9,12 @@ local cache only (``local_files_only=True``), so a job never stalls on the netwo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +260,25 @@ def _first(*values: float | None) -> float:
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-component loading bars: a search shows one progress bar, over its NFE budget,
+    and workers load models in the background."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = [(m.enable_progress_bar, m.is_progress_bar_enabled())
+               for m in (diffusers_logging, transformers_logging)]
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for enable, was_enabled in restore:
+            if was_enabled:
+                enable()
+
+
 def _from_pretrained(source: ModelSource, family: Family, dtype: torch.dtype) -> Any:
     import diffusers
 
@@ -266,8 +287,9 @@ def _from_pretrained(source: ModelSource, family: Family, dtype: torch.dtype) ->
     if family.name == "sd":
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = pipeline_class.from_pretrained(
-            source.location, dtype=dtype, local_files_only=source.local_files_only, **extra)
+        with _quiet_loading():
+            pipe = pipeline_class.from_pretrained(
+                source.location, dtype=dtype, local_files_only=source.local_files_only, **extra)
     except OSError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         hint = (f"; download it with `hf download {source.name}` or pass --allow-download"
