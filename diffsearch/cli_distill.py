@@ -89,6 +89,9 @@ def _distinct(draw: Callable[[int, int], list[str]], count: int, seed: int) -> l
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Trajectories per denoising batch and images per training step.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="How checkpoints are stored (float16: half the size; "
+                                      "students are rounded before they are scored).")
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
 @click.option("--threads", type=int, help="Torch CPU threads (default: torch's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -97,7 +100,8 @@ def _distinct(draw: Callable[[int, int], list[str]], count: int, seed: int) -> l
 def distill_command(model: str, teacher: str, steps: str | None, num_steps: int | None,
                     prompt_count: int | None, prompts_file: Path | None, eval_count: int,
                     eval_prompts_file: Path | None, samples: int, eval_samples: int,
-                    epochs: int, lr: float, batch_size: int, seed: int, device: str | None,
+                    epochs: int, lr: float, batch_size: int, seed: int, weights_dtype: str,
+                    device: str | None,
                     threads: int | None, out: Path, quiet: bool) -> None:
     """Distil a verifier into noise-aware students, one per TTSnap pruning step.
 
@@ -118,7 +122,7 @@ def distill_command(model: str, teacher: str, steps: str | None, num_steps: int 
             denoiser=denoiser, teacher=teacher, model=model, train_prompts=train,
             eval_prompts=held_out, out=out, steps=_steps(steps, denoiser.num_steps),
             samples=samples, eval_samples=eval_samples, epochs=epochs, lr=lr,
-            batch=batch_size, seed=seed, progress=not quiet,
+            batch=batch_size, seed=seed, weights_dtype=weights_dtype, progress=not quiet,
             log=lambda message: click.echo(message, err=True))
     except DiffsearchError as error:
         click.echo(f"error: {error}", err=True)

@@ -46,6 +46,8 @@ from diffsearch.verifiers.registry import create_verifier
 VerifierSpec = str | dict[str, Any]
 SCORE_CHUNK = 64
 """Images per verifier call when scoring trajectories (verifiers are batch-invariant)."""
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""How student checkpoints may be stored; float16 halves their size (for shipping them)."""
 SAVED_SCORE_TOLERANCE = 1e-4
 """How far (relative to the score scale) a saved student may score from the trained one."""
 
@@ -258,16 +260,26 @@ def distill(
     *, denoiser: Denoiser, teacher: VerifierSpec, model: str, train_prompts: Sequence[str],
     eval_prompts: Sequence[str], out: Path, steps: Sequence[int], samples: int = 4,
     eval_samples: int | None = None, epochs: int = 3, lr: float = 1e-4, batch: int = 32,
-    seed: int = 0, progress: bool = True, log: Callable[[str], None] = lambda message: None,
+    seed: int = 0, weights_dtype: str = "float32", progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into one noise-aware student per pruning step on trajectories of
     ``denoiser``; write ``out/step-KK/`` folders and ``out/distilled.json``; return the
-    manifest. ``model`` is recorded as the name the denoiser was loaded from."""
+    manifest. ``model`` is recorded as the name the denoiser was loaded from.
+
+    With ``weights_dtype="float16"`` each student is rounded to float16 in place before it is
+    saved, so the checkpoint, the scores reported for it and the next level's starting point
+    are the same weights.
+    """
     steps = check_steps(steps, denoiser.num_steps)
     train_prompts, eval_prompts = _prompts(train_prompts, eval_prompts)
     eval_samples = eval_samples or samples
     _check_options(samples=samples, eval_samples=eval_samples, epochs=epochs, batch=batch,
                    lr=lr, out=out)
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise DistillError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
+                           f"got {weights_dtype!r}")
+    dtype = WEIGHTS_DTYPES[weights_dtype]
     device = str(denoiser.device)
     teacher_verifier = create_verifier(teacher, device=device)
     adapter = distillable(teacher_verifier)
@@ -304,9 +316,11 @@ def distill(
                              step=step, epochs=epochs, lr=lr, batch=batch, seed=seed,
                              progress=progress)
         folder = out / student_folder(step)
+        _round_to(student, dtype)
         adapter.save(student, folder, {"noise_aware": True, "step": step,
                                        "num_steps": denoiser.num_steps, "model": model,
-                                       "teacher": teacher_label, "initialised_from": parent})
+                                       "teacher": teacher_label, "initialised_from": parent},
+                     dtype=dtype)
         loaded = _check_saved(folder, adapter, student, held_out.x0[step][:8],
                               held_out.row_prompts[:8], device)
         tau_before, tau_after, counted = paired_means(
@@ -333,12 +347,22 @@ def distill(
             "prompts": len(train.prompts), "samples": samples,
             "images": len(train.prompts) * samples, "eval_prompts": len(held_out.prompts),
             "eval_samples": eval_samples, "epochs": epochs, "lr": lr, "batch": batch,
-            "seed": seed, "curriculum": sorted(steps, reverse=True), "stages": stages,
+            "seed": seed, "weights_dtype": weights_dtype,
+            "curriculum": sorted(steps, reverse=True), "stages": stages,
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         },
     }
     (out / DISTILLED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _round_to(student: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the student's floating-point weights and buffers to ``dtype``'s precision, in
+    place (they stay float32 tensors)."""
+    with torch.no_grad():
+        for tensor in student.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
 
 
 def _check_options(*, samples: int, eval_samples: int, epochs: int, batch: int, lr: float,

@@ -231,17 +231,21 @@ def test_ttsnap_refuses_a_folder_that_does_not_fit(setup, tmp_path) -> None:
         TTSnap(verifiers=str(tmp_path), **common(num_steps=NUM_STEPS, budget=200))
 
 
-def test_clip_teacher_distils_into_clip_folders(setup, tmp_path) -> None:
+def test_clip_teacher_distils_into_clip_folders_in_float16(setup, tmp_path) -> None:
     arch = register_tiny_clip(tmp_path / "configs")
     checkpoint = write_open_clip_checkpoint(tmp_path / "tiny-clip.pt", seed=2)
     teacher = {"name": "clip", "arch": arch, "pretrained": str(checkpoint)}
     manifest = distill(denoiser=setup.denoiser(), teacher=teacher, model="tiny",
                        train_prompts=["a red circle", "two blue squares"],
                        eval_prompts=["one green triangle", "a red square"], out=tmp_path / "out",
-                       steps=[2], samples=2, epochs=1, lr=LR, batch=BATCH, progress=False)
+                       steps=[2], samples=2, epochs=1, lr=LR, batch=BATCH,
+                       weights_dtype="float16", progress=False)
     folder = tmp_path / "out" / manifest["steps"]["2"]
     saved = json.loads((folder / FOLDER_MANIFEST).read_text())
     assert saved["verifier"] == "clip" and saved["options"]["arch"] == arch
+    assert manifest["train"]["weights_dtype"] == "float16"
+    weights = load_file(str(folder / saved["options"]["pretrained"]))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     student = create_verifier(str(folder))
     assert isinstance(student, ClipVerifier)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -72,9 +72,11 @@ class Distillable(ABC):
         with gradients: (B,) float32 on the teacher's device."""
 
     @abstractmethod
-    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any]) -> None:
-        """Write ``student`` as a verifier folder (``diffsearch-verifier.json`` + weights) into
-        ``folder``; ``meta`` goes into the manifest's ``meta``."""
+    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any],
+             dtype: torch.dtype = torch.float32) -> None:
+        """Write ``student`` as a verifier folder (``diffsearch-verifier.json`` + weights stored
+        as ``dtype``) into ``folder``; ``meta`` goes into the manifest's ``meta``. Loading casts
+        the weights back to the verifier's own dtype."""
 
     def _write_manifest(self, folder: Path, options: dict[str, Any], meta: dict[str, Any]
                         ) -> None:
@@ -82,8 +84,10 @@ class Distillable(ABC):
         (folder / FOLDER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
+def _state(student: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The student's tensors on the CPU, floating-point ones as ``dtype``."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().to("cpu").contiguous()
+            for k, v in student.state_dict().items()}
 
 
 class ShapesClipDistillable(Distillable):
@@ -109,12 +113,13 @@ class ShapesClipDistillable(Distillable):
         text = F.normalize(student.encode_text(tokens), dim=-1)
         return (image * text).sum(-1)
 
-    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any]) -> None:
+    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any],
+             dtype: torch.dtype = torch.float32) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for file in Path(self.teacher.weights).iterdir():  # config and tokenizer files
             if file.is_file() and file.name not in (clip_model.WEIGHTS_FILE, FOLDER_MANIFEST):
                 shutil.copyfile(file, folder / file.name)
-        save_file(_state(student), str(folder / clip_model.WEIGHTS_FILE))
+        save_file(_state(student, dtype), str(folder / clip_model.WEIGHTS_FILE))
         self._write_manifest(folder, {"weights": "."}, meta)
 
 
@@ -161,9 +166,10 @@ class ClipDistillable(Distillable):
                            dim=-1)
         return self.teacher.scale * (image * text).sum(-1)
 
-    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any]) -> None:
+    def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any],
+             dtype: torch.dtype = torch.float32) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(_state(student), str(folder / CLIP_STUDENT_WEIGHTS))
+        save_file(_state(student, dtype), str(folder / CLIP_STUDENT_WEIGHTS))
         self._write_manifest(folder, {"arch": self.arch, "pretrained": CLIP_STUDENT_WEIGHTS},
                              meta)
 
