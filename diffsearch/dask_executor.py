@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,21 @@ class RuntimePlugin(WorkerPlugin):
     async def setup(self, worker: Any) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(worker.executor, get_runtime, self.spec)
+
+
+class IgnoreInterruptPlugin(WorkerPlugin):
+    """Makes the workers of our own local cluster ignore SIGINT.
+
+    Ctrl-C in a terminal reaches the whole process group, worker processes included. Without
+    this they die mid-batch with a traceback each while the driver is still closing them; with
+    it, the driver alone handles the interrupt and shuts its workers down in order. Workers on
+    other machines keep the default (their own Ctrl-C stops them).
+    """
+
+    name = "diffsearch-ignore-interrupt"
+
+    def setup(self, worker: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # plugins are set up in the main thread
 
 
 class DaskExecutor(Executor):
@@ -127,6 +143,8 @@ class DaskExecutor(Executor):
         if self._client is None:
             self._client = self._connect()
             self._finished = as_completed(loop=self._client.loop)
+            if self._cluster is not None:
+                self._client.register_plugin(IgnoreInterruptPlugin())
             for plugin in self.worker_plugins:
                 self._client.register_plugin(plugin)
             self._wait_for_workers()
@@ -257,7 +275,8 @@ def _local_cluster(workers: int | None, threads: int, dashboard_address: str | N
         count = workers or max(1, CPU_COUNT // threads)
         return LocalCluster(n_workers=count, **options)
     count = workers or len(gpus)
-    cluster = LocalCluster(n_workers=0, resources={"GPU": 1}, **options)
+    # n_workers=0 would leave each worker the "auto" share of one core's memory: split it evenly
+    cluster = LocalCluster(n_workers=0, resources={"GPU": 1}, memory_limit=1 / count, **options)
     template = cluster.new_spec["options"]
     for index in range(count):
         env = {**template.get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from distributed import LocalCluster
+from distributed.system import MEMORY_LIMIT
 
 from dask_fixtures import FakeRuntimePlugin, OpenClipArchPlugin, SlowFakeDenoiser
 from diffsearch import runtime
@@ -89,7 +90,12 @@ def test_same_bits_in_process_and_on_one_or_two_workers(tmp_path: Path, cluster:
     with DaskExecutor(workers=1, threads=1, dashboard_address="127.0.0.1:0",
                       profile=str(profile), worker_plugins=fake_plugins(job)) as own:
         one = run_job(job, tmp_path / "one", executor=own)
-        assert len(own.client.scheduler_info()["workers"]) == 1
+        # Ctrl-C reaches the whole process group; our own workers leave it to the driver
+        pids = own.client.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(1)
+        assert own.client.run(os.getpid) == pids
     with DaskExecutor(scheduler=cluster.scheduler_address, workers=2,
                       worker_plugins=fake_plugins(job)) as shared:
         two = run_job(job, tmp_path / "two", executor=shared)
@@ -243,9 +249,10 @@ def test_one_worker_per_gpu_each_sees_only_its_own(tmp_path: Path,
     with DaskExecutor(dashboard_address=None, worker_plugins=fake_plugins(job)) as executor:
         result = run_job(job, tmp_path / "run", executor=executor)
         devices = executor.client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
-        resources = [w["resources"] for w in executor.client.scheduler_info()["workers"].values()]
+        workers = executor.client.scheduler_info()["workers"].values()
     assert sorted(devices.values()) == ["3", "5"]
-    assert resources == [{"GPU": 1}, {"GPU": 1}]
+    assert [w["resources"] for w in workers] == [{"GPU": 1}, {"GPU": 1}]
+    assert all(w["memory_limit"] == int(MEMORY_LIMIT / 2) for w in workers)
     assert "2 worker(s), GPU=1 per task" in result.executor
 
 
