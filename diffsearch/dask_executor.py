@@ -63,7 +63,30 @@ class RuntimePlugin(WorkerPlugin):
 
     async def setup(self, worker: Any) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(worker.executor, get_runtime, self.spec)
+        await loop.run_in_executor(worker.executor, _load, self.spec)
+
+
+_LOAD_ERRORS: dict[RuntimeSpec, DiffsearchError] = {}
+"""This worker process's load error per spec, for the driver to collect with ``client.run``."""
+
+
+def _load(spec: RuntimeSpec) -> None:
+    """Load ``spec``'s runtime; keep a user error (missing weights, bad path) for the driver.
+
+    A plugin that raises is logged with a traceback by every worker, then raised again by the
+    driver: a typo in a model path would print one traceback per worker. The driver reports the
+    kept error once, in one line. Anything else is a bug and is raised (and logged) as usual.
+    """
+    try:
+        get_runtime(spec)
+    except DiffsearchError as error:
+        _LOAD_ERRORS[spec] = error
+    else:
+        _LOAD_ERRORS.pop(spec, None)
+
+
+def _load_error(spec: RuntimeSpec) -> DiffsearchError | None:
+    return _LOAD_ERRORS.get(spec)
 
 
 class IgnoreInterruptPlugin(WorkerPlugin):
@@ -158,6 +181,9 @@ class DaskExecutor(Executor):
         self._spec = spec
         try:
             self._client.register_plugin(RuntimePlugin(spec), name=RUNTIME_PLUGIN)
+            errors = [e for e in self._client.run(_load_error, spec).values() if e is not None]
+            if errors:
+                raise errors[0]
         except BaseException:
             # workers that join later would keep failing on it
             self._client.unregister_worker_plugin(RUNTIME_PLUGIN)

@@ -264,12 +264,15 @@ def test_an_unreachable_scheduler_is_one_clear_error() -> None:
     executor.close()
 
 
-def test_a_model_that_cannot_load_fails_at_start(tmp_path: Path, cluster: LocalCluster) -> None:
-    """The worker's load error reaches the driver as itself, before any work is queued."""
+def test_a_model_that_cannot_load_fails_at_start_in_one_line(
+        tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """The workers' load error reaches the driver as itself, before any work is queued, and
+    the workers do not print a traceback each (their output goes to this test's stderr)."""
     job = fake_job(model=str(tmp_path / "no-such-model"))
-    with DaskExecutor(scheduler=cluster.scheduler_address) as executor:
+    with DaskExecutor(workers=1, threads=1, dashboard_address=None) as executor:
         with pytest.raises(DiffsearchError, match="no-such-model.*does not exist"):
             executor.start(RuntimeSpec.from_job(job))
-        # and new workers are not left trying to load it
+        # and workers that join later are not left trying to load it
         assert RUNTIME_PLUGIN not in executor.client.run_on_scheduler(
             lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    assert "Traceback" not in capfd.readouterr().err
