@@ -16,7 +16,7 @@ reaches linear's, as a share of linear's NFE (the target: 0.5 or less).
 Prints and saves ``benchmarks/results/tof_scaling.json`` and a plot ``tof_scaling.png``::
 
     python benchmarks/tof_scaling.py [--prompts 20] [--budgets 1 2 4 8] [--strength 0.7]
-        [--frames 3] [--executor local|dask]
+        [--frames 3] [--executor local|dask] [--threads 1]
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="shapes", help="the bundled model or a pipeline folder")
     parser.add_argument("--clip-weights", help="shapes-clip weights folder (default: bundled)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (on a shared 2-core machine 2 threads "
+                             "oversubscribe and run several times slower than 1)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-tof-scaling"))
     parser.add_argument("--name", default="tof_scaling")
     args = parser.parse_args(argv)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "prompts": prompts, "model": args.model, "num_steps": steps,
                 "strategy": {"name": strategy, **common}, "budget": budget,
                 "verifier": guide, "eval_verifiers": [JUDGE], "seed": args.seed,
-                "executor": args.executor, "batch_size": 16,
+                "executor": args.executor, "threads": args.threads, "batch_size": 16,
             })
             result = run_job(job, run_dir, progress_bar=False)
             row = {"strategy": strategy, "budget_clips": multiple, "budget_nfe": budget,
