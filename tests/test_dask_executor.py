@@ -96,6 +96,7 @@ def test_same_bits_in_process_and_on_one_or_two_workers(tmp_path: Path, cluster:
             os.kill(pid, signal.SIGINT)
         time.sleep(1)
         assert own.client.run(os.getpid) == pids
+        assert set(own.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
     with DaskExecutor(scheduler=cluster.scheduler_address, workers=2,
                       worker_plugins=fake_plugins(job)) as shared:
         two = run_job(job, tmp_path / "two", executor=shared)
@@ -249,8 +250,10 @@ def test_one_worker_per_gpu_each_sees_only_its_own(tmp_path: Path,
     with DaskExecutor(dashboard_address=None, worker_plugins=fake_plugins(job)) as executor:
         result = run_job(job, tmp_path / "run", executor=executor)
         devices = executor.client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        trim = executor.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
         workers = executor.client.scheduler_info()["workers"].values()
     assert sorted(devices.values()) == ["3", "5"]
+    assert set(trim.values()) == {None}  # glibc's adaptive default, not Dask's 65536
     assert [w["resources"] for w in workers] == [{"GPU": 1}, {"GPU": 1}]
     assert all(w["memory_limit"] == int(MEMORY_LIMIT / 2) for w in workers)
     assert "2 worker(s), GPU=1 per task" in result.executor
