@@ -76,7 +76,7 @@ class Job(BaseModel):
     # ---- execution only ---------------------------------------------------------------------
     batch_size: int = Field(default=8, ge=1, le=4096)
     """Candidates per work unit sent to a worker; does not change results."""
-    executor: Literal["local", "dask"] = "local"
+    executor: Literal["local", "dask"] = "dask"
     workers: int | None = Field(default=None, ge=1, le=1024)
     scheduler: str | None = None
     allow_download: bool = False

@@ -82,7 +82,8 @@ def create_fake_verifier(spec: str | dict[str, Any], device: str = "cpu") -> Ver
 
 def fake_job(**fields: Any) -> Job:
     defaults: dict[str, Any] = {"prompts": ["a red circle on the left"], "model": "fake",
-                                "verifier": "redness", "budget": "4x", "threads": 1}
+                                "verifier": "redness", "budget": "4x", "threads": 1,
+                                "executor": "local"}
     return Job.model_validate({**defaults, **fields})
 
 
