@@ -259,7 +259,7 @@ def _check_saved(folder: Path, adapter: Distillable, student: torch.nn.Module,
 def distill(
     *, denoiser: Denoiser, teacher: VerifierSpec, model: str, train_prompts: Sequence[str],
     eval_prompts: Sequence[str], out: Path, steps: Sequence[int], samples: int = 4,
-    eval_samples: int | None = None, epochs: int = 3, lr: float = 1e-4, batch: int = 32,
+    eval_samples: int | None = None, epochs: int = 3, lr: float = 1e-5, batch: int = 32,
     seed: int = 0, weights_dtype: str = "float32", progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
