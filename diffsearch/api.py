@@ -27,6 +27,7 @@ from PIL import Image
 
 from diffsearch.engine import Engine, ProgressCallback, ProgressEvent
 from diffsearch.executor import Executor, LocalExecutor
+from diffsearch.errors import JobError
 from diffsearch.job import Job, VerifierSpec, job_from_mapping
 from diffsearch.results import PromptResult, RunResult, best_image_path
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
@@ -41,12 +42,18 @@ class SearchCancelled(Exception):
     """A run was stopped through its cancel event. Finished candidates are in the store."""
 
 
-def make_executor(job: Job) -> Executor:
-    """The executor the job asks for (the Dask one is imported only when used)."""
+def make_executor(job: Job, *, profile: str | Path | None = None) -> Executor:
+    """The executor the job asks for (the Dask one is imported only when used).
+
+    ``profile`` names an HTML file for Dask's performance report of the run.
+    """
     if job.executor == "dask":
         from diffsearch.dask_executor import DaskExecutor
 
-        return DaskExecutor(workers=job.workers, scheduler=job.scheduler, threads=job.threads)
+        return DaskExecutor(workers=job.workers, scheduler=job.scheduler, threads=job.threads,
+                            profile=None if profile is None else str(profile))
+    if profile is not None:
+        raise JobError("--profile writes Dask's performance report: use the dask executor")
     return LocalExecutor()
 
 
@@ -89,6 +96,7 @@ def run_job(
     on_progress: ProgressCallback | None = None,
     executor: Executor | None = None,
     cancel: threading.Event | None = None,
+    profile: str | Path | None = None,
 ) -> RunResult:
     """Run ``job`` into the folder ``out`` (results.json, store.zarr/, images/, best/).
 
@@ -98,7 +106,7 @@ def run_job(
     Setting ``cancel`` stops the run after the batch in flight with :class:`SearchCancelled`.
     """
     own = executor is None
-    active = make_executor(job) if own else executor
+    active = make_executor(job, profile=profile) if own else executor
     assert active is not None
     engine_executor = active if cancel is None else _CancellableExecutor(active, cancel)
     try:

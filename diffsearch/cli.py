@@ -64,6 +64,8 @@ def _execution_options(command: F) -> F:
         click.option("--scheduler", help="Address of a running Dask scheduler."),
         click.option("--batch-size", type=int, help="Candidates per work unit."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write Dask's performance report (HTML) of the run here."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -104,7 +106,7 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
              steps: int | None, guidance: float | None, threads: int, out: Path | None,
              resume: bool,
              executor: str | None, workers: int | None, scheduler: str | None,
-             batch_size: int | None, quiet: bool) -> None:
+             batch_size: int | None, quiet: bool, profile: Path | None) -> None:
     """Search for the best image of one PROMPT."""
     data: dict[str, Any] = {
         "prompts": [prompt], "model": model,
@@ -116,7 +118,7 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
     job = job_from_mapping(_with_execution(data, executor, workers, scheduler, batch_size),
                            source="options", base_dir=Path.cwd())
     out = out or Path("runs") / f"{_slug(prompt)}-{_timestamp()}"
-    _run(job, out, resume=resume, quiet=quiet)
+    _run(job, out, resume=resume, quiet=quiet, profile=profile)
 
 
 @main.command()
@@ -125,13 +127,13 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
 @friendly_errors
 def run(job_file: Path, out: Path | None, resume: bool, executor: str | None,
         workers: int | None, scheduler: str | None, batch_size: int | None,
-        quiet: bool) -> None:
+        quiet: bool, profile: Path | None) -> None:
     """Run a job file (YAML): many prompts, inline or from a .txt/.jsonl file."""
     job = load_job(job_file)
     if any(v is not None for v in (executor, workers, scheduler, batch_size)):
         job = Job.model_validate(_with_execution(job.model_dump(), executor, workers,
                                                  scheduler, batch_size))
-    _run(job, out or Path("runs") / job_file.stem, resume=resume, quiet=quiet)
+    _run(job, out or Path("runs") / job_file.stem, resume=resume, quiet=quiet, profile=profile)
 
 
 @main.command()
@@ -151,12 +153,12 @@ def show(run_dir: Path, as_json: bool) -> None:
         click.echo(f"{row['index']:>4}  {score:>9}  {row['image'] or '-':<28}  {row['prompt']}")
 
 
-def _run(job: Job, out: Path, *, resume: bool, quiet: bool) -> None:
+def _run(job: Job, out: Path, *, resume: bool, quiet: bool, profile: Path | None) -> None:
     from diffsearch.api import run_job
 
     click.echo(f"diffsearch: {len(job.prompts)} prompt(s), strategy {job.strategy.name}, "
                f"budget {job.budget} per prompt, model {job.model} -> {out}", err=True)
-    result = run_job(job, out, resume=resume, progress_bar=not quiet)
+    result = run_job(job, out, resume=resume, progress_bar=not quiet, profile=profile)
     _summarise(result)
 
 
