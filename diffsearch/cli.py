@@ -192,11 +192,13 @@ def _timestamp() -> str:
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules (each imports its heavy parts lazily)."""
+    from diffsearch.cli_distill import distill_command
     from diffsearch.cli_serve import serve
     from diffsearch.cli_verifiers import verifiers
 
     main.add_command(verifiers)
     main.add_command(serve)
+    main.add_command(distill_command)
 
 
 _register_subcommands()

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from diffsearch.cli_distill import distill_command
+from diffsearch.cli import main
 from diffsearch.distill import (
     DistillError,
     distill,
@@ -86,7 +86,7 @@ class Setup:
 
 
 def run_cli(*args: object) -> object:
-    return CliRunner().invoke(distill_command, [str(a) for a in args], catch_exceptions=False)
+    return CliRunner().invoke(main, ["distill", *(str(a) for a in args)], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
