@@ -86,12 +86,14 @@ def train(
     batch: int = 128,
     lr: float = 1e-3,
     tiny: bool = False,
+    by_step: bool = False,
     log=print,
 ) -> dict:
     """Train and save ``open_clip_config.json``, tokenizer and weights into ``out``.
 
-    ``steps`` steps, unless ``minutes`` run out first (then the schedule follows the clock);
-    ``tiny`` runs are scheduled by step only, so they are exactly reproducible.
+    ``steps`` steps, unless ``minutes`` run out first (then the schedule follows the clock).
+    ``by_step`` (and ``tiny``) runs are scheduled by step only, so they do not depend on the
+    machine's load and are exactly reproducible; ``minutes`` is then only a cap.
     """
     started = time.monotonic()
     torch.manual_seed(derive_seed(seed, "", 0, "shapes-clip-init") % 2**31)
@@ -111,7 +113,7 @@ def train(
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     budget = minutes * 60.0 - (time.monotonic() - started) - 20.0
-    plan = Plan(budget, 100, steps, follow_clock=not tiny)
+    plan = Plan(budget, 100, steps, follow_clock=not (tiny or by_step))
     step, recent = 0, []
     model.train()
     while not plan.done(step):
@@ -138,7 +140,10 @@ def train(
     model.eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    info = {"steps": step, "seconds": round(time.monotonic() - started, 1), "seed": seed}
+    info = {"steps": step, "seconds": round(time.monotonic() - started, 1), "seed": seed,
+            "scheduled_by": "step" if tiny or by_step else "clock"}
+    if step < steps:
+        log(f"WARNING: the {minutes}-minute cap stopped training at {step}/{steps} steps")
     log(f"saved to {out}: {info}")
     return info
 
@@ -154,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads; 1 because on a shared CPU threads that wait for each "
         "other at every op's barrier lose far more than a second core gains",
     )
+    parser.add_argument(
+        "--by-step", action="store_true",
+        help="schedule the learning rate by step, not clock: exactly --steps steps, "
+        "reproducible whatever the load (--minutes is then only a cap)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke-test config")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         train(args.out, args.minutes, args.seed, steps=3, n_images=64, batch=8, tiny=True, log=log)
     else:
-        train(args.out, args.minutes, args.seed, steps=args.steps, log=log)
+        train(args.out, args.minutes, args.seed, steps=args.steps, by_step=args.by_step, log=log)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the bundled shapes StableDiffusionPipeline from scratch on CPU, time-boxed.
 
-    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd --minutes 55
+    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd --steps 2458 --seed 0
 
 Phases:
 
@@ -15,10 +15,12 @@ Phases:
    empty captions so classifier-free guidance works, and an EMA of both networks, which is what
    gets saved.
 
-Why a time box: the CPU is shared and its speed comes and goes, so the UNet phase's
-learning-rate schedule follows the clock (see ``schedule.Plan``) and ends on time; the steps
-taken are recorded in ``training_info.json``. The seed fixes the data, the initialisation and
-every random draw; step-scheduled runs (``SDConfig.max_steps``) are bit-for-bit reproducible.
+Two ways to bound the UNet phase. ``--steps N`` (the way to reproduce a model) takes exactly
+N steps with a step-scheduled learning rate: the result does not depend on the machine's load,
+and the same seed, steps and thread count give the same weights. Without it the phase fills the
+``--minutes`` time box and its learning-rate schedule follows the clock (see ``schedule.Plan``),
+which ends on time on a CPU whose speed comes and goes, at the price of a result that depends
+on the load. Either way the steps taken are recorded in ``training_info.json``.
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ class SDConfig:
     guidance_scale: float = 4.0
     num_steps: int = 20
     kl_weight: float = 1e-6
-    max_steps: int | None = None
-    """Smoke tests: every phase takes exactly this many steps, scheduled by step, not clock."""
+    unet_steps: int | None = None
+    """Exactly this many UNet steps, every phase scheduled by step (reproducible); None fills
+    the time box and follows the clock."""
     extra: dict = field(default_factory=dict)
 
 
@@ -95,7 +98,8 @@ def tiny_config() -> SDConfig:
         vae_batch=8,
         unet_batch=8,
         warmup_steps=1,
-        max_steps=3,
+        vae_steps=3,
+        unet_steps=3,
     )
 
 
@@ -177,7 +181,7 @@ def train_vae(
 ) -> tuple[AutoencoderKL, dict]:
     vae = make_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    plan = Plan(budget_s, 100, cfg.max_steps or cfg.vae_steps, follow_clock=cfg.max_steps is None)
+    plan = Plan(budget_s, 100, cfg.vae_steps, follow_clock=cfg.unet_steps is None)
     step, recent = 0, []
     while not plan.done(step):
         for group in opt.param_groups:
@@ -238,7 +242,7 @@ def train_denoiser(
         [""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt"
     ).input_ids
     mean, std = latents
-    plan = Plan(budget_s, cfg.warmup_steps, cfg.max_steps, follow_clock=cfg.max_steps is None)
+    plan = Plan(budget_s, cfg.warmup_steps, cfg.unet_steps, follow_clock=cfg.unet_steps is None)
     step, recent = 0, []
     while not plan.done(step):
         for group in opt.param_groups:
@@ -330,9 +334,16 @@ def train(out: Path, minutes: float, seed: int, cfg: SDConfig, log=print) -> dic
         cfg, tokenizer, (mean, std), captions, scaling, remaining, gen, log
     )
     info |= unet_info
+    if cfg.unet_steps is not None and (
+        info["unet_steps"] < cfg.unet_steps or info["vae_steps"] < cfg.vae_steps
+    ):
+        log(f"WARNING: the {minutes}-minute cap cut the step-scheduled run short "
+            f"({info['vae_steps']}/{cfg.vae_steps} VAE, {info['unet_steps']}/{cfg.unet_steps} "
+            f"UNet steps): this model is not the reproducible one")
     info |= {
         "seed": seed,
         "minutes": minutes,
+        "scheduled_by": "clock" if cfg.unet_steps is None else "step",
         "torch_threads": torch.get_num_threads(),
         "total_seconds": round(time.monotonic() - started, 1),
         "config": asdict(cfg),
@@ -345,7 +356,12 @@ def train(out: Path, minutes: float, seed: int, cfg: SDConfig, log=print) -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
-    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock time box")
+    parser.add_argument(
+        "--steps", type=int,
+        help="exactly this many UNet steps, scheduled by step: reproducible whatever the load "
+        "(--minutes is then only a cap)",
+    )
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock time box")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -355,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke-test config")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = tiny_config() if args.tiny else SDConfig()
+    cfg = tiny_config() if args.tiny else SDConfig(unet_steps=args.steps)
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
