@@ -31,7 +31,7 @@ from diffsearch.errors import JobError
 from diffsearch.job import Job, VerifierSpec, job_from_mapping
 from diffsearch.results import PromptResult, RunResult, best_image_path
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
-from diffsearch.search.base import Outcome
+from diffsearch.strategies.base import Outcome
 from diffsearch.store import CandidateRecord
 
 RUNS_DIR_ENV = "DIFFSEARCH_RUNS"

@@ -23,7 +23,7 @@ from diffsearch.job import load_prompts_file
 def _steps(text: str | None, num_steps: int) -> list[int]:
     """``--steps`` as integers; without it, TTSnap's default pruning steps for ``num_steps``."""
     if text is None:
-        from diffsearch.search.ttsnap import default_schedule
+        from diffsearch.strategies.ttsnap import default_schedule
 
         return default_schedule(num_steps)[0]
     try:

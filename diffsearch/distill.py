@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from diffsearch.errors import DiffsearchError
 from diffsearch.pipelines.base import Denoiser
-from diffsearch.search.ttsnap import DISTILLED_MANIFEST
+from diffsearch.strategies.ttsnap import DISTILLED_MANIFEST
 from diffsearch.seeding import derive_seed, torch_generator
 from diffsearch.verifiers.base import Verifier
 from diffsearch.verifiers.distillable import Distillable, distillable

@@ -32,7 +32,7 @@ class StrategySpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from diffsearch.search.registry import strategy_names
+        from diffsearch.strategies.registry import strategy_names
 
         if name not in strategy_names():
             raise ValueError(f"unknown strategy {name!r}; choose one of: "

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffsearch.job import Job
 from diffsearch.runtime import ModelInfo, candidate_image_path
-from diffsearch.search.base import Strategy
+from diffsearch.strategies.base import Strategy
 from diffsearch.store import CandidateRecord, RunStore
 
 

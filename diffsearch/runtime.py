@@ -22,7 +22,7 @@ from PIL import Image
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
-from diffsearch.search.base import Outcome, ScoreOn, Task
+from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.seeding import task_generator
 from diffsearch.store import RunStore
 from diffsearch.verifiers.base import Verifier, VerifierError

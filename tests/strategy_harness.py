@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffsearch.perturb import apply_perturbations
-from diffsearch.search.base import Outcome, PerturbKind, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Strategy, Task
 from diffsearch.seeding import task_generator
 from fake_denoiser import FakeDenoiser
 

@@ -10,9 +10,9 @@ import pytest
 
 from diffsearch.engine import BudgetExceededError
 from diffsearch.errors import StoreError
-from diffsearch.search.base import ScoreOn, Task
-from diffsearch.search.best_of_n import BestOfN
-from diffsearch.search import registry
+from diffsearch.strategies.base import ScoreOn, Task
+from diffsearch.strategies.best_of_n import BestOfN
+from diffsearch.strategies import registry
 from diffsearch.store import RunStore
 from engine_harness import fake_job, run_fake
 from fake_denoiser import FakeDenoiser

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffsearch.perturb import apply_perturbations, check_perturbation, neighbour
-from diffsearch.search.base import Perturbation, PerturbKind
+from diffsearch.strategies.base import Perturbation, PerturbKind
 from diffsearch.seeding import task_generator, torch_generator
 from fake_denoiser import FakeDenoiser
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsearch.search.base import Perturbation, PerturbKind, ScoreOn
-from diffsearch.search.best_of_n import BestOfN
-from diffsearch.search.evosearch import EvoSearch, default_schedule, fit_populations, plan_cost
+from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
+from diffsearch.strategies.best_of_n import BestOfN
+from diffsearch.strategies.evosearch import EvoSearch, default_schedule, fit_populations, plan_cost
 from fake_denoiser import FakeDenoiser
 from strategy_harness import MemoryWorker, common, play, scripted
 

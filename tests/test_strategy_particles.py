@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffsearch.search.base import ScoreOn
-from diffsearch.search.particles import Particles, effective_sample_size
+from diffsearch.strategies.base import ScoreOn
+from diffsearch.strategies.particles import Particles, effective_sample_size
 from diffsearch.seeding import derive_seed, numpy_rng
 from fake_denoiser import FakeDenoiser
 from strategy_harness import MemoryWorker, common, play, scripted

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsearch.search.base import Outcome, Perturbation, PerturbKind, ScoreOn
-from diffsearch.search.paths import Paths, levels
+from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn
+from diffsearch.strategies.paths import Paths, levels
 from fake_denoiser import FakeDenoiser
 from strategy_harness import MemoryWorker, common, play, scripted
 

@@ -13,7 +13,7 @@ import pytest
 from diffsearch.errors import JobError
 from diffsearch.pipelines.base import Denoiser
 from diffsearch.pipelines.loading import load_denoiser
-from diffsearch.search import registry
+from diffsearch.strategies import registry
 from engine_harness import fake_job, run_fake
 from tiny_pipelines import tiny_sd_pipeline
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from diffsearch.search.base import ScoreOn
-from diffsearch.search.ttsnap import TTSnap, default_schedule, plan_cost, survivors
+from diffsearch.strategies.base import ScoreOn
+from diffsearch.strategies.ttsnap import TTSnap, default_schedule, plan_cost, survivors
 from fake_denoiser import FakeDenoiser
 from strategy_harness import MemoryWorker, common, play, scripted
 

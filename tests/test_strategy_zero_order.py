@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsearch.search.base import Perturbation, PerturbKind, ScoreOn
-from diffsearch.search.zero_order import ZeroOrder
+from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
+from diffsearch.strategies.zero_order import ZeroOrder
 from diffsearch.seeding import derive_seed
 from fake_denoiser import FakeDenoiser
 from strategy_harness import MemoryWorker, common, play, scripted

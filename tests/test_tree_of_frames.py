@@ -24,9 +24,9 @@ from diffsearch.runtime import (
     candidate_image_path,
     get_runtime,
 )
-from diffsearch.search import registry
-from diffsearch.search.base import Outcome, PerturbKind, ScoreOn, Task
-from diffsearch.search.tree_of_frames import LinearClips, TreeOfFrames
+from diffsearch.strategies import registry
+from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Task
+from diffsearch.strategies.tree_of_frames import LinearClips, TreeOfFrames
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.verifiers.base import VerifierError

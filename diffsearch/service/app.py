@@ -33,7 +33,7 @@ from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
 from diffsearch.results import best_image_path
 from diffsearch.runtime import candidate_image_path
-from diffsearch.search.registry import strategy_names
+from diffsearch.strategies.registry import strategy_names
 from diffsearch.service import schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig

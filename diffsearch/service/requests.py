@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from diffsearch.job import Job, describe_validation_error
 from diffsearch.runtime import ModelInfo
-from diffsearch.search.registry import strategy_class
+from diffsearch.strategies.registry import strategy_class
 from diffsearch.service.config import ServiceConfig
 
 SERVICE_FIELDS = frozenset({
@@ -135,7 +135,7 @@ def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
     forms from it. Limits that depend on the model (an ``Nx`` budget, strategy options) are
     checked on submission only.
     """
-    from diffsearch.search.registry import strategy_names
+    from diffsearch.strategies.registry import strategy_names
 
     schema = Job.model_json_schema(ref_template="#/components/schemas/{model}")
     definitions = schema.pop("$defs", {})

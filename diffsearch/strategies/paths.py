@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from diffsearch.search import options
-from diffsearch.search.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
-from diffsearch.search.common import RoundStrategy, ranked
+from diffsearch.strategies import options
+from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
+from diffsearch.strategies.common import RoundStrategy, ranked
 
 
 def levels(start_step: int, renoise_steps: int, denoise_steps: int, num_steps: int) -> list[int]:

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffsearch.search import options
-from diffsearch.search.base import Outcome, ScoreOn, Task
-from diffsearch.search.common import RoundStrategy, kept, ranked
+from diffsearch.strategies import options
+from diffsearch.strategies.base import Outcome, ScoreOn, Task
+from diffsearch.strategies.common import RoundStrategy, kept, ranked
 
 REFERENCE_STEPS = 20
 REFERENCE_PRUNE_AT = (2, 6, 11)

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from diffsearch.search import options
-from diffsearch.search.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
-from diffsearch.search.common import RoundStrategy, ranked
+from diffsearch.strategies import options
+from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
+from diffsearch.strategies.common import RoundStrategy, ranked
 from diffsearch.seeding import derive_seed, numpy_rng
 
 _REFERENCE_EVOLUTION = (0.4, 0.6, 0.8)

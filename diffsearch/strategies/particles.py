@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from diffsearch.search import options
-from diffsearch.search.base import Outcome, ScoreOn, Task
-from diffsearch.search.common import RoundStrategy
+from diffsearch.strategies import options
+from diffsearch.strategies.base import Outcome, ScoreOn, Task
+from diffsearch.strategies.common import RoundStrategy
 from diffsearch.seeding import derive_seed, numpy_rng
 
 

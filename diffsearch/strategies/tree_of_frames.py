@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.pipelines.frame_chain import FrameChain
-from diffsearch.search.base import Outcome, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
 
 

@@ -15,7 +15,7 @@ from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from diffsearch.search.base import Outcome, Perturbation, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Outcome, Perturbation, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffsearch.search.base import Outcome, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
 
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 import importlib
 
 from diffsearch.errors import JobError
-from diffsearch.search.base import Strategy
+from diffsearch.strategies.base import Strategy
 
 _STRATEGIES: dict[str, str] = {
-    "best-of-n": "diffsearch.search.best_of_n:BestOfN",
-    "evosearch": "diffsearch.search.evosearch:EvoSearch",
-    "ttsnap": "diffsearch.search.ttsnap:TTSnap",
-    "zero-order": "diffsearch.search.zero_order:ZeroOrder",
-    "paths": "diffsearch.search.paths:Paths",
-    "particles": "diffsearch.search.particles:Particles",
-    "tree-of-frames": "diffsearch.search.tree_of_frames:TreeOfFrames",
-    "linear-clips": "diffsearch.search.tree_of_frames:LinearClips",
+    "best-of-n": "diffsearch.strategies.best_of_n:BestOfN",
+    "evosearch": "diffsearch.strategies.evosearch:EvoSearch",
+    "ttsnap": "diffsearch.strategies.ttsnap:TTSnap",
+    "zero-order": "diffsearch.strategies.zero_order:ZeroOrder",
+    "paths": "diffsearch.strategies.paths:Paths",
+    "particles": "diffsearch.strategies.particles:Particles",
+    "tree-of-frames": "diffsearch.strategies.tree_of_frames:TreeOfFrames",
+    "linear-clips": "diffsearch.strategies.tree_of_frames:LinearClips",
 }
 
 
