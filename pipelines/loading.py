@@ -55,6 +55,9 @@ class Family:
     guidance_scale: float
     half_dtype: torch.dtype
     """The dtype used on CUDA unless asked otherwise."""
+    adapter_options: tuple[str, ...] = ()
+    """Keys of the model's ``diffsearch_defaults.json`` passed on to the adapter (e.g. a video
+    model's ``num_frames``)."""
 
 
 FAMILIES = {
@@ -67,6 +70,9 @@ FAMILIES = {
         "sd3", "diffsearch.pipelines.sd3:StableDiffusion3Denoiser", 28, 7.0, torch.bfloat16),
     "FluxPipeline": Family(
         "flux", "diffsearch.pipelines.flux:FluxDenoiser", 28, 3.5, torch.bfloat16),
+    "TextToVideoSDPipeline": Family(
+        "video-sd", "diffsearch.pipelines.video:TextToVideoDenoiser", 50, 9.0, torch.float16,
+        adapter_options=("num_frames",)),
 }
 
 
@@ -118,6 +124,8 @@ def load_denoiser(
         compute_batch=compute_batch,
         height=source.defaults.get("height"),
         width=source.defaults.get("width"),
+        **{key: source.defaults[key] for key in family.adapter_options
+           if key in source.defaults},
     )
 
 
@@ -222,7 +230,8 @@ def _read_defaults(path: Path) -> dict:
     if not path.is_file():
         return {}
     data = _read_json(path)
-    types = {"num_steps": int, "guidance_scale": (int, float), "height": int, "width": int}
+    types = {"num_steps": int, "guidance_scale": (int, float), "height": int, "width": int,
+             "num_frames": int}
     for key, expected in types.items():
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel
 
+from diffsearch.pipelines.loading import DEFAULTS_FILE, load_denoiser
 from diffsearch.pipelines.video import TextToVideoDenoiser
 from diffsearch.runtime import candidate_clip_path
 from diffsearch.seeding import torch_generator
@@ -72,6 +74,23 @@ def test_zero_to_t_matches_the_pipeline(pipe: TextToVideoSDPipeline) -> None:
     assert frames.shape == pixels.shape == (1, FRAMES, 3, 16, 16)
     assert torch.allclose(frames, pixels, atol=1e-4)
     assert frames.min() >= 0 and frames.max() <= 1
+
+
+def test_a_saved_pipeline_loads_by_path_with_its_clip_length(
+        pipe: TextToVideoSDPipeline, tmp_path: Path) -> None:
+    """A text-to-video folder is a model like any other: its ``num_frames`` default reaches the
+    adapter, and the loaded model samples the same clips as the one in memory."""
+    folder = tmp_path / "t2v"
+    pipe.save_pretrained(folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps(
+        {"num_steps": STEPS, "guidance_scale": GUIDANCE, "num_frames": FRAMES}))
+    loaded = load_denoiser(str(folder), device="cpu", compute_batch=2)
+    assert isinstance(loaded, TextToVideoDenoiser)
+    assert loaded.latent_shape == (4, FRAMES, 8, 8) and loaded.num_steps == STEPS
+    noise = loaded.initial_noise([3])
+    ours = loaded.denoise(noise, [loaded.encode(PROMPT)], 0, STEPS).latents
+    reference = adapter(pipe)
+    assert torch.equal(ours, reference.denoise(noise, [reference.encode(PROMPT)], 0, STEPS).latents)
 
 
 def test_resuming_and_batching_change_no_bit(pipe: TextToVideoSDPipeline) -> None:
