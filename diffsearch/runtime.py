@@ -258,7 +258,7 @@ class WorkerRuntime:
                                 f"shapes-video) as the job's verifier; {guide!r} scores images")
         index, candidates = first.prompt_index, [t.candidate for t in tasks]
         store.write_latents(index, candidates, latents, final=True)
-        parents = {c.candidate: c.parent for c in store.finished_candidates(index)}
+        parents = store.read_parents(index)
         chains = [_ancestors(parents, t.parent, t.candidate) for t in tasks]
         since = timer.add("store", since)
         ancestors = sorted({a for chain in chains for a in chain})

@@ -269,21 +269,33 @@ class RunStore:
         return sorted(int(name[1:]) for name, _ in self._root.groups())
 
     def finished_candidates(self, prompt_index: int) -> list[CandidateRecord]:
+        """Every finished candidate of a prompt; each metadata array is read once."""
         group = self._group(prompt_index)
         done = np.asarray(group["done"][:])  # type: ignore[index]
         columns = {name: np.asarray(group[name][:]) for name in _META}  # type: ignore[index]
+        score_columns = {label: np.asarray(array[:])
+                         for label, array in group["scores"].arrays()}  # type: ignore[union-attr]
         records = []
         for c in np.flatnonzero(done):
             stored = {name: values[c] for name, values in columns.items()}
-            records.append(self._candidate(group, int(c), stored))
+            scores = {label: float(values[c]) for label, values in score_columns.items()}
+            records.append(self._candidate(group, int(c), stored, scores))
         return records
 
-    def _candidate(self, group: zarr.Group, c: int, stored: dict[str, Any]) -> CandidateRecord:
-        scores = {}
-        for label, array in group["scores"].arrays():  # type: ignore[union-attr]
-            value = float(array[c])
-            if not np.isnan(value):
-                scores[label] = value
+    def read_parents(self, prompt_index: int) -> dict[int, int | None]:
+        """Parent links of a prompt's finished candidates: two array reads, for the clip
+        assembly that walks them on every batch of a frame chain."""
+        group = self._group(prompt_index)
+        done = np.asarray(group["done"][:])  # type: ignore[index]
+        parents = np.asarray(group["parent"][:])  # type: ignore[index]
+        return {int(c): None if parents[c] < 0 else int(parents[c]) for c in np.flatnonzero(done)}
+
+    def _candidate(self, group: zarr.Group, c: int, stored: dict[str, Any],
+                   all_scores: dict[str, float] | None = None) -> CandidateRecord:
+        if all_scores is None:
+            all_scores = {label: float(array[c])
+                          for label, array in group["scores"].arrays()}  # type: ignore[union-attr]
+        scores = {label: value for label, value in all_scores.items() if not np.isnan(value)}
         reward = float(stored["reward"])
         error = group.attrs["errors"].get(str(c))
         return CandidateRecord(

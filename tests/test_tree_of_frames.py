@@ -238,6 +238,7 @@ def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path)
     chain = chain_of(list(candidates.values()), best["candidate"])
     assert len(chain) == 3 and chain[0] == root
     store = RunStore.open(tmp_path / "run" / "store.zarr")
+    assert store.read_parents(0) == {c: candidates[c]["parent"] for c in candidates}
     frames = denoiser.decode(store.read_latents(0, chain))
     assert best["score"] == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
     assert torch.equal(store.read_latents(0, [best["candidate"]], final=True),
