@@ -132,8 +132,10 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     rows = len(images) // columns
     tiles = (images[: rows * columns] * 255).round().astype(np.uint8)
     h, w = tiles.shape[1:3]
-    grid = tiles.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
-    Image.fromarray(grid).resize((columns * w * 4, rows * h * 4), Image.Resampling.NEAREST).save(path)
+    grid = (tiles.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4)
+            .reshape(rows * h, columns * w, 3))
+    size = (columns * w * 4, rows * h * 4)
+    Image.fromarray(grid).resize(size, Image.Resampling.NEAREST).save(path)
 
 
 def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None) -> dict:

@@ -26,13 +26,13 @@ from typing import Any
 from PIL import Image
 
 from diffsearch.engine import Engine, ProgressCallback, ProgressEvent
-from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.errors import JobError
+from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.job import Job, VerifierSpec, job_from_mapping
 from diffsearch.results import PromptResult, RunResult, best_image_path
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
-from diffsearch.strategies.base import Outcome
 from diffsearch.store import CandidateRecord
+from diffsearch.strategies.base import Outcome
 
 RUNS_DIR_ENV = "DIFFSEARCH_RUNS"
 """Where :func:`search` puts run folders when ``out`` is not given (default: the temp dir)."""

@@ -199,7 +199,7 @@ class DaskExecutor(Executor):
             return Client(self._cluster)
         try:
             return Client(self.scheduler, timeout=self.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError) as error:
             raise ClusterError(f"cannot reach the Dask scheduler at {self.scheduler} "
                                f"({type(error).__name__}: {error}); is `dask scheduler` running "
                                f"there?") from None
@@ -208,7 +208,7 @@ class DaskExecutor(Executor):
         wanted = self.workers or 1
         try:
             self.client.wait_for_workers(wanted, timeout=self.worker_timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             have = len(self.client.scheduler_info(n_workers=-1)["workers"])
             raise ClusterError(
                 f"only {have} of {wanted} Dask worker(s) joined {self._address()} within "

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from diffsearch.errors import DiffsearchError
 from diffsearch.pipelines.base import Denoiser
-from diffsearch.strategies.ttsnap import DISTILLED_MANIFEST
 from diffsearch.seeding import derive_seed, torch_generator
+from diffsearch.strategies.ttsnap import DISTILLED_MANIFEST
 from diffsearch.verifiers.base import Verifier
 from diffsearch.verifiers.distillable import Distillable, distillable
 from diffsearch.verifiers.registry import create_verifier

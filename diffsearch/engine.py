@@ -25,9 +25,9 @@ from diffsearch.executor import Executor
 from diffsearch.job import Job
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
+from diffsearch.store import RunStore
 from diffsearch.strategies.base import Outcome, Strategy, Task
 from diffsearch.strategies.registry import strategy_class
-from diffsearch.store import RunStore
 
 
 @dataclass(frozen=True)

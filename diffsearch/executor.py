@@ -32,7 +32,7 @@ class Executor(ABC):
         """Yield each submitted batch with its outcomes once, including batches submitted while
         iterating; stops when nothing is pending."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: in-process executors hold nothing)
         """Release workers. Safe to call twice."""
 
     def describe(self) -> str:

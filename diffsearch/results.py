@@ -14,8 +14,8 @@ from typing import Any
 
 from diffsearch.job import Job
 from diffsearch.runtime import ModelInfo, candidate_image_path
-from diffsearch.strategies.base import Strategy
 from diffsearch.store import CandidateRecord, RunStore
+from diffsearch.strategies.base import Strategy
 
 
 @dataclass(frozen=True)

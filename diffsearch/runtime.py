@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -22,9 +23,9 @@ from PIL import Image
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
-from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.seeding import task_generator
 from diffsearch.store import RunStore
+from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.verifiers.base import Verifier, VerifierError
 from diffsearch.verifiers.video import VideoVerifier
 

@@ -159,7 +159,7 @@ class RunStore:
         if candidates <= current:
             return
         new = max(candidates, 2 * current)
-        for name, array in group.arrays():
+        for _, array in group.arrays():
             array.resize((new, *array.shape[1:]))
         for _, array in group["scores"].arrays():  # type: ignore[union-attr]
             array.resize((new,))

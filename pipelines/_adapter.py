@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffsearch.pipelines.base import Conditioning, DenoiseResult, Denoiser, stack_generators_noise
+from diffsearch.pipelines.base import Conditioning, Denoiser, DenoiseResult, stack_generators_noise
 
 NEGATIVE = "negative_"
 """Prefix of the unconditional counterpart of a conditioning tensor (``negative_prompt_embeds``)."""
@@ -132,7 +132,8 @@ class DiffusersDenoiser(Denoiser):
                 t = scheduler.timesteps[step]
                 model_in = self._model_input(scheduler, x, t)
                 output = self.forward_in_fixed_batches(
-                    lambda xs, *values: self._predict_rows(xs, t, **dict(zip(rows, values))),
+                    # called at once, inside this iteration: binding the current t is intended
+                    lambda xs, *values: self._predict_rows(xs, t, **dict(zip(rows, values))),  # noqa: B023
                     model_in, *rows.values())
                 noise = None
                 if eta > 0:

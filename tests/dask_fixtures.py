@@ -48,6 +48,7 @@ class FakeRuntimePlugin(WorkerPlugin):
         if TESTS_DIR not in sys.path:
             sys.path.insert(0, TESTS_DIR)
         from dask_fixtures import SlowFakeDenoiser
+
         from engine_harness import install_fake_runtime
 
         install_fake_runtime(self.job, SlowFakeDenoiser(delay=self.delay))

@@ -6,6 +6,7 @@ instead of loading a model; everything else (batching, store, replay, results) i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,21 @@ def run_fake(job: Job, out: Path, *, denoiser: FakeDenoiser | None = None,
              **kwargs: Any) -> tuple[RunResult, FakeDenoiser]:
     denoiser = install_fake_runtime(job, denoiser)
     return run_job(job, out, **kwargs), denoiser
+
+
+RUN_SPECIFIC = ("wall_seconds", "stage_seconds", "executor")
+"""results.json fields that legitimately differ between two runs of one job."""
+
+
+def comparable(run_dir: Path, *also: str) -> dict:
+    """results.json without the run-specific fields (and ``also``, e.g. "job" when the two
+    jobs differ in a setting that must not change results, such as the batch size)."""
+    data = json.loads((run_dir / "results.json").read_text())
+    for key in (*RUN_SPECIFIC, *also):
+        data.pop(key)
+    return data
+
+
+def png_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Every PNG of a run folder, by relative path."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.png"))}

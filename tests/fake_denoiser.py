@@ -8,11 +8,11 @@ state. It records every call so tests can check which steps were asked and batch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from diffsearch.pipelines.base import Conditioning, DenoiseResult, Denoiser, stack_generators_noise
+from diffsearch.pipelines.base import Conditioning, Denoiser, DenoiseResult, stack_generators_noise
 
 
 @dataclass

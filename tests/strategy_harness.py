@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from diffsearch.perturb import apply_perturbations
-from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Strategy, Task
 from diffsearch.seeding import task_generator
+from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Strategy, Task
 from fake_denoiser import FakeDenoiser
 
 RewardFn = Callable[[Task], float | None]

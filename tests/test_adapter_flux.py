@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import adapter_checks as checks
 import pytest
 import torch
 from diffusers import FluxPipeline
 
-import adapter_checks as checks
 from diffsearch.pipelines.flux import FluxDenoiser
 from diffsearch.seeding import torch_generator
 from tiny_pipelines import FLUX_SIZE, tiny_flux_pipeline

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import adapter_checks as checks
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
-import adapter_checks as checks
 from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser
 from diffsearch.seeding import torch_generator
 from tiny_pipelines import tiny_sd_pipeline

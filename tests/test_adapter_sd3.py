@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import adapter_checks as checks
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-import adapter_checks as checks
 from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
 from diffsearch.seeding import torch_generator
 from tiny_pipelines import tiny_sd3_pipeline

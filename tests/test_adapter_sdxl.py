@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import adapter_checks as checks
 import pytest
 from diffusers import StableDiffusionXLPipeline
 
-import adapter_checks as checks
 from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from tiny_pipelines import tiny_sdxl_pipeline
 

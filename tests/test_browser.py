@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from test_service_harness import TOKEN, FakeBackend, client, fake_config, serve
 
 CHROMIUM = "/usr/bin/chromium"

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dask_fixtures import FakeRuntimePlugin, OpenClipArchPlugin, SlowFakeDenoiser
 from distributed import LocalCluster
 from distributed.system import MEMORY_LIMIT
+from verifier_fixtures import register_tiny_clip, write_open_clip_checkpoint
 
-from dask_fixtures import FakeRuntimePlugin, OpenClipArchPlugin, SlowFakeDenoiser
 from diffsearch import runtime
 from diffsearch.api import run_job
 from diffsearch.dask_executor import RUNTIME_PLUGIN, ClusterError, DaskExecutor
@@ -32,9 +33,8 @@ from diffsearch.executor import LocalExecutor
 from diffsearch.job import Job
 from diffsearch.runtime import RuntimeSpec, get_runtime
 from diffsearch.store import RunStore
-from engine_harness import fake_job, run_fake
+from engine_harness import comparable, fake_job, png_bytes, run_fake
 from tiny_pipelines import tiny_sd_pipeline
-from verifier_fixtures import register_tiny_clip, write_open_clip_checkpoint
 
 DASK = Path(sys.executable).with_name("dask")
 
@@ -44,18 +44,6 @@ def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address="127.0.0.1:0") as local:
         yield local
-
-
-def comparable(run_dir: Path) -> dict:
-    """results.json without the fields that legitimately differ between executors."""
-    data = json.loads((run_dir / "results.json").read_text())
-    for key in ("wall_seconds", "stage_seconds", "executor"):
-        data.pop(key)
-    return data
-
-
-def png_bytes(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.png"))}
 
 
 def latents(run_dir: Path, prompts: int, candidates: int) -> list[np.ndarray]:

@@ -20,6 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from strategy_harness import common, play, scripted
+from verifier_fixtures import register_tiny_clip, write_open_clip_checkpoint
 
 from diffsearch.cli import main
 from diffsearch.distill import (
@@ -40,9 +42,7 @@ from diffsearch.verifiers.clip import ClipVerifier
 from diffsearch.verifiers.distillable import NotDistillableError, distillable
 from diffsearch.verifiers.registry import FOLDER_MANIFEST, UnknownVerifierError, create_verifier
 from diffsearch.verifiers.shapes import ShapesClipVerifier
-from strategy_harness import common, play, scripted
 from tiny_pipelines import tiny_sd_pipeline
-from verifier_fixtures import register_tiny_clip, write_open_clip_checkpoint
 
 NUM_STEPS = 8
 STEPS = [1, 2, 4]

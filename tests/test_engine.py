@@ -10,24 +10,12 @@ import pytest
 
 from diffsearch.engine import BudgetExceededError
 from diffsearch.errors import StoreError
+from diffsearch.store import RunStore
+from diffsearch.strategies import registry
 from diffsearch.strategies.base import ScoreOn, Task
 from diffsearch.strategies.best_of_n import BestOfN
-from diffsearch.strategies import registry
-from diffsearch.store import RunStore
-from engine_harness import fake_job, run_fake
+from engine_harness import comparable, fake_job, png_bytes, run_fake
 from fake_denoiser import FakeDenoiser
-
-
-def comparable(run_dir: Path) -> dict:
-    """results.json without the fields that legitimately differ between runs."""
-    data = json.loads((run_dir / "results.json").read_text())
-    for key in ("wall_seconds", "stage_seconds", "job", "result_key", "executor"):
-        data.pop(key)
-    return data
-
-
-def png_bytes(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.png"))}
 
 
 def test_best_of_n_end_to_end(tmp_path: Path) -> None:
@@ -60,9 +48,9 @@ def test_same_job_same_bits_whatever_the_batch_size(tmp_path: Path) -> None:
     for name, batch_size in (("a", 8), ("b", 8), ("c", 1), ("d", 3)):
         run_fake(fake_job(batch_size=batch_size, budget="8x"), tmp_path / name)
         runs[name] = tmp_path / name
-    reference = comparable(runs["a"])
+    reference = comparable(runs["a"], "job", "result_key")
     for name in "bcd":
-        assert comparable(runs[name]) == reference
+        assert comparable(runs[name], "job", "result_key") == reference
         assert png_bytes(runs[name]) == png_bytes(runs["a"])
     latents = {name: RunStore.open(path / "store.zarr").read_latents(0, range(8), final=True)
                for name, path in runs.items()}

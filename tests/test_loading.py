@@ -7,20 +7,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import adapter_checks as checks
 import huggingface_hub.constants
 import pytest
 import torch
 
-import adapter_checks as checks
 from diffsearch.errors import DiffsearchError
 from diffsearch.pipelines import loading
+from diffsearch.pipelines.flux import FluxDenoiser
 from diffsearch.pipelines.loading import (
     ModelLoadError,
     ModelNotFoundError,
     UnsupportedModelError,
     load_denoiser,
 )
-from diffsearch.pipelines.flux import FluxDenoiser
 from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
 from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser

@@ -11,9 +11,15 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-
 from test_service_harness import (
-    FAKE_REQUEST, TOKEN, FakeBackend, client, fake_config, read_events, serve, wait_for,
+    FAKE_REQUEST,
+    TOKEN,
+    FakeBackend,
+    client,
+    fake_config,
+    read_events,
+    serve,
+    wait_for,
 )
 
 

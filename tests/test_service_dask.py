@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dask_fixtures import FakeRuntimePlugin
 from distributed import Client
+from test_service_harness import FAKE_REQUEST, TOKEN, FakeBackend, client, serve, wait_for
 
 from diffsearch.job import Job
 from diffsearch.service.backend import DaskBackend
 from diffsearch.service.config import ServiceConfig
-from dask_fixtures import FakeRuntimePlugin
-from test_service_harness import FAKE_REQUEST, TOKEN, FakeBackend, client, serve, wait_for
 
 FIELDS = {"prompts": ["a"], "model": "fake", "verifier": "redness", "threads": 1}
 

@@ -11,11 +11,11 @@ import io
 from pathlib import Path
 
 from PIL import Image
+from test_service_harness import TOKEN, client, read_events, serve
 
 import diffsearch
 from diffsearch.service.backend import LocalBackend
 from diffsearch.service.config import ServiceConfig
-from test_service_harness import TOKEN, client, read_events, serve
 from tiny_pipelines import tiny_sd_pipeline
 
 PROMPT = "a red circle on the left"

@@ -20,7 +20,11 @@ import uvicorn
 
 from diffsearch.job import Job
 from diffsearch.runtime import (
-    ModelInfo, RuntimeSpec, WorkerRuntime, describe_model, register_runtime,
+    ModelInfo,
+    RuntimeSpec,
+    WorkerRuntime,
+    describe_model,
+    register_runtime,
 )
 from diffsearch.service.app import create_app
 from diffsearch.service.backend import LocalBackend

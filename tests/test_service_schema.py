@@ -8,11 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
-
+from schemathesis import checks
 from test_service_harness import TOKEN, FakeBackend, fake_config, serve
-
 
 CHECKS = [
     checks.not_a_server_error,

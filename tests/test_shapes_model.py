@@ -9,8 +9,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffsearch.pipelines.shapes import bundled_defaults, bundled_model_path, clip_model, world
-from diffsearch.pipelines.shapes import train_clip, train_sd
+from diffsearch.pipelines.shapes import (
+    bundled_defaults,
+    bundled_model_path,
+    clip_model,
+    train_clip,
+    train_sd,
+    world,
+)
 
 MAX_BYTES = 30 * 1024 * 1024
 
@@ -51,7 +57,8 @@ def test_shipped_pipeline_loads_offline_and_generates() -> None:
 
 
 def test_sd_trainer_smoke_run_saves_a_loadable_pipeline(tmp_path) -> None:
-    info = train_sd.train(tmp_path / "sd", 1.0, seed=0, cfg=train_sd.tiny_config(), log=lambda m: None)
+    info = train_sd.train(tmp_path / "sd", 1.0, seed=0, cfg=train_sd.tiny_config(),
+                          log=lambda m: None)
     assert info["vae_steps"] == 3 and info["unet_steps"] == 3
     defaults = json.loads((tmp_path / "sd" / train_sd.DEFAULTS_FILE).read_text())
     assert defaults == {"num_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32}

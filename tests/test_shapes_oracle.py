@@ -69,7 +69,7 @@ def test_wrong_colour_is_rejected() -> None:
 
 
 def test_wrong_shape_is_rejected() -> None:
-    for prompt, spec, objects in _renders(100, seed=4):
+    for prompt, _spec, objects in _renders(100, seed=4):
         first = objects[0]
         reshaped = [dataclasses.replace(first, shape=_other(world.SHAPES, first.shape))]
         verdict = judge(world.draw(reshaped + objects[1:]), prompt)
@@ -91,7 +91,7 @@ def test_moved_object_is_rejected(position: str) -> None:
 
 def test_extra_object_is_rejected() -> None:
     extra = world.DrawnObject("purple", "square", 26.0, 26.0, world.COUNT_SIZE)
-    for prompt, spec, objects in _renders(150, seed=5):
+    for prompt, _spec, objects in _renders(150, seed=5):
         free = all(abs(o.cx - extra.cx) + abs(o.cy - extra.cy) > 12 for o in objects)
         if not free:
             continue
@@ -104,7 +104,8 @@ def test_swapped_relation_is_rejected() -> None:
         if not isinstance(spec, world.Relation):
             continue
         a, b = objects
-        swapped = [dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy)]
+        swapped = [dataclasses.replace(a, cx=b.cx, cy=b.cy),
+                   dataclasses.replace(b, cx=a.cx, cy=a.cy)]
         verdict = judge(world.draw(swapped), prompt)
         assert verdict.aspects["binding"] and verdict.aspects["count"]
         assert not verdict.aspects["position"] and not verdict.correct

@@ -60,7 +60,8 @@ def test_prompt_lists_are_fixed_by_seed_and_split_cleanly() -> None:
 def test_training_split_still_covers_every_attribute_pair() -> None:
     """Holding out triples must not hide any single colour-shape, colour-position or
     shape-position pair from training, or the held-out set would test the impossible."""
-    train = [s for s in world.all_specs() if isinstance(s, world.Single) and not world.is_heldout(s)]
+    train = [s for s in world.all_specs()
+             if isinstance(s, world.Single) and not world.is_heldout(s)]
     assert {(s.colour, s.shape) for s in train} == {
         (c, s) for c in world.COLOURS for s in world.SHAPES
     }

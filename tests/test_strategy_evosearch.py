@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.best_of_n import BestOfN
 from diffsearch.strategies.evosearch import EvoSearch, default_schedule, fit_populations, plan_cost
 from fake_denoiser import FakeDenoiser
-from strategy_harness import MemoryWorker, common, play, scripted
 
 
 def by_candidate(rewards: dict[int, float], default: float = 0.0):

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from strategy_harness import MemoryWorker, common, play, scripted
 
+from diffsearch.seeding import derive_seed, numpy_rng
 from diffsearch.strategies.base import ScoreOn
 from diffsearch.strategies.particles import Particles, effective_sample_size
-from diffsearch.seeding import derive_seed, numpy_rng
 from fake_denoiser import FakeDenoiser
-from strategy_harness import MemoryWorker, common, play, scripted
 
 NEVER = 1e-9
 """An ESS threshold no real weight vector falls below: resampling only on failures."""

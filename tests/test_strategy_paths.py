@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.paths import Paths, levels
 from fake_denoiser import FakeDenoiser
-from strategy_harness import MemoryWorker, common, play, scripted
 
 
 def reward_of(task) -> float:
@@ -38,7 +38,8 @@ def test_rounds_renoise_denoise_and_keep_the_best_n() -> None:
         (None, 0, 10, ScoreOn.NONE)}
     for i, level in enumerate([10, 12, 14, 16], start=1):
         assert {(t.start, t.end, t.score_on, t.perturbation) for t in rounds[i]} == {
-            (level - 2, level + 2, ScoreOn.X0, Perturbation(PerturbKind.RENOISE, to_step=level - 2))}
+            (level - 2, level + 2, ScoreOn.X0,
+             Perturbation(PerturbKind.RENOISE, to_step=level - 2))}
     # each kept path branches twice; the kept are exactly the best 3 of the previous round
     assert [t.source_candidate for t in rounds[1]] == [0, 0, 1, 1, 2, 2]
     for (_, outcomes), following in zip(record.rounds[1:], rounds[2:]):

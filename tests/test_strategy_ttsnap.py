@@ -4,11 +4,11 @@ per-step verifiers, failures, option checks, and a full play on the fake denoise
 from __future__ import annotations
 
 import pytest
+from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.strategies.base import ScoreOn
 from diffsearch.strategies.ttsnap import TTSnap, default_schedule, plan_cost, survivors
 from fake_denoiser import FakeDenoiser
-from strategy_harness import MemoryWorker, common, play, scripted
 
 
 def reward_of(task) -> float:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategy_harness import MemoryWorker, common, play, scripted
 
+from diffsearch.seeding import derive_seed
 from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.zero_order import ZeroOrder
-from diffsearch.seeding import derive_seed
 from fake_denoiser import FakeDenoiser
-from strategy_harness import MemoryWorker, common, play, scripted
 
 
 def answer(s: ZeroOrder, rewards: dict[int, float | None]) -> list:

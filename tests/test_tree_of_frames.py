@@ -11,11 +11,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from test_engine import comparable
 
 from diffsearch.api import run_job
 from diffsearch.cli import main as cli_main
 from diffsearch.job import Job
-
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.runtime import (
     RuntimeSpec,
@@ -24,14 +24,13 @@ from diffsearch.runtime import (
     candidate_image_path,
     get_runtime,
 )
+from diffsearch.seeding import derive_seed
+from diffsearch.store import RunStore
 from diffsearch.strategies import registry
 from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.tree_of_frames import LinearClips, TreeOfFrames
-from diffsearch.seeding import derive_seed
-from diffsearch.store import RunStore
 from diffsearch.verifiers.base import VerifierError
 from engine_harness import clip_redness, fake_job, install_fake_runtime, run_fake
-from test_engine import comparable
 
 PROMPT = "a red circle moving from left to right"
 FRAMES = ["a red circle on the left", "a red circle in the centre", "a red circle on the right"]

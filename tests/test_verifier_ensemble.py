@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from verifier_fixtures import pixel_batch, register_tiny_clip, write_open_clip_checkpoint

@@ -33,16 +33,27 @@ from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
 from diffsearch.results import best_image_path
 from diffsearch.runtime import candidate_image_path
-from diffsearch.strategies.registry import strategy_names
 from diffsearch.service import schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig
 from diffsearch.service.requests import (
-    SERVICE_FIELDS, RequestError, build_job, check_against_model, parse_body, request_schema,
+    SERVICE_FIELDS,
+    RequestError,
+    build_job,
+    check_against_model,
+    parse_body,
+    request_schema,
 )
 from diffsearch.service.searches import (
-    NotCancellable, QueueFull, SearchManager, SearchRecord, Status, image_url, summary_fields,
+    NotCancellable,
+    QueueFull,
+    SearchManager,
+    SearchRecord,
+    Status,
+    image_url,
+    summary_fields,
 )
+from diffsearch.strategies.registry import strategy_names
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token."},

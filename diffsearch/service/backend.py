@@ -49,7 +49,7 @@ class Backend(ABC):
     def executor(self, job: Job) -> Executor:
         """A fresh executor for one search; the caller closes it when the search ends."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: not every backend holds resources)
         """Release shared resources (the cluster)."""
 
     @abstractmethod

@@ -79,5 +79,5 @@ class EventLog:
                 return
             try:
                 await asyncio.wait_for(waiter.wait(), timeout=heartbeat)
-            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+            except TimeoutError:  # the builtin TimeoutError from Python 3.11
                 yield None

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from diffsearch.job import Job, describe_validation_error
 from diffsearch.runtime import ModelInfo
-from diffsearch.strategies.registry import strategy_class
 from diffsearch.service.config import ServiceConfig
+from diffsearch.strategies.registry import strategy_class
 
 SERVICE_FIELDS = frozenset({
     "executor", "workers", "scheduler", "allow_download", "device", "dtype", "threads",

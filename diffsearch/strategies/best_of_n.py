@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
+from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 
 
 class BestOfN(Strategy):

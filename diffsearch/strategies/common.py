@@ -15,8 +15,8 @@ from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from diffsearch.strategies.base import Outcome, Perturbation, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
+from diffsearch.strategies.base import Outcome, Perturbation, ScoreOn, Strategy, Task
 
 
 def ranked(outcomes: Iterable[Outcome]) -> list[Outcome]:

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from diffsearch.seeding import derive_seed, numpy_rng
 from diffsearch.strategies import options
 from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy
-from diffsearch.seeding import derive_seed, numpy_rng
 
 
 def effective_sample_size(log_weights: np.ndarray) -> float:

@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.pipelines.frame_chain import FrameChain
-from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 from diffsearch.seeding import derive_seed
-
+from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
 
 DEFAULT_STRENGTH = 0.75
 """img2img strength of frames >= 1. Measured on the bundled shapes model (20 steps, motion

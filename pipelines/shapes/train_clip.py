@@ -1,6 +1,7 @@
 """Train the shapes-world CLIP (``clip_model.py``) contrastively on CPU, time-boxed.
 
-    python -m diffsearch.pipelines.shapes.train_clip --out pipelines/shapes/weights/clip --steps 1500
+    python -m diffsearch.pipelines.shapes.train_clip --out pipelines/shapes/weights/clip \
+        --steps 1500
 
 Each batch holds rendered training-split images, their captions and one near-miss caption per
 image (one edit away: another colour, shape, position, count or relation, or the objects'
@@ -63,8 +64,9 @@ def contrastive_loss(
     texts: list[str],
     logit_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """Symmetric multi-positive InfoNCE: text j is a positive of image i iff texts[j] == captions[i];
-    the loss is -log of the probability mass on all positives, so duplicates never compete.
+    """Symmetric multi-positive InfoNCE: text j is a positive of image i iff
+    texts[j] == captions[i]; the loss is -log of the probability mass on all positives, so
+    duplicates never compete.
 
     ``texts`` starts with ``captions`` (one per image) and may go on with extra negatives; the
     text-to-image direction uses only those first texts.

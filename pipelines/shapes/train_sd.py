@@ -1,6 +1,7 @@
 """Train the bundled shapes StableDiffusionPipeline from scratch on CPU, time-boxed.
 
-    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd --steps 2458 --seed 0
+    python -m diffsearch.pipelines.shapes.train_sd --out pipelines/shapes/weights/sd \
+        --steps 2458 --seed 0
 
 Phases:
 
