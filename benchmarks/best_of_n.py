@@ -1,6 +1,6 @@
 """Does search help on the bundled model? Best-of-N guided by shapes-clip, judged by the oracle.
 
-On a fixed seeded set of held-out shapes prompts, runs best-of-N (default 8) guided by the
+On a fixed seeded set of distinct held-out shapes prompts, runs best-of-N (default 8) guided by the
 shapes-clip verifier with the shapes oracle as a held-out judge, then compares:
 
 - single sample: the oracle accuracy of one random sample (the mean over all N candidates, an
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from diffsearch.api import run_job
 from diffsearch.job import Job
-from diffsearch.pipelines.shapes.world import heldout_prompts
+from diffsearch.pipelines.shapes.world import distinct_prompts
 
 ORACLE = "shapes-oracle"
 RESULTS = Path(__file__).parent / "results"
@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-best-of-n"))
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per worker (1 when something else shares the CPU)")
     args = parser.parse_args(argv)
 
-    prompts = heldout_prompts(args.prompts, seed=args.seed)
+    prompts = distinct_prompts("heldout", args.prompts, seed=args.seed)
     job = Job.model_validate({
         "prompts": prompts, "model": "shapes", "strategy": {"name": "best-of-n"},
         "budget": f"{args.n}x", "verifier": "shapes-clip", "eval_verifiers": [ORACLE],
         "seed": args.seed, "executor": args.executor, "batch_size": args.n,
+        "threads": args.threads,
     })
     shutil.rmtree(args.out, ignore_errors=True)
     result = run_job(job, args.out, progress_bar=True)

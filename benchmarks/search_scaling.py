@@ -1,8 +1,8 @@
 """How does each strategy scale with compute? Oracle accuracy and guiding reward against NFE.
 
 For every strategy and budget (multiples of one sample's cost) it runs the same fixed seeded set
-of held-out shapes prompts, guided by shapes-clip, with the shapes oracle as a held-out judge
-that no strategy sees. Per (strategy, budget) it reports:
+of distinct held-out shapes prompts, guided by shapes-clip, with the shapes oracle as a held-out
+judge that no strategy sees. Per (strategy, budget) it reports:
 
 - oracle accuracy of the returned best image (all aspects right), and its mean oracle score;
 - the guiding reward (shapes-clip) of the returned best;
@@ -38,7 +38,7 @@ from PIL import Image
 
 from diffsearch.api import run_job
 from diffsearch.job import Job
-from diffsearch.pipelines.shapes.world import heldout_prompts
+from diffsearch.pipelines.shapes.world import distinct_prompts
 from diffsearch.results import RunResult
 
 ORACLE = "shapes-oracle"
@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--distilled", type=Path, help="folder written by `diffsearch distill`")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per worker (1 when something else shares the CPU)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-search-scaling"))
     parser.add_argument("--name", default="search_scaling")
     args = parser.parse_args(argv)
 
-    prompts = heldout_prompts(args.prompts, seed=args.seed)
+    prompts = distinct_prompts("heldout", args.prompts, seed=args.seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for label, spec in strategy_configs(args.strategies, args.distilled).items():
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "prompts": prompts, "model": "shapes", "strategy": spec,
                 "budget": f"{multiple}x", "verifier": GUIDE, "eval_verifiers": [ORACLE],
                 "seed": args.seed, "executor": args.executor, "batch_size": 16,
+                "threads": args.threads,
             })
             result = run_job(job, run_dir, progress_bar=False)
             row = {"strategy": label, "budget_multiple": multiple,

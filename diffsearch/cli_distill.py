@@ -9,7 +9,6 @@ The output folder goes straight into TTSnap: ``strategy: {name: ttsnap, verifier
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -45,22 +44,10 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
     from diffsearch.pipelines.shapes import world
 
     train = (load_prompts_file(prompts_file) if prompts_file is not None
-             else _distinct(world.train_prompts, 200 if count is None else count, seed))
+             else world.distinct_prompts("train", 200 if count is None else count, seed))
     held_out = (load_prompts_file(eval_file) if eval_file is not None
-                else _distinct(world.heldout_prompts, eval_count, seed))
+                else world.distinct_prompts("heldout", eval_count, seed))
     return train, held_out
-
-
-def _distinct(draw: Callable[[int, int], list[str]], count: int, seed: int) -> list[str]:
-    """The first ``count`` distinct prompts of a seeded shapes-world draw (the world's draws
-    repeat prompts; the held-out split has fewer than 100 combinations, so it may give
-    fewer)."""
-    prompts: list[str] = []
-    for size in (count * 2 ** i for i in range(6)):
-        prompts = list(dict.fromkeys(draw(size, seed)))
-        if len(prompts) >= count:
-            return prompts[:count]
-    return prompts
 
 
 @click.command(name="distill")

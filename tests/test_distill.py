@@ -308,14 +308,3 @@ def test_cli_refuses_a_used_output_folder(setup) -> None:
                      setup.eval_file, "--out", setup.out, "--quiet")
     assert result.exit_code == 2
     assert "exists and is not an empty folder" in result.stderr
-
-
-def test_shapes_prompt_counts_are_distinct_prompts() -> None:
-    from diffsearch.cli_distill import _distinct
-
-    train = _distinct(world.train_prompts, 200, 0)
-    assert len(set(train)) == 200 and train == _distinct(world.train_prompts, 200, 0)
-    assert len(set(_distinct(world.heldout_prompts, 50, 0))) == 50
-    everything = _distinct(world.heldout_prompts, 500, 0)  # the split has fewer combinations
-    assert len(everything) == len(set(everything)) < 500
-    assert not set(train) & set(everything)

@@ -124,3 +124,12 @@ def test_tokenizer_spells_unknown_words_instead_of_dropping_them(tmp_path) -> No
     ids = tokenizer("a pink hexagon", add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == "a pink hexagon"
+
+
+def test_distinct_prompts_are_seeded_distinct_and_split() -> None:
+    train = world.distinct_prompts("train", 200, 0)
+    assert len(set(train)) == 200 and train == world.distinct_prompts("train", 200, 0)
+    assert len(set(world.distinct_prompts("heldout", 50, 0))) == 50
+    everything = world.distinct_prompts("heldout", 500, 0)  # the split has fewer combinations
+    assert len(everything) == len(set(everything)) < 500
+    assert not set(train) & set(everything)

@@ -272,6 +272,20 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     return [prompt_of(s) for s in sample_specs(n, rng, heldout=True)]
 
 
+def distinct_prompts(split: str, n: int, seed: int = 0) -> list[str]:
+    """The first ``n`` distinct prompts of a seeded draw from ``split`` ("train" or
+    "heldout"). The draws follow the world's distribution and so repeat prompts; benchmarks
+    and distillation want each prompt once. The held-out split has only 93 prompts, so it may
+    give fewer than ``n``."""
+    draw = {"train": train_prompts, "heldout": heldout_prompts}[split]
+    prompts: list[str] = []
+    for size in (n * 2 ** i for i in range(8)):
+        prompts = list(dict.fromkeys(draw(size, seed)))
+        if len(prompts) >= n:
+            return prompts[:n]
+    return prompts
+
+
 # ---- scenes and rendering -----------------------------------------------------------------
 def layout(spec: Spec, rng: np.random.Generator) -> list[DrawnObject]:
     """Where each object of ``spec`` goes: sizes and centres with small random jitter."""
