@@ -16,7 +16,7 @@ reaches linear's, as a share of linear's NFE (the target: 0.5 or less).
 Prints and saves ``benchmarks/results/tof_scaling.json`` and a plot ``tof_scaling.png``::
 
     python benchmarks/tof_scaling.py [--prompts 20] [--budgets 1 2 4 8] [--strength 0.7]
-        [--frames 3] [--executor local|dask] [--threads 1]
+        [--frames 3] [--tof-options JSON] [--executor local|dask] [--threads 1]
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (on a shared 2-core machine 2 threads "
                              "oversubscribe and run several times slower than 1)")
+    parser.add_argument("--tof-options", type=json.loads, default={},
+                        help='extra Tree-of-Frames options as JSON, e.g. \'{"keep": 0.25}\'')
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-tof-scaling"))
     parser.add_argument("--name", default="tof_scaling")
     args = parser.parse_args(argv)
@@ -127,14 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = {"num_frames": args.frames, "strength": args.strength}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
+        options = {**common, **(args.tof_options if strategy == "tree-of-frames" else {})}
         for multiple in args.budgets:
             budget = int(round(multiple * clip_nfe))
             run_dir = args.work / f"{strategy}-{multiple:g}"
             shutil.rmtree(run_dir, ignore_errors=True)
             job = Job.model_validate({
                 "prompts": prompts, "model": args.model, "num_steps": steps,
-                "strategy": {"name": strategy, **common}, "budget": budget,
+                "strategy": {"name": strategy, **options}, "budget": budget,
                 "verifier": guide, "eval_verifiers": [JUDGE], "seed": args.seed,
                 "executor": args.executor, "threads": args.threads, "batch_size": 16,
             })
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "tof_scaling", "prompts": len(prompts), "seed": args.seed,
         "num_steps": steps, "num_frames": args.frames, "strength": args.strength,
-        "model": args.model, "clip_nfe": clip_nfe, "guide": guide, "judge": JUDGE, "rows": rows,
+        "model": args.model, "tof_options": args.tof_options, "clip_nfe": clip_nfe,
+        "guide": guide, "judge": JUDGE, "rows": rows,
         "nfe_to_match_guiding_score": nfe_to_match(rows, "guiding_score"),
         "nfe_to_match_oracle_accuracy": nfe_to_match(rows, "oracle_accuracy"),
         "total_wall_seconds": round(time.perf_counter() - started, 1),
