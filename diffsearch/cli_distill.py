@@ -76,6 +76,11 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
               help="AdamW peak learning rate (at 1e-4 shapes-clip students ranked worse).")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Trajectories per denoising batch and images per training step.")
+@click.option("--objective", type=click.Choice(["mse", "within-prompt"]), default="mse",
+              show_default=True,
+              help="mse: the reference's regression onto the teacher's final score; "
+                   "within-prompt: the same after centring each prompt's scores (pruning only "
+                   "compares candidates of one prompt).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="How checkpoints are stored (float16: half the size; "
@@ -88,7 +93,8 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
 def distill_command(model: str, teacher: str, steps: str | None, num_steps: int | None,
                     prompt_count: int | None, prompts_file: Path | None, eval_count: int,
                     eval_prompts_file: Path | None, samples: int, eval_samples: int,
-                    epochs: int, lr: float, batch_size: int, seed: int, weights_dtype: str,
+                    epochs: int, lr: float, batch_size: int, objective: str, seed: int,
+                    weights_dtype: str,
                     device: str | None,
                     threads: int | None, out: Path, quiet: bool) -> None:
     """Distil a verifier into noise-aware students, one per TTSnap pruning step.
@@ -110,7 +116,8 @@ def distill_command(model: str, teacher: str, steps: str | None, num_steps: int 
             denoiser=denoiser, teacher=teacher, model=model, train_prompts=train,
             eval_prompts=held_out, out=out, steps=_steps(steps, denoiser.num_steps),
             samples=samples, eval_samples=eval_samples, epochs=epochs, lr=lr,
-            batch=batch_size, seed=seed, weights_dtype=weights_dtype, progress=not quiet,
+            batch=batch_size, seed=seed, weights_dtype=weights_dtype, objective=objective,
+            progress=not quiet,
             log=lambda message: click.echo(message, err=True))
     except DiffsearchError as error:
         click.echo(f"error: {error}", err=True)

@@ -146,22 +146,43 @@ class StageReport:
     seconds: float
 
 
+OBJECTIVES = ("mse", "within-prompt")
+"""``mse``: the reference's regression of the student's score onto the teacher's final score.
+``within-prompt``: the same regression after subtracting each prompt's mean from both sides.
+Pruning only ever compares candidates of one prompt, and with plain MSE most of the error (and
+of the gradient) is the spread between prompts, which a ranking inside a prompt never uses."""
+
+
+def objective_loss(scores: torch.Tensor, targets: torch.Tensor, objective: str, samples: int,
+                   reduction: str = "mean") -> torch.Tensor:
+    """The stage's loss on rows that come in whole prompt groups of ``samples`` rows (for
+    ``within-prompt``; ``mse`` takes any rows)."""
+    if objective == "within-prompt":
+        grouped_scores, grouped_targets = scores.view(-1, samples), targets.view(-1, samples)
+        scores = grouped_scores - grouped_scores.mean(dim=1, keepdim=True)
+        targets = grouped_targets - grouped_targets.mean(dim=1, keepdim=True)
+    return F.mse_loss(scores.flatten(), targets.flatten(), reduction=reduction)
+
+
 def mean_loss(adapter: Distillable, student: torch.nn.Module, images: torch.Tensor,
-              prompts: Sequence[str], targets: torch.Tensor, batch: int) -> float:
-    """The student's mean squared error against ``targets`` over all rows (no gradients)."""
+              prompts: Sequence[str], targets: torch.Tensor, batch: int, objective: str = "mse",
+              samples: int = 1) -> float:
+    """The student's mean loss against ``targets`` over all rows (no gradients); ``batch`` is
+    rounded down to whole prompt groups."""
     total = 0.0
+    batch = max(samples, batch - batch % samples)
     with torch.no_grad():
         for i in range(0, images.shape[0], batch):
             scores = adapter.score(student, images[i:i + batch], prompts[i:i + batch])
-            total += F.mse_loss(scores.float().cpu(), targets[i:i + batch],
-                                reduction="sum").item()
+            total += objective_loss(scores.float().cpu(), targets[i:i + batch], objective,
+                                    samples, reduction="sum").item()
     return total / images.shape[0]
 
 
 def train_stage(
     adapter: Distillable, student: torch.nn.Module, images: torch.Tensor,
     prompts: Sequence[str], targets: torch.Tensor, *, step: int, epochs: int, lr: float,
-    batch: int, seed: int, progress: bool = True,
+    batch: int, seed: int, progress: bool = True, objective: str = "mse", samples: int = 1,
 ) -> StageReport:
     """Regress ``student``'s scores of ``images`` (x0 estimates at ``step``) onto ``targets``
     (the teacher's scores of the same trajectories' final images), in place.
@@ -171,26 +192,35 @@ def train_stage(
     updates and decays linearly to zero: Adam's first updates move every weight by about the
     full learning rate whatever its gradient, which would knock a student that starts close to
     the answer (the teacher at a low-noise level) away from it. Batches are shuffled by a
-    generator seeded from (seed, step).
+    generator seeded from (seed, step): whole prompt groups of ``samples`` rows (rows are
+    prompt-major), so a ``within-prompt`` batch always holds complete groups.
     """
     started = time.perf_counter()
     prompts = list(prompts)
     n = images.shape[0]
-    loss_before = mean_loss(adapter, student, images, prompts, targets, batch)
+    if objective == "within-prompt":
+        groups, batch_groups = n // samples, max(1, batch // samples)
+    else:
+        samples = 1
+        groups, batch_groups = n, batch
+    loss_before = mean_loss(adapter, student, images, prompts, targets, batch, objective,
+                            samples)
     params = [p for p in student.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total_updates = epochs * math.ceil(n / batch)
+    total_updates = epochs * math.ceil(groups / batch_groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_then_decay(total_updates))
     order = torch_generator(derive_seed(seed, "", step, "distill-shuffle"))
     epoch_losses, updates = [], 0
     bar = tqdm(total=total_updates, desc=f"step {step}", disable=not progress, leave=False)
     for _ in range(epochs):
-        permutation = torch.randperm(n, generator=order)
+        permutation = torch.randperm(groups, generator=order)
         total = 0.0
-        for i in range(0, n, batch):
-            rows = permutation[i:i + batch]
+        for i in range(0, groups, batch_groups):
+            chosen = permutation[i:i + batch_groups]
+            rows = (chosen[:, None] * samples + torch.arange(samples)).flatten()
             scores = adapter.score(student, images[rows], [prompts[r] for r in rows.tolist()])
-            loss = F.mse_loss(scores.float(), targets[rows].to(scores.device))
+            loss = objective_loss(scores.float(), targets[rows].to(scores.device), objective,
+                                  samples)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -202,7 +232,8 @@ def train_stage(
         epoch_losses.append(total / n)
     bar.close()
     return StageReport(step=step, loss_before=loss_before,
-                       loss_after=mean_loss(adapter, student, images, prompts, targets, batch),
+                       loss_after=mean_loss(adapter, student, images, prompts, targets, batch,
+                                            objective, samples),
                        epoch_losses=epoch_losses, updates=updates,
                        seconds=time.perf_counter() - started)
 
@@ -260,8 +291,8 @@ def distill(
     *, denoiser: Denoiser, teacher: VerifierSpec, model: str, train_prompts: Sequence[str],
     eval_prompts: Sequence[str], out: Path, steps: Sequence[int], samples: int = 4,
     eval_samples: int | None = None, epochs: int = 3, lr: float = 1e-5, batch: int = 32,
-    seed: int = 0, weights_dtype: str = "float32", progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    seed: int = 0, weights_dtype: str = "float32", objective: str = "mse",
+    progress: bool = True, log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into one noise-aware student per pruning step on trajectories of
     ``denoiser``; write ``out/step-KK/`` folders and ``out/distilled.json``; return the
@@ -276,6 +307,9 @@ def distill(
     eval_samples = eval_samples or samples
     _check_options(samples=samples, eval_samples=eval_samples, epochs=epochs, batch=batch,
                    lr=lr, out=out)
+    if objective not in OBJECTIVES:
+        raise DistillError(f"objective must be one of {', '.join(OBJECTIVES)}, "
+                           f"got {objective!r}")
     if weights_dtype not in WEIGHTS_DTYPES:
         raise DistillError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
                            f"got {weights_dtype!r}")
@@ -314,7 +348,7 @@ def distill(
     for step in sorted(steps, reverse=True):  # least noisy level first
         report = train_stage(adapter, student, train.x0[step], train.row_prompts, targets,
                              step=step, epochs=epochs, lr=lr, batch=batch, seed=seed,
-                             progress=progress)
+                             progress=progress, objective=objective, samples=samples)
         folder = out / student_folder(step)
         _round_to(student, dtype)
         adapter.save(student, folder, {"noise_aware": True, "step": step,
@@ -347,7 +381,7 @@ def distill(
             "prompts": len(train.prompts), "samples": samples,
             "images": len(train.prompts) * samples, "eval_prompts": len(held_out.prompts),
             "eval_samples": eval_samples, "epochs": epochs, "lr": lr, "batch": batch,
-            "seed": seed, "weights_dtype": weights_dtype,
+            "seed": seed, "weights_dtype": weights_dtype, "objective": objective,
             "curriculum": sorted(steps, reverse=True), "stages": stages,
             "seconds": {k: round(v, 2) for k, v in timings.items()},
         },

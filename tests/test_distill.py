@@ -29,6 +29,7 @@ from diffsearch.distill import (
     distill,
     generate_trajectories,
     kendall_taus,
+    objective_loss,
     paired_means,
     train_stage,
     verifier_scores,
@@ -185,6 +186,32 @@ def test_checkpoints_load_by_path_anywhere_and_score(setup, tmp_path) -> None:
             scores = verifier.score(images, prompts)
             assert scores.shape == (5,) and torch.isfinite(scores).all()
             assert not torch.equal(scores, teacher_scores)  # trained away from the teacher
+
+
+def test_within_prompt_objective_ignores_each_prompts_level() -> None:
+    targets = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    shifted = targets + torch.tensor([5.0] * 3 + [-7.0] * 3)  # a constant per prompt group
+    assert objective_loss(shifted, targets, "within-prompt", samples=3) == 0.0
+    assert objective_loss(shifted, targets, "mse", samples=3) > 0.0
+    swapped = torch.tensor([3.0, 2.0, 1.0, 10.0, 20.0, 30.0])  # prompt 0 ranked backwards
+    assert objective_loss(swapped, targets, "within-prompt", samples=3) == pytest.approx(8 / 6)
+
+
+def test_within_prompt_stages_train_on_whole_prompt_groups(setup, tmp_path) -> None:
+    out = tmp_path / "within"
+    result = run_cli("--model", setup.model, "--teacher", setup.teacher,
+                     "--num-steps", NUM_STEPS, "--steps", "2",
+                     "--prompts-file", setup.train_file, "--eval-prompts-file", setup.eval_file,
+                     "--samples", SAMPLES, "--eval-samples", EVAL_SAMPLES, "--epochs", EPOCHS,
+                     "--lr", LR, "--batch-size", BATCH, "--seed", SEED,
+                     "--objective", "within-prompt", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    train = json.loads((out / "distilled.json").read_text())["train"]
+    assert train["objective"] == "within-prompt"
+    groups, per_batch = len(setup.prompts(setup.train_file)), max(1, BATCH // SAMPLES)
+    stage = train["stages"]["2"]
+    assert stage["updates"] == EPOCHS * -(-groups // per_batch)
+    assert stage["loss_after"] < stage["loss_before"]
 
 
 def test_kendall_tau_is_per_prompt_then_averaged() -> None:
