@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
+import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 from diffsearch.pipelines.base import Denoiser
 from diffsearch.seeding import torch_generator
 
 PROMPTS = ["a red circle", "two blue squares", "a red circle", "a green triangle at the top"]
 SEEDS = [11, 22, 33, 44]
+
+PipelineT = TypeVar("PipelineT", bound=DiffusionPipeline)
+Reference = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 @contextlib.contextmanager
@@ -31,13 +38,40 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_module() -> Iterator[None]:
+    """``one_thread`` for a whole test module, its module-scoped pipelines included. A module
+    takes it with ``_one_thread = checks.one_thread_per_module``: pytest finds fixtures among a
+    module's attributes, so no import that lint would call unused is needed."""
+    with one_thread():
+        yield
+
+
+def load_pipeline(pipeline_class: type[PipelineT], folder: Path, **kwargs: Any) -> PipelineT:
+    """The tiny pipeline in ``folder`` with its progress bar off: every reference run would
+    print one."""
+    pipe = pipeline_class.from_pretrained(folder, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_reference(pipe: DiffusionPipeline, steps: int, guidance: float) -> Reference:
+    """The pipeline's own 0 -> T loop as the ``reference`` of ``check_matches_pipeline``, for
+    pipelines whose ``latents`` are laid out as the adapter's (Flux packs them: its test
+    writes its own)."""
+
+    def reference(noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise,
+                    output_type="latent").images
+
+    return reference
+
+
 def conds_for(denoiser: Denoiser, prompts: list[str] = PROMPTS) -> list:
     return [denoiser.encode(p) for p in prompts]
 
 
-def check_matches_pipeline(denoiser: Denoiser,
-                           reference: Callable[[torch.Tensor, list[str]], torch.Tensor],
-                           atol: float = 1e-4) -> None:
+def check_matches_pipeline(denoiser: Denoiser, reference: Reference, atol: float = 1e-4) -> None:
     """0 -> T through the adapter equals the pipeline's own output from the same noise.
 
     ``reference(noise, prompts)`` gets the unscaled standard-normal noise (the pipeline scales

@@ -15,18 +15,13 @@ STEPS = 4
 GUIDANCE = 3.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with checks.one_thread():
-        yield
+_one_thread = checks.one_thread_per_module
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["guidance-embed", "no-guidance"])
 def pipe(request, tmp_path_factory) -> FluxPipeline:
     folder = tiny_flux_pipeline(tmp_path_factory.mktemp("flux"), guidance_embeds=request.param)
-    pipe = FluxPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return checks.load_pipeline(FluxPipeline, folder)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,7 @@ STEPS = 5
 GUIDANCE = 4.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with checks.one_thread():
-        yield
+_one_thread = checks.one_thread_per_module
 
 
 @pytest.fixture(scope="module", params=[("ddim", "epsilon"), ("ddim", "v_prediction"),
@@ -27,9 +24,7 @@ def pipe(request, tmp_path_factory) -> StableDiffusionPipeline:
     scheduler, prediction = request.param
     folder = tiny_sd_pipeline(tmp_path_factory.mktemp("sd"), scheduler=scheduler,
                               prediction_type=prediction)
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return checks.load_pipeline(StableDiffusionPipeline, folder)
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +34,13 @@ def denoiser(pipe) -> StableDiffusionDenoiser:
 
 
 def test_full_run_matches_the_pipeline(pipe, denoiser):
-    def reference(noise, prompts):
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise,
-                    output_type="latent").images
-
-    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(pipe, STEPS, GUIDANCE))
 
 
 def test_without_guidance_matches_the_pipeline(pipe):
     denoiser = StableDiffusionDenoiser(pipe, num_steps=STEPS, guidance_scale=1.0, compute_batch=3)
     assert set(denoiser.encode("a red circle").tensors) == {"prompt_embeds"}
-
-    def reference(noise, prompts):
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise,
-                    output_type="latent").images
-
-    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(pipe, STEPS, 1.0))
 
 
 def test_resume_from_an_intermediate_step_is_exact(denoiser):

@@ -15,19 +15,14 @@ STEPS = 4
 GUIDANCE = 4.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with checks.one_thread():
-        yield
+_one_thread = checks.one_thread_per_module
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["with-t5", "without-t5"])
 def pipe(request, tmp_path_factory) -> StableDiffusion3Pipeline:
     folder = tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))
     without_t5 = {} if request.param else {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **without_t5)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return checks.load_pipeline(StableDiffusion3Pipeline, folder, **without_t5)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +40,7 @@ def denoiser(pipe) -> StableDiffusion3Denoiser:
 
 
 def test_full_run_matches_the_pipeline(pipe, denoiser):
-    def reference(noise, prompts):
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise,
-                    output_type="latent").images
-
-    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(pipe, STEPS, GUIDANCE))
 
 
 def test_resume_from_an_intermediate_step_is_exact(denoiser):
@@ -66,12 +57,7 @@ def test_without_guidance_matches_the_pipeline_and_batches_exactly(pipe):
                                         compute_batch=3)
     assert set(denoiser.encode("a red circle").tensors) == {"prompt_embeds",
                                                              "pooled_prompt_embeds"}
-
-    def reference(noise, prompts):
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise,
-                    output_type="latent").images
-
-    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(pipe, STEPS, 1.0))
     checks.check_batch_invariance(denoiser)
 
 

@@ -13,18 +13,13 @@ STEPS = 4
 GUIDANCE = 5.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with checks.one_thread():
-        yield
+_one_thread = checks.one_thread_per_module
 
 
 @pytest.fixture(scope="module", params=["euler", "ddim"])
 def pipe(request, tmp_path_factory) -> StableDiffusionXLPipeline:
     folder = tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"), scheduler=request.param)
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return checks.load_pipeline(StableDiffusionXLPipeline, folder)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +29,7 @@ def denoiser(pipe) -> StableDiffusionXLDenoiser:
 
 
 def test_full_run_matches_the_pipeline(pipe, denoiser):
-    def reference(noise, prompts):
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise,
-                    output_type="latent").images
-
-    checks.check_matches_pipeline(denoiser, reference)
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(pipe, STEPS, GUIDANCE))
 
 
 def test_unconditional_branch_follows_the_pipeline_default(pipe, denoiser):

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from verifier_fixtures import (
+    PROMPTS,
     TINY_IMAGE,
-    forbid_network,
+    check_rows_independent,
+    offline_hub,
+    open_clip_cosines,
     pixel_batch,
     put_in_hub_cache,
     register_tiny_clip,
-    tiny_open_clip,
+    to_pil,
     write_open_clip_checkpoint,
 )
 
@@ -24,8 +25,6 @@ from diffsearch.verifiers._preprocess import CLIP_MEAN, CLIP_STD, clip_pixels
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 from diffsearch.verifiers.clip import ClipVerifier
 from diffsearch.verifiers.registry import create_verifier
-
-PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,10 @@ def _reference_scores(arch: str, seed: int, images: torch.Tensor, prompts: list[
                       ) -> torch.Tensor:
     """100 * cosine computed the way open_clip's own docs do it: PIL images through
     open_clip's validation transform, then encode_image / encode_text."""
-    model = tiny_open_clip(seed, arch)
     transform = open_clip.image_transform(TINY_IMAGE, is_train=False, mean=CLIP_MEAN,
                                           std=CLIP_STD)
-    pils = [Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            for img in images]
-    with torch.no_grad():
-        image = F.normalize(model.encode_image(torch.stack([transform(p) for p in pils])), dim=-1)
-        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(prompts)), dim=-1)
-    return 100 * (image * text).sum(-1)
+    pixels = torch.stack([transform(pil) for pil in to_pil(images)])
+    return 100 * open_clip_cosines(arch, seed, pixels, prompts)
 
 
 def test_scores_match_open_clip_reference_pipeline(verifier: ClipVerifier, arch: str) -> None:
@@ -70,10 +64,7 @@ def test_scores_match_open_clip_reference_pipeline(verifier: ClipVerifier, arch:
 def test_score_is_identical_alone_or_batched(verifier: ClipVerifier) -> None:
     images = pixel_batch(5, seed=6)
     prompts = [PROMPTS[i % 3] for i in range(5)]
-    together = verifier.score(images, prompts)
-    for row in range(5):
-        alone = verifier.score(images[row:row + 1], prompts[row:row + 1])
-        assert torch.equal(alone[0], together[row]), row
+    together = check_rows_independent(verifier, images, prompts)
     reordered = verifier.score(images.flip(0), prompts[::-1])
     assert torch.equal(reordered.flip(0), together)
 
@@ -90,7 +81,7 @@ def test_resizes_any_input_size_like_pil(verifier: ClipVerifier) -> None:
     smooth = F.interpolate(torch.rand(1, 3, 6, 8, generator=generator), size=(48, 64),
                            mode="bilinear", align_corners=False)
     ours = clip_pixels(smooth, TINY_IMAGE)
-    pil = Image.fromarray((smooth[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pil = to_pil(smooth)[0]
     transform = open_clip.image_transform(TINY_IMAGE, is_train=False)
     assert ours.shape == (1, 3, TINY_IMAGE, TINY_IMAGE)
     assert (ours[0] - transform(pil)).abs().mean() < 0.03
@@ -118,10 +109,7 @@ def test_unknown_tag_lists_the_archs_tags() -> None:
 def test_uncached_tag_names_the_hub_file_and_never_downloads(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    attempts = forbid_network(monkeypatch)
+    attempts = offline_hub(monkeypatch, tmp_path)
     with pytest.raises(MissingWeightsError,
                        match=r"open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_224"):
         ClipVerifier(arch="ViT-L-14", pretrained="openai")
@@ -131,16 +119,14 @@ def test_uncached_tag_names_the_hub_file_and_never_downloads(
 def test_tag_found_in_local_hub_cache(arch: str, checkpoint: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A pretrained tag resolves to the file in the Hugging Face cache layout."""
-    import huggingface_hub.constants
     from open_clip import pretrained as oc_pretrained
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    attempts = offline_hub(monkeypatch, tmp_path)
     monkeypatch.setitem(oc_pretrained._PRETRAINED, arch,
                         {"tiny": {"hf_hub": "diffsearch-test/tiny-clip/", "quick_gelu": False,
                                   "mean": CLIP_MEAN, "std": CLIP_STD}})
     put_in_hub_cache(tmp_path, "diffsearch-test/tiny-clip", "open_clip_pytorch_model.bin",
                      checkpoint)
-    attempts = forbid_network(monkeypatch)
     built = ClipVerifier(arch=arch, pretrained="tiny")
     assert attempts == []
     images = pixel_batch(2, seed=9)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from verifier_fixtures import (
-    forbid_network,
+    PROMPTS,
+    check_rows_independent,
+    offline_hub,
+    open_clip_cosines,
     pixel_batch,
     put_in_hub_cache,
     register_tiny_clip,
-    tiny_open_clip,
     write_open_clip_checkpoint,
 )
 
@@ -22,7 +22,6 @@ from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 from diffsearch.verifiers.hpsv2 import HPS_FILES, HPS_REPO, HpsV2Verifier
 from diffsearch.verifiers.registry import create_verifier
 
-PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
 SEED = 13
 
 
@@ -39,11 +38,7 @@ def wrapped(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cosines(arch: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    model = tiny_open_clip(SEED, arch)
-    with torch.no_grad():
-        image = F.normalize(model.encode_image(clip_pixels(images, 32)), dim=-1)
-        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(prompts)), dim=-1)
-    return (image * text).sum(-1)
+    return open_clip_cosines(arch, SEED, clip_pixels(images, 32), prompts)
 
 
 def test_wrapped_checkpoint_scores_cosine(arch: str, wrapped: Path) -> None:
@@ -69,20 +64,12 @@ def test_plain_and_ddp_prefixed_state_dicts_load(arch: str, wrapped: Path,
 
 def test_row_independent(arch: str, wrapped: Path) -> None:
     verifier = HpsV2Verifier(weights=str(wrapped), arch=arch)
-    images = pixel_batch(4, seed=16)
-    prompts = [PROMPTS[i % 3] for i in range(4)]
-    together = verifier.score(images, prompts)
-    for row in range(4):
-        assert torch.equal(verifier.score(images[row:row + 1], prompts[row:row + 1])[0],
-                           together[row])
+    check_rows_independent(verifier, pixel_batch(4, seed=16), [PROMPTS[i % 3] for i in range(4)])
 
 
 def test_found_in_hub_cache_by_version(arch: str, wrapped: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    attempts = forbid_network(monkeypatch)
+    attempts = offline_hub(monkeypatch, tmp_path)
     with pytest.raises(MissingWeightsError,
                        match=r"HPS_v2\.1_compressed\.pt of xswu/HPSv2.*hf download"):
         HpsV2Verifier(arch=arch)

@@ -16,7 +16,8 @@ from transformers import BertTokenizer
 from verifier_fixtures import (
     IR_TEXT,
     IR_VISION,
-    forbid_network,
+    check_rows_independent,
+    offline_hub,
     pixel_batch,
     write_tiny_imagereward,
 )
@@ -121,12 +122,7 @@ def test_scores_match_the_original_layout_recomputed(verifier: ImageRewardVerifi
 
 
 def test_row_independent(verifier: ImageRewardVerifier) -> None:
-    images = pixel_batch(5, seed=19)
-    prompts = [PROMPTS[i % 3] for i in range(5)]
-    together = verifier.score(images, prompts)
-    for row in range(5):
-        assert torch.equal(verifier.score(images[row:row + 1], prompts[row:row + 1])[0],
-                           together[row])
+    check_rows_independent(verifier, pixel_batch(5, seed=19), [PROMPTS[i % 3] for i in range(5)])
 
 
 def test_registry_and_sibling_med_config(options: dict[str, str]) -> None:
@@ -137,10 +133,7 @@ def test_registry_and_sibling_med_config(options: dict[str, str]) -> None:
 
 def test_missing_files_are_named(options: dict[str, str], tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    attempts = forbid_network(monkeypatch)
+    attempts = offline_hub(monkeypatch, tmp_path)
     with pytest.raises(MissingWeightsError, match="ImageReward.pt of THUDM/ImageReward"):
         ImageRewardVerifier(tokenizer=options["tokenizer"])
     lone = tmp_path / "lone" / "ImageReward.pt"

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 from verifier_fixtures import (
+    PROMPTS,
     TINY_IMAGE,
-    forbid_network,
+    check_rows_independent,
+    offline_hub,
     pixel_batch,
     put_in_hub_cache,
+    to_pil,
     write_tiny_hf_clip,
 )
 
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 from diffsearch.verifiers.pickscore import PickScoreVerifier
 from diffsearch.verifiers.registry import create_verifier
-
-PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,7 @@ def _reference(folder: Path, images: torch.Tensor, prompts: list[str]) -> torch.
     unit-norm features, logit_scale.exp() * cosine."""
     processor = CLIPProcessor.from_pretrained(folder)
     model = CLIPModel.from_pretrained(folder).eval()
-    pils = [Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-            for img in images]
-    image_inputs = processor(images=pils, return_tensors="pt")
+    image_inputs = processor(images=to_pil(images), return_tensors="pt")
     text_inputs = processor(text=prompts, padding=True, truncation=True, max_length=77,
                             return_tensors="pt")
     with torch.no_grad():
@@ -61,20 +58,12 @@ def test_scores_match_the_model_card_computation(verifier: PickScoreVerifier,
 
 
 def test_score_is_identical_alone_or_batched(verifier: PickScoreVerifier) -> None:
-    images = pixel_batch(5, seed=9)
-    prompts = [PROMPTS[i % 3] for i in range(5)]
-    together = verifier.score(images, prompts)
-    for row in range(5):
-        assert torch.equal(verifier.score(images[row:row + 1], prompts[row:row + 1])[0],
-                           together[row])
+    check_rows_independent(verifier, pixel_batch(5, seed=9), [PROMPTS[i % 3] for i in range(5)])
 
 
 def test_loads_hub_ids_from_the_local_cache_only(folder: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    attempts = forbid_network(monkeypatch)
+    attempts = offline_hub(monkeypatch, tmp_path)
     with pytest.raises(MissingWeightsError, match="'diffsearch-test/tiny-pickscore'.*hf download"):
         PickScoreVerifier(model="diffsearch-test/tiny-pickscore", processor=str(folder))
     for file in folder.iterdir():

@@ -5,6 +5,9 @@ checkpoint of a registered architecture, an aesthetic-predictor state dict with 
 names, a transformers CLIPModel folder with a tokenizer and image processor, the Hugging Face cache
 layout), so the loading code is what is tested, not a stub. Random initialisation happens inside
 ``torch.random.fork_rng`` so tests do not disturb global RNG state.
+
+Also here: what several verifier tests check or recompute the same way (row independence, the
+open_clip reference cosine, PIL conversion, an offline Hub cache), written once.
 """
 
 from __future__ import annotations
@@ -12,8 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffsearch.verifiers.base import Verifier
+
+PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
+"""Three different prompts in words every tiny tokenizer here knows."""
 
 TINY_CLIP_ARCH = "diffsearch-tiny-clip"
 TINY_EMBED = 16
@@ -49,6 +60,20 @@ def tiny_open_clip(seed: int, arch: str = TINY_CLIP_ARCH) -> torch.nn.Module:
         torch.manual_seed(seed)
         model = open_clip.create_model(arch, pretrained=None)
     return model.eval()
+
+
+def open_clip_cosines(arch: str, seed: int, pixels: torch.Tensor, prompts: list[str]
+                      ) -> torch.Tensor:
+    """Cosine of image and text features of ``tiny_open_clip(seed, arch)`` through its own
+    ``encode_image`` / ``encode_text``: the reference the open_clip-based verifiers must match.
+    ``pixels`` are already preprocessed, so each test states the preprocessing it expects."""
+    import open_clip
+
+    model = tiny_open_clip(seed, arch)
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(prompts)), dim=-1)
+    return (image * text).sum(-1)
 
 
 def write_open_clip_checkpoint(path: Path, seed: int, wrap: str | None = None) -> Path:
@@ -165,6 +190,24 @@ def pixel_batch(count: int, seed: int, size: int = TINY_IMAGE) -> torch.Tensor:
     """Random images in [0, 1] on the 8-bit grid (k/255), so PIL round trips are exact."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, 3, size, size), generator=generator).float() / 255
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) images in [0, 1] as 8-bit PIL images, the input of the reference
+    preprocessors (exact for ``pixel_batch`` images)."""
+    return [Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            for image in images]
+
+
+def check_rows_independent(verifier: Verifier, images: torch.Tensor, prompts: list[str]
+                           ) -> torch.Tensor:
+    """Each (image, prompt) row scored alone equals its row of the batch, bit for bit: a search
+    compares candidates scored in different batches. Returns the batch's scores."""
+    together = verifier.score(images, prompts)
+    for row in range(len(images)):
+        alone = verifier.score(images[row:row + 1], prompts[row:row + 1])
+        assert torch.equal(alone[0], together[row]), row
+    return together
 
 
 def write_distribution(site: Path, name: str, version: str, entry_points: dict[str, str],
@@ -300,3 +343,12 @@ def forbid_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(socket.socket, "connect", refuse_connect)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return attempts
+
+
+def offline_hub(monkeypatch: pytest.MonkeyPatch, cache: Path) -> list[str]:
+    """``forbid_network`` with the Hugging Face cache moved to ``cache``: a verifier must find
+    Hub files there or name the missing one, never download. Returns the attempt record."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return forbid_network(monkeypatch)
