@@ -138,7 +138,9 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid).resize(size, Image.Resampling.NEAREST).save(path)
 
 
-def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None) -> dict:
+def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None,
+        out: Path) -> dict:
+    """The report; sample grids go beside ``out`` (``<stem>_<split>_samples.png``)."""
     pipe = load_pipeline(model)
     defaults = bundled_defaults(model)
     if guidance_scale is not None:
@@ -158,8 +160,8 @@ def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None
         report[split] = summary
         all_scores.append(scores)
         all_correct.append(correct)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        save_grid(images[:64], RESULTS / f"shapes_model_{split}_samples.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images[:64], out.with_name(f"{out.stem}_{split}_samples.png"))
     report["clip_auc_all"] = roc_auc(np.concatenate(all_scores), np.concatenate(all_correct))
     report["timing"] = time_generation(pipe, defaults)
     return report
@@ -176,7 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "shapes_model.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = run(args.model, args.clip, args.n, args.seed, args.guidance_scale)
+    report = run(args.model, args.clip, args.n, args.seed, args.guidance_scale, args.out)
     text = json.dumps(report, indent=2)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
