@@ -11,7 +11,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
-from test_engine import comparable
 
 from diffsearch.api import run_job
 from diffsearch.cli import main as cli_main
@@ -30,7 +29,7 @@ from diffsearch.strategies import registry
 from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.tree_of_frames import LinearClips, TreeOfFrames
 from diffsearch.verifiers.base import VerifierError
-from engine_harness import clip_redness, fake_job, install_fake_runtime, run_fake
+from engine_harness import clip_redness, comparable, fake_job, install_fake_runtime, run_fake
 
 PROMPT = "a red circle moving from left to right"
 FRAMES = ["a red circle on the left", "a red circle in the centre", "a red circle on the right"]
@@ -259,7 +258,8 @@ def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path)
 def test_the_same_job_gives_the_same_clips_whatever_the_batch_size(tmp_path: Path) -> None:
     for name, batch_size in (("a", 8), ("b", 1)):
         run_fake(tof_job(batch_size=batch_size), tmp_path / name)
-    assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
+    assert comparable(tmp_path / "a", "job", "result_key") == \
+        comparable(tmp_path / "b", "job", "result_key")
     assert media_bytes(tmp_path / "a") == media_bytes(tmp_path / "b")
 
 
@@ -313,7 +313,8 @@ def test_the_cli_runs_tree_of_frames_from_flags_and_from_a_job_file(tmp_path: Pa
     result = CliRunner().invoke(cli_main, ["run", str(tmp_path / "job.yaml"), "--out",
                                            str(tmp_path / "file"), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert comparable(tmp_path / "flags") == comparable(tmp_path / "file")
+    assert comparable(tmp_path / "flags", "job", "result_key") == \
+        comparable(tmp_path / "file", "job", "result_key")
     best = json.loads((tmp_path / "file" / "results.json").read_text())["prompts"][0]["best"]
     assert (tmp_path / "file" / candidate_clip_path(0, best["candidate"])).is_file()
 
