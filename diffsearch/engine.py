@@ -200,8 +200,10 @@ class Engine:
                     state.best_reward is None or outcome.reward > state.best_reward):
                 state.best_reward = outcome.reward
         bar.update(nfe)
-        if state.best_reward is not None:
-            bar.set_postfix(best=f"{state.best_reward:.4g}", refresh=False)
+        if state.best_reward is not None and outcomes:
+            # prompts run interleaved: say whose best this is
+            bar.set_postfix_str(f"prompt {outcomes[0].prompt_index} best {state.best_reward:.4g}",
+                                refresh=False)
         return nfe
 
     def _report(self, index: int, state: _PromptState, outcomes: tuple[Outcome, ...],
