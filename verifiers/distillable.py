@@ -90,7 +90,27 @@ def _state(student: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tens
             for k, v in student.state_dict().items()}
 
 
-class ShapesClipDistillable(Distillable):
+class _OpenClipDistillable(Distillable):
+    """Teachers whose network is an open_clip model scoring the cosine of the normalised image
+    and prompt embeddings; subclasses add their preprocessing and scale."""
+
+    teacher: ShapesClipVerifier | ClipVerifier
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.teacher.model
+
+    def _cosine(self, student: torch.nn.Module, pixels: torch.Tensor, prompts: Sequence[str]
+                ) -> torch.Tensor:
+        """Cosine of ``student``'s embeddings of preprocessed ``pixels`` and of ``prompts``
+        (tokenised by the teacher), with gradients."""
+        image = F.normalize(student.encode_image(pixels), dim=-1)
+        tokens = self.teacher.tokenizer(list(prompts)).to(self.teacher.device)
+        text = F.normalize(student.encode_text(tokens), dim=-1)
+        return (image * text).sum(-1)
+
+
+class ShapesClipDistillable(_OpenClipDistillable):
     """``shapes-clip``: cosine of the normalised open_clip image and prompt embeddings.
 
     A student folder is a shapes-clip folder (the teacher's ``open_clip_config.json`` and
@@ -100,18 +120,10 @@ class ShapesClipDistillable(Distillable):
 
     teacher: ShapesClipVerifier
 
-    @property
-    def network(self) -> torch.nn.Module:
-        return self.teacher.model
-
     def score(self, student: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str]
               ) -> torch.Tensor:
-        device = self.teacher.device
-        pixels = clip_model.normalise(images.float().to(device).clamp(0, 1))
-        image = F.normalize(student.encode_image(pixels), dim=-1)
-        tokens = self.teacher.tokenizer(list(prompts)).to(device)
-        text = F.normalize(student.encode_text(tokens), dim=-1)
-        return (image * text).sum(-1)
+        pixels = clip_model.normalise(images.float().to(self.teacher.device).clamp(0, 1))
+        return self._cosine(student, pixels, prompts)
 
     def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any],
              dtype: torch.dtype = torch.float32) -> None:
@@ -123,7 +135,7 @@ class ShapesClipDistillable(Distillable):
         self._write_manifest(folder, {"weights": "."}, meta)
 
 
-class ClipDistillable(Distillable):
+class ClipDistillable(_OpenClipDistillable):
     """``clip``: 100 x cosine of open_clip embeddings, with the teacher's CLIP preprocessing.
 
     A student folder holds the weights as ``open_clip_model.safetensors`` and a manifest naming
@@ -150,21 +162,13 @@ class ClipDistillable(Distillable):
         self._mean, self._std = tuple(cfg["mean"]), tuple(cfg["std"])
         self._interpolation = cfg.get("interpolation", "bicubic")
 
-    @property
-    def network(self) -> torch.nn.Module:
-        return self.teacher.model
-
     def score(self, student: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str]
               ) -> torch.Tensor:
         from diffsearch.verifiers._preprocess import clip_pixels
 
-        device = self.teacher.device
-        pixels = clip_pixels(images.to(device), self.teacher.input_size or 224, self._mean,
-                             self._std, self._interpolation)
-        image = F.normalize(student.encode_image(pixels), dim=-1)
-        text = F.normalize(student.encode_text(self.teacher.tokenizer(list(prompts)).to(device)),
-                           dim=-1)
-        return self.teacher.scale * (image * text).sum(-1)
+        pixels = clip_pixels(images.to(self.teacher.device), self.teacher.input_size or 224,
+                             self._mean, self._std, self._interpolation)
+        return self.teacher.scale * self._cosine(student, pixels, prompts)
 
     def save(self, student: torch.nn.Module, folder: Path, meta: dict[str, Any],
              dtype: torch.dtype = torch.float32) -> None:
