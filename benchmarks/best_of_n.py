@@ -17,18 +17,17 @@ Prints and saves JSON (``benchmarks/results/best_of_n.json``)::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 from diffsearch.api import run_job
 from diffsearch.job import Job
 from diffsearch.pipelines.shapes.world import distinct_prompts
 
+from _report import command_line, save_report
+
 ORACLE = "shapes-oracle"
-RESULTS = Path(__file__).parent / "results"
 
 
 def correct(scores: dict[str, float]) -> bool:
@@ -76,11 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         "nfe_per_prompt": result.nfe // len(prompts),
         "verifier_calls": result.verifier_calls,
         "wall_seconds": round(result.wall_seconds, 2),
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "best_of_n.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    save_report(report, "best_of_n")
     return report
 
 

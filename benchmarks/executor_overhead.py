@@ -53,7 +53,8 @@ from diffsearch.job import Job, VerifierSpec
 from diffsearch.runtime import RuntimeSpec
 from diffsearch.seeding import derive_seed, torch_generator
 
-RESULTS = Path(__file__).parent / "results"
+from _report import command_line, save_report
+
 PROMPT = "a red circle to the left of a blue square"
 
 
@@ -221,11 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "results": results,
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "executor_overhead.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    save_report(report, "executor_overhead")
     return report
 
 

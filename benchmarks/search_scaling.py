@@ -28,7 +28,6 @@ import itertools
 import json
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,10 @@ from diffsearch.job import Job
 from diffsearch.pipelines.shapes.world import distinct_prompts
 from diffsearch.results import RunResult
 
+from _report import command_line, save_plot, save_report
+
 ORACLE = "shapes-oracle"
 GUIDE = "shapes-clip"
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_STRATEGIES = ["best-of-n", "evosearch", "ttsnap", "zero-order", "paths", "particles"]
 
 
@@ -144,14 +144,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "benchmark": "search_scaling", "prompts": len(prompts), "seed": args.seed,
         "guide": GUIDE, "judge": ORACLE, "rows": rows,
         "total_wall_seconds": round(time.perf_counter() - started, 1),
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    try:
-        plot(rows, RESULTS / f"{args.name}.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    save_report(report, args.name, show=False)
+    save_plot(lambda path: plot(rows, path), args.name)
     return rows
 
 

@@ -32,7 +32,7 @@ from diffsearch.pipelines.shapes.oracle import judge
 from diffsearch.seeding import derive_seed, torch_generator
 from diffsearch.verifiers.shapes import ShapesClipVerifier
 
-RESULTS = Path(__file__).parent / "results"
+from _report import RESULTS
 
 
 def load_pipeline(path: Path) -> StableDiffusionPipeline:

@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,11 @@ from diffsearch.pipelines.shapes import bundled_defaults
 from diffsearch.pipelines.shapes.motion import motion_prompts
 from diffsearch.results import RunResult
 
+from _report import command_line, save_plot, save_report
+
 GUIDE = "shapes-video"
 JUDGE = "shapes-video-oracle"
 STRATEGIES = ("linear-clips", "tree-of-frames")
-RESULTS = Path(__file__).parent / "results"
 
 
 def summarise(result: RunResult) -> dict[str, Any]:
@@ -155,16 +155,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nfe_to_match_guiding_score": nfe_to_match(rows, "guiding_score"),
         "nfe_to_match_oracle_accuracy": nfe_to_match(rows, "oracle_accuracy"),
         "total_wall_seconds": round(time.perf_counter() - started, 1),
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
     }
     print(json.dumps({k: report[k] for k in ("nfe_to_match_guiding_score",
                                              "nfe_to_match_oracle_accuracy")}, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    try:
-        plot(rows, RESULTS / f"{args.name}.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    save_report(report, args.name, show=False)
+    save_plot(lambda path: plot(rows, path), args.name)
     return report
 
 

@@ -34,7 +34,8 @@ import torch
 
 from diffsearch.verifiers.base import Verifier
 
-RESULTS = Path(__file__).parent / "results"
+from _report import RESULTS
+
 PROMPT = "a red circle on the left of two blue squares"
 
 
