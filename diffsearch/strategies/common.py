@@ -45,6 +45,9 @@ class RoundStrategy(Strategy):
         self._best: Outcome | None = None
         self.planned_nfe = 0
         """NFEs of every task asked so far (what the engine will charge)."""
+        self._rounds_told = 0
+        """Rounds answered so far: in :meth:`_next_round` the index of the round to build, in
+        :meth:`_receive` the index of the round being answered."""
 
     # ---- for subclasses ---------------------------------------------------------------------
     @abstractmethod
@@ -105,6 +108,7 @@ class RoundStrategy(Strategy):
                 if self._best is None or ranked([outcome, self._best])[0] is outcome:
                     self._best = outcome
         self._receive(tasks, outcomes)
+        self._rounds_told += 1
 
     @property
     def done(self) -> bool:

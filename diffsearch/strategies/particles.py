@@ -74,7 +74,6 @@ class Particles(RoundStrategy):
         """Step boundaries: particles are scored and maybe resampled at the inner ones."""
         self.resampled_at: list[int] = []
         """Steps at which a resampling happened (for inspection and tests)."""
-        self._round_index = 0
         self._holders: list[int] = []
         """Per particle slot: the candidate holding its state at the current step."""
         self.log_weights = np.zeros(self.particles)
@@ -85,7 +84,7 @@ class Particles(RoundStrategy):
         """Per slot: the best reward along its ancestry (the "max" potential)."""
 
     def _next_round(self) -> list[Task]:
-        i = self._round_index
+        i = self._rounds_told
         start, end = self.segments[i], self.segments[i + 1]
         score_on = ScoreOn.FINAL if end == self.num_steps else ScoreOn.X0
         if i == 0:
@@ -95,7 +94,6 @@ class Particles(RoundStrategy):
                 for holder in self._holders]
 
     def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
-        self._round_index += 1
         step = tasks[0].end
         if step == self.num_steps:
             self._finish()

@@ -73,12 +73,11 @@ class Paths(RoundStrategy):
             if self.n * per_path > self.budget_nfe:
                 raise ValueError(f"n={self.n} paths need {self.n * per_path} NFE, over the "
                                  f"budget of {self.budget_nfe}")
-        self._round_index = 0
         self._kept: list[int] = []
         """Candidates holding the kept paths, at ``levels[round - 1]``."""
 
     def _next_round(self) -> list[Task]:
-        i = self._round_index
+        i = self._rounds_told
         if i == 0:
             return [self._task(start=0, end=self.start_step, score_on=ScoreOn.NONE)
                     for _ in range(self.n)]
@@ -93,8 +92,7 @@ class Paths(RoundStrategy):
                 for path in self._kept for _ in range(self.branches)]
 
     def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
-        i = self._round_index
-        self._round_index += 1
+        i = self._rounds_told
         if i == len(self.levels):
             self._finish()
             return

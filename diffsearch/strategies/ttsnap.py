@@ -136,7 +136,6 @@ class TTSnap(RoundStrategy):
                 raise ValueError(f"n={self.n} needs {cost} NFE, over the budget of "
                                  f"{self.budget_nfe}")
         self.counts = survivors(self.n, self.keep)
-        self._round_index = 0
         self._alive: list[int] = []
         """Candidates whose state at the last pruning step the next round continues."""
 
@@ -166,7 +165,7 @@ class TTSnap(RoundStrategy):
         return checked
 
     def _next_round(self) -> list[Task]:
-        i = self._round_index
+        i = self._rounds_told
         start = 0 if i == 0 else self.prune_at[i - 1]
         if i < len(self.prune_at):
             end, score_on = self.prune_at[i], ScoreOn.X0
@@ -180,8 +179,7 @@ class TTSnap(RoundStrategy):
                            source=candidate) for candidate in self._alive]
 
     def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
-        i = self._round_index
-        self._round_index += 1
+        i = self._rounds_told
         if i == len(self.prune_at):
             self._finish()
             return
