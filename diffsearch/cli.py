@@ -18,30 +18,26 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from diffsearch.errors import DiffsearchError
+from diffsearch.cli_errors import one_line_errors
 from diffsearch.job import Job, job_from_mapping, load_job
 from diffsearch.results import RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Error types that mean bad input, not a bug: shown as one line, exit status 2."""
-    return (DiffsearchError,)
-
-
 def friendly_errors(command: F) -> F:
+    """One-line errors (:func:`one_line_errors`), and Ctrl-C during a run exits 130 saying how
+    to resume."""
+    checked = one_line_errors(command)
+
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            return checked(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished candidates are saved; run the same command "
                        "with --resume to continue", err=True)
             sys.exit(130)
-        except _user_errors() as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
 

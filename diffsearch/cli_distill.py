@@ -8,14 +8,13 @@ The output folder goes straight into TTSnap: ``strategy: {name: ttsnap, verifier
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import torch
 
+from diffsearch.cli_errors import one_line_errors
 from diffsearch.distill import DistillError, distill, format_table
-from diffsearch.errors import DiffsearchError
 from diffsearch.job import load_prompts_file
 
 
@@ -90,6 +89,7 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="New folder for the checkpoints (step-KK/) and distilled.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
 def distill_command(model: str, teacher: str, steps: str | None, num_steps: int | None,
                     prompt_count: int | None, prompts_file: Path | None, eval_count: int,
                     eval_prompts_file: Path | None, samples: int, eval_samples: int,
@@ -104,24 +104,20 @@ def distill_command(model: str, teacher: str, steps: str | None, num_steps: int 
     Kendall tau (per held-out prompt, averaged) between intermediate and final scores, before
     and after distillation.
     """
-    try:
-        from diffsearch.pipelines.loading import load_denoiser
+    from diffsearch.pipelines.loading import load_denoiser
 
-        if threads is not None:
-            torch.set_num_threads(threads)
-        train, held_out = _prompts(model, prompt_count, prompts_file, eval_count,
-                                   eval_prompts_file, seed)
-        denoiser = load_denoiser(model, num_steps=num_steps, device=device)
-        manifest = distill(
-            denoiser=denoiser, teacher=teacher, model=model, train_prompts=train,
-            eval_prompts=held_out, out=out, steps=_steps(steps, denoiser.num_steps),
-            samples=samples, eval_samples=eval_samples, epochs=epochs, lr=lr,
-            batch=batch_size, seed=seed, weights_dtype=weights_dtype, objective=objective,
-            progress=not quiet,
-            log=lambda message: click.echo(message, err=True))
-    except DiffsearchError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train, held_out = _prompts(model, prompt_count, prompts_file, eval_count,
+                               eval_prompts_file, seed)
+    denoiser = load_denoiser(model, num_steps=num_steps, device=device)
+    manifest = distill(
+        denoiser=denoiser, teacher=teacher, model=model, train_prompts=train,
+        eval_prompts=held_out, out=out, steps=_steps(steps, denoiser.num_steps),
+        samples=samples, eval_samples=eval_samples, epochs=epochs, lr=lr,
+        batch=batch_size, seed=seed, weights_dtype=weights_dtype, objective=objective,
+        progress=not quiet,
+        log=lambda message: click.echo(message, err=True))
     click.echo(format_table(manifest))
     click.echo(f"students and distilled.json in {out}; use with "
                f"strategy: {{name: ttsnap, verifiers: {out}}}")

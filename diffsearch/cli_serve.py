@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
+from diffsearch.cli_errors import fail
 from diffsearch.service.config import Limits, ServiceConfig
 
 TOKEN_ENV = "DIFFSEARCH_TOKEN"
 _DEFAULTS = Limits()
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def is_loopback(host: str) -> bool:
@@ -41,10 +35,10 @@ def read_token(token_file: Path | None) -> str | None:
         try:
             lines = token_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            _fail(f"--token-file {token_file}: cannot read it ({error.strerror})")
+            fail(f"--token-file {token_file}: cannot read it ({error.strerror})")
         token = lines[0].strip() if lines else ""
         if not token:
-            _fail(f"--token-file {token_file}: the file is empty")
+            fail(f"--token-file {token_file}: the file is empty")
         return token
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
@@ -56,7 +50,7 @@ def parse_models(pairs: tuple[str, ...]) -> dict[str, str]:
         name, sep, target = pair.partition("=")
         name = name.strip()
         if not name or (sep and not target.strip()):
-            _fail(f"--model {pair!r}: expected NAME=FOLDER (or a bare NAME)")
+            fail(f"--model {pair!r}: expected NAME=FOLDER (or a bare NAME)")
         models[name] = target.strip() if sep else name
     return models
 
@@ -116,17 +110,17 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
 
     token = read_token(token_file)
     if token is None and not is_loopback(host):
-        _fail(f"refusing to listen on {host} without a token: set ${TOKEN_ENV} or pass "
+        fail(f"refusing to listen on {host} without a token: set ${TOKEN_ENV} or pass "
               f"--token-file (or listen on 127.0.0.1)")
     if executor == "local" and concurrency != 1:
-        _fail("--concurrency: the local executor runs one search at a time; use "
+        fail("--concurrency: the local executor runs one search at a time; use "
               "--executor dask to run several")
     if scheduler and executor != "dask":
-        _fail("--scheduler: only used with --executor dask")
+        fail("--scheduler: only used with --executor dask")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        _fail(f"--data-dir {data_dir}: cannot create it ({error.strerror})")
+        fail(f"--data-dir {data_dir}: cannot create it ({error.strerror})")
     config = ServiceConfig(
         data_dir=data_dir.resolve(), token=token, models=parse_models(models),
         verifiers=tuple(verifiers) or None,
