@@ -10,7 +10,8 @@ the same trajectory:
    pruning step and the final image, exactly what TTSnap scores at run time.
 2. :func:`train_stage`, once per level, from the least noisy (largest k) to the noisiest: the
    first stage starts from the teacher, each next one from the previous stage's student; MSE of
-   the student's score of x0 at k against the teacher's score of the final image; AdamW.
+   the student's score of x0 at k against the teacher's score of the final image (or, with the
+   ``within-prompt`` objective, of both centred on their prompt's mean); AdamW.
    Each level's student is saved as a verifier folder ``OUT/step-KK/``, usable by path.
 3. Evaluation on held-out trajectories (other prompts): Kendall tau, per prompt, between the
    scores of the x0 estimates at step k and the teacher's scores of the finals, averaged over
@@ -416,7 +417,8 @@ def _prompts(train: Sequence[str], held_out: Sequence[str]) -> tuple[list[str], 
     """Distinct prompts (a repeated prompt would repeat its seeds, hence its trajectories);
     held-out prompts that also appear in training are dropped."""
     train_list = list(dict.fromkeys(train))
-    eval_list = [p for p in dict.fromkeys(held_out) if p not in set(train_list)]
+    seen = set(train_list)
+    eval_list = [p for p in dict.fromkeys(held_out) if p not in seen]
     if not train_list:
         raise DistillError("prompts: no training prompts")
     if not eval_list:
