@@ -24,13 +24,13 @@ Ties are broken by candidate id, so equal outcomes give equal tasks (replay, det
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.seeding import derive_seed
 from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
+from diffsearch.strategies.common import kept, ranked
 
 DEFAULT_STRENGTH = 0.75
 """img2img strength of frames >= 1. Measured on the bundled shapes model (20 steps, motion
@@ -38,16 +38,6 @@ prompts, single chains): at 0.6 the object stays where the previous frame had it
 right 5% of the time), at 0.75 about half the frames move as asked, at 0.9 nearly all do but
 each frame is then almost a fresh sample. 0.75 keeps frames tied to their predecessor while
 leaving the search something to find."""
-
-
-def _ranked(outcomes: Sequence[Outcome]) -> list[Outcome]:
-    """Best first; failed or unscored last; equal rewards by candidate id."""
-    return sorted(outcomes, key=lambda o: (-o.rank_key(), o.candidate))
-
-
-def _kept(share: float, n: int) -> int:
-    """How many of ``n`` open branches survive a pruning that keeps ``share`` (at least 1)."""
-    return max(1, math.ceil(round(share * n, 9)))
 
 
 class _FrameChainStrategy(Strategy):
@@ -100,8 +90,8 @@ class _FrameChainStrategy(Strategy):
 
     def best(self) -> Outcome | None:
         """The best finished clip, as its last frame's outcome."""
-        ranked = [o for o in _ranked(self._finished) if o.ok and o.reward is not None]
-        return ranked[0] if ranked else None
+        finished = ranked(self._finished)
+        return finished[0] if finished else None
 
 
 class TreeOfFrames(_FrameChainStrategy):
@@ -152,7 +142,7 @@ class TreeOfFrames(_FrameChainStrategy):
         for depth in range(1, self.chain.num_frames):
             made = open_ * branching
             counts.append(made)
-            open_ = _kept(self.keep, made) if depth in self.prune_depths else made
+            open_ = kept(self.keep, made) if depth in self.prune_depths else made
         return counts
 
     def planned_nfe(self, first_frame_candidates: int, branching: int) -> int:
@@ -193,19 +183,18 @@ class TreeOfFrames(_FrameChainStrategy):
                               ScoreOn.CLIP if scored else ScoreOn.NONE)
 
     def tell(self, outcomes: list[Outcome]) -> None:
-        alive = [o for o in outcomes if o.ok]
         if self._depth == 0:
-            ranked = [o for o in _ranked(alive) if o.reward is not None]
-            self._open = [ranked[0].candidate] if ranked else []
+            scored = ranked(outcomes)
+            self._open = [scored[0].candidate] if scored else []
         elif self._depth == self.last_depth:
             self._finished = list(outcomes)
             self._open = []
         elif self._depth in self.prune_depths:
-            ranked = [o for o in _ranked(alive) if o.reward is not None]
-            survivors = ranked[:_kept(self.keep, len(ranked))] if ranked else []
+            scored = ranked(outcomes)
+            survivors = scored[:kept(self.keep, len(scored))] if scored else []
             self._open = sorted(o.candidate for o in survivors)
         else:
-            self._open = [o.candidate for o in alive]
+            self._open = [o.candidate for o in outcomes if o.ok]
         self._depth += 1
         self._done = not self._open
 
