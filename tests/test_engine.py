@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffsearch.engine import BudgetExceededError
 from diffsearch.errors import StoreError
@@ -56,6 +57,17 @@ def test_same_job_same_bits_whatever_the_batch_size(tmp_path: Path) -> None:
                for name, path in runs.items()}
     for name in "bcd":
         assert np.array_equal(latents[name].numpy(), latents["a"].numpy())
+
+
+def test_the_fake_decodes_a_row_to_the_same_bits_in_any_batch() -> None:
+    """The batch-size test above compares images decoded in batches of 8, 3 and 1; rows of 27
+    values are not a multiple of any SIMD width, so a batched sigmoid would round some of them
+    differently from the row alone."""
+    denoiser = FakeDenoiser(latent_shape=(3, 3, 3))
+    latents = 3 * torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([denoiser.decode(latents[i : i + 1]) for i in range(8)])
+    assert torch.equal(denoiser.decode(latents), alone)
+    assert torch.equal(denoiser.decode(latents[2:5]), alone[2:5])
 
 
 def test_batch_size_controls_work_units(tmp_path: Path) -> None:
