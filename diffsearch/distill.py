@@ -1,4 +1,4 @@
-"""TTSnap's noise-aware verifier by self-distillation (shared/REFERENCES.md, "TTSnap").
+"""TTSnap's noise-aware verifier by self-distillation (see docs/strategies.md).
 
 A reward model trained on clean images ranks the blurry x0 estimates of early steps badly, so
 pruning on them throws good candidates away. Distillation teaches a copy of it (the student) to

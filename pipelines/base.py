@@ -1,6 +1,6 @@
 """The one denoiser interface every strategy and worker uses.
 
-Step indices follow shared/REFERENCES.md: k = 0 is pure noise, k = T (``num_steps``) is clean.
+Step indices (docs/strategies.md): k = 0 is pure noise, k = T (``num_steps``) is clean.
 A latent "at step k" is the sampler state before the k-th denoising step has been taken, so
 ``denoise(x, start=k, end=m)`` runs the steps k, k+1, ..., m-1 (m - k NFEs per candidate).
 
@@ -67,7 +67,8 @@ class Denoiser(ABC):
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     nfe_per_step: int = 1
-    """NFEs one candidate costs per step. Classifier-free guidance counts once (DESIGN.md)."""
+    """NFEs one candidate costs per step. Classifier-free guidance counts once (its two branches
+    share one forward pass; docs/strategies.md, "NFE accounting")."""
 
     # ---- prompts -------------------------------------------------------------------------
     @abstractmethod

@@ -4,27 +4,49 @@ and a prompt, watch the candidates arrive, check the best image is shown and dow
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from test_service_harness import TOKEN, FakeBackend, client, fake_config, serve
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+CHROMIUM_ENV = "DIFFSEARCH_CHROMIUM"
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
+HOW_TO_GET_IT = (f"apt-get install chromium, set {CHROMIUM_ENV} to a Chromium binary, or run "
+                 "`bash scripts/test`, which installs it")
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+def find_chromium() -> str:
+    """The Chromium to drive: ``$DIFFSEARCH_CHROMIUM``, else ``chromium`` or ``chromium-browser``
+    on PATH. The page test is part of the suite, so a machine without one fails it (one line
+    saying how to get one) rather than skipping it."""
+    configured = os.environ.get(CHROMIUM_ENV)
+    if configured:
+        if not os.access(configured, os.X_OK):
+            pytest.fail(f"{CHROMIUM_ENV}={configured} is not an executable file: {HOW_TO_GET_IT}",
+                        pytrace=False)
+        return configured
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail(f"no Chromium ({CHROMIUM_ENV} is unset and neither {' nor '.join(CHROMIUM_NAMES)}"
+                f" is on PATH): {HOW_TO_GET_IT}", pytrace=False)
+
+
 def test_submit_on_the_page_and_see_the_best_image(tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    chromium = find_chromium()
 
     config = replace(fake_config(tmp_path), batch_size=1)  # one progress event per candidate
     with serve(config, FakeBackend(delay=0.02)) as url, \
             sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -69,3 +91,30 @@ def _best_candidate(url: str) -> int:
         searches = http.get("/v1/searches").json()["searches"]
         detail = http.get(f"/v1/searches/{searches[-1]['id']}").json()
     return int(detail["result"]["prompts"][0]["best"]["candidate"])
+
+
+def test_a_missing_chromium_fails_in_one_line_saying_how_to_get_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CHROMIUM_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception) as missing:
+        find_chromium()
+    message = str(missing.value)
+    assert "\n" not in message and "apt-get install chromium" in message
+    assert CHROMIUM_ENV in message and "bash scripts/test" in message
+
+    monkeypatch.setenv(CHROMIUM_ENV, str(tmp_path / "no-such-chromium"))
+    with pytest.raises(pytest.fail.Exception, match="no-such-chromium is not an executable"):
+        find_chromium()
+
+
+def test_chromium_is_found_by_variable_then_on_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("chromium-browser", "my-chromium"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(CHROMIUM_ENV, raising=False)
+    assert find_chromium() == str(tmp_path / "chromium-browser")
+    monkeypatch.setenv(CHROMIUM_ENV, str(tmp_path / "my-chromium"))
+    assert find_chromium() == str(tmp_path / "my-chromium")

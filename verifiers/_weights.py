@@ -1,8 +1,9 @@
 """Finding verifier weights on disk: a local path, else the local Hugging Face cache.
 
-Verifiers never reach the network unless their ``allow_download`` option is true (DESIGN.md: no
-network at run time unless the user asks). When weights are missing the error names the exact
-file and the command that fetches it, because "model not found" alone sends users searching.
+Verifiers never reach the network unless their ``allow_download`` option is true (no network at
+run time unless the user asks: docs/architecture.md, "Errors"). When weights are missing the
+error names the exact file and the command that fetches it, because "model not found" alone
+sends users searching.
 """
 
 from __future__ import annotations
