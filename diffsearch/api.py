@@ -32,7 +32,7 @@ from diffsearch.job import Job, VerifierSpec, job_from_mapping
 from diffsearch.results import PromptResult, RunResult, best_image_path
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import CandidateRecord
-from diffsearch.strategies.base import Outcome
+from diffsearch.tasks import Outcome
 
 RUNS_DIR_ENV = "DIFFSEARCH_RUNS"
 """Where :func:`search` puts run folders when ``out`` is not given (default: the temp dir)."""

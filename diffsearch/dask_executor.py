@@ -41,7 +41,7 @@ from diffsearch.runtime import (
     get_runtime,
     run_batch,
 )
-from diffsearch.strategies.base import Outcome
+from diffsearch.tasks import Outcome
 
 RUNTIME_PLUGIN = "diffsearch-runtime"
 """The worker plugin's name: registering a new spec under it replaces the previous job's plugin."""

@@ -26,8 +26,9 @@ from diffsearch.job import Job
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import RunStore
-from diffsearch.strategies.base import Outcome, Strategy, Task
+from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.registry import strategy_class
+from diffsearch.tasks import Outcome, Task
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch, describe_model, run_batch
-from diffsearch.strategies.base import Outcome
+from diffsearch.tasks import Outcome
 
 
 class Executor(ABC):

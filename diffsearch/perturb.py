@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from diffsearch.pipelines.base import Denoiser, stack_generators_noise
-from diffsearch.strategies.base import Perturbation, PerturbKind
+from diffsearch.tasks import Perturbation, PerturbKind
 
 
 def mutate_noise(x: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor,

@@ -25,7 +25,7 @@ from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
 from diffsearch.seeding import task_generator
 from diffsearch.store import RunStore
-from diffsearch.strategies.base import Outcome, ScoreOn, Task
+from diffsearch.tasks import Outcome, ScoreOn, Task
 from diffsearch.verifiers.base import Verifier, VerifierError
 from diffsearch.verifiers.video import VideoVerifier
 

@@ -30,7 +30,7 @@ import torch
 import zarr
 
 from diffsearch.errors import StoreError
-from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
+from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
 FORMAT_VERSION = 1
 _META_CHUNK = 1024

@@ -4,7 +4,7 @@ Frame 0 is an ordinary sample (noise at step 0 denoised to the last step T). Fra
 image-to-image from frame f - 1 at a chosen ``strength``: the previous frame's clean latent is
 moved back to step ``k = round(T * (1 - strength))`` by the adapter's own forward process
 (``Denoiser.renoise``) and denoised k -> T under frame f's prompt. That is exactly what diffusers'
-img2img pipelines do, expressed as a :class:`~diffsearch.strategies.base.Task` with the parent frame
+img2img pipelines do, expressed as a :class:`~diffsearch.tasks.Task` with the parent frame
 as ``source_candidate`` and a RENOISE perturbation, so it runs on any adapter (the bundled SD
 model included) through the ordinary engine, store and batching; a frame costs ``T - k`` NFEs.
 A fresh seed per frame task drives the re-noising, which is what makes sibling branches differ.
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffsearch.pipelines.shapes.motion import is_motion_prompt, motion_frame_prompts
-from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn, Task
+from diffsearch.tasks import Perturbation, PerturbKind, ScoreOn, Task
 
 
 def frame_prompts(clip_prompt: str, num_frames: int) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 
 from diffsearch.perturb import apply_perturbations
 from diffsearch.seeding import task_generator
-from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Strategy
+from diffsearch.tasks import Outcome, PerturbKind, ScoreOn, Task
 from fake_denoiser import FakeDenoiser
 
 RewardFn = Callable[[Task], float | None]

@@ -37,8 +37,8 @@ from diffsearch.distill import (
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.shapes import clip_model, world
 from diffsearch.pipelines.shapes.tokenizer import build_tokenizer
-from diffsearch.strategies.base import ScoreOn
 from diffsearch.strategies.ttsnap import TTSnap
+from diffsearch.tasks import ScoreOn
 from diffsearch.verifiers.clip import ClipVerifier
 from diffsearch.verifiers.distillable import NotDistillableError, distillable
 from diffsearch.verifiers.registry import FOLDER_MANIFEST, UnknownVerifierError, create_verifier

@@ -13,8 +13,8 @@ from diffsearch.engine import BudgetExceededError
 from diffsearch.errors import StoreError
 from diffsearch.store import RunStore
 from diffsearch.strategies import registry
-from diffsearch.strategies.base import ScoreOn, Task
 from diffsearch.strategies.best_of_n import BestOfN
+from diffsearch.tasks import ScoreOn, Task
 from engine_harness import comparable, fake_job, png_bytes, run_fake
 from fake_denoiser import FakeDenoiser
 

@@ -13,7 +13,7 @@ from diffsearch.pipelines.shapes.motion import (
     parse_motion,
 )
 from diffsearch.pipelines.shapes.world import PromptError, Single, parse
-from diffsearch.strategies.base import PerturbKind, ScoreOn
+from diffsearch.tasks import PerturbKind, ScoreOn
 
 
 def test_left_to_right_goes_through_the_centre() -> None:

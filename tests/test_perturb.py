@@ -9,7 +9,7 @@ import torch
 
 from diffsearch.perturb import apply_perturbations, check_perturbation, neighbour
 from diffsearch.seeding import task_generator, torch_generator
-from diffsearch.strategies.base import Perturbation, PerturbKind
+from diffsearch.tasks import Perturbation, PerturbKind
 from fake_denoiser import FakeDenoiser
 
 SHAPE = (3, 4, 4)

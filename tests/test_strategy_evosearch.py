@@ -7,9 +7,9 @@ import pytest
 import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
-from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.best_of_n import BestOfN
 from diffsearch.strategies.evosearch import EvoSearch, default_schedule, fit_populations, plan_cost
+from diffsearch.tasks import Perturbation, PerturbKind, ScoreOn
 from fake_denoiser import FakeDenoiser
 
 

@@ -11,8 +11,8 @@ import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.seeding import derive_seed, numpy_rng
-from diffsearch.strategies.base import ScoreOn
 from diffsearch.strategies.particles import Particles, effective_sample_size
+from diffsearch.tasks import ScoreOn
 from fake_denoiser import FakeDenoiser
 
 NEVER = 1e-9

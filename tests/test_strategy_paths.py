@@ -7,8 +7,8 @@ import pytest
 import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
-from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.paths import Paths, levels
+from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn
 from fake_denoiser import FakeDenoiser
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from strategy_harness import MemoryWorker, common, play, scripted
 
-from diffsearch.strategies.base import ScoreOn
 from diffsearch.strategies.ttsnap import TTSnap, default_schedule, plan_cost, survivors
+from diffsearch.tasks import ScoreOn
 from fake_denoiser import FakeDenoiser
 
 

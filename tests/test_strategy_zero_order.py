@@ -8,8 +8,8 @@ import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.seeding import derive_seed
-from diffsearch.strategies.base import Perturbation, PerturbKind, ScoreOn
 from diffsearch.strategies.zero_order import ZeroOrder
+from diffsearch.tasks import Perturbation, PerturbKind, ScoreOn
 from fake_denoiser import FakeDenoiser
 
 

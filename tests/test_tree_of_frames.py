@@ -26,8 +26,8 @@ from diffsearch.runtime import (
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.strategies import registry
-from diffsearch.strategies.base import Outcome, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.tree_of_frames import LinearClips, TreeOfFrames
+from diffsearch.tasks import Outcome, PerturbKind, ScoreOn, Task
 from diffsearch.verifiers.base import VerifierError
 from engine_harness import clip_redness, comparable, fake_job, install_fake_runtime, run_fake
 

@@ -1,11 +1,12 @@
 """The ask/tell contract between strategies and the engine.
 
-A strategy never touches a model, a tensor or a cluster. ``ask()`` returns :class:`Task` records
-(what to denoise next and whether to score it), the engine runs them wherever it likes and hands
-back :class:`Outcome` records through ``tell()``. This is the shape of black-box optimisers
-(nevergrad, cma); it keeps every algorithm testable with a fake denoiser and runnable on any
-executor, and it makes resuming a run a replay: a deterministic strategy asks the same tasks
-again, and those already in the store are answered from it.
+A strategy never touches a model, a tensor or a cluster. ``ask()`` returns
+:class:`~diffsearch.tasks.Task` records (what to denoise next and whether to score it), the
+engine runs them wherever it likes and hands back :class:`~diffsearch.tasks.Outcome` records
+through ``tell()``. This is the shape of black-box optimisers (nevergrad, cma); it keeps every
+algorithm testable with a fake denoiser and runnable on any executor, and it makes resuming a
+run a replay: a deterministic strategy asks the same tasks again, and those already in the
+store are answered from it.
 
 Candidate ids are unique per prompt. Every candidate is one stored latent: the state reached at
 ``Task.end``.
@@ -14,109 +15,9 @@ Candidate ids are unique per prompt. Every candidate is one stored latent: the s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
-
-class ScoreOn(str, Enum):
-    """What a task's verifiers look at."""
-
-    NONE = "none"
-    """Not scored (an intermediate state whose fitness is measured elsewhere)."""
-    X0 = "x0"
-    """The decoded x0 (Tweedie) estimate at ``end``: cheap, noisy (TTSnap, FK steering)."""
-    FINAL = "final"
-    """The final image: the state at ``end`` is rolled out to the last step and decoded
-    (EvoSearch fitness, best-of-N). The rollout's NFEs count towards the task."""
-    CLIP = "clip"
-    """A frame-chain clip (Tree-of-Frames): the task's state at ``end`` (which must be the last
-    step) is the last frame, its ancestors through ``parent`` links are the earlier ones; the
-    decoded clip is scored by a video verifier against the prompt the run stores for
-    ``prompt_index`` (the clip prompt, not ``Task.prompt``, which is this frame's)."""
-
-
-class PerturbKind(str, Enum):
-    NOISE_MUTATION = "noise_mutation"
-    """x' = sqrt(1 - b^2) x + b eps at step 0: keeps x ~ N(0, I) (EvoSearch, zero-order)."""
-    STEP_NOISE = "step_noise"
-    """x' = x + b * sigma_k eps with sigma_k the sampler's own step std (EvoSearch at k > 0)."""
-    RENOISE = "renoise"
-    """Forward-diffuse from the source's step back to ``to_step`` (search over paths)."""
-    NEIGHBOUR = "neighbour"
-    """y = |n| (c u + sqrt(1 - c^2) w) at fixed cosine c = strength (zero-order search)."""
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    kind: PerturbKind
-    strength: float = 0.0
-    to_step: int | None = None
-    """Only for RENOISE: the (noisier) step the latent is moved back to; the task's ``start``."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """One candidate to produce: where it starts, what is done to it, where it stops.
-
-    Exactly one of ``source_candidate`` (start from that stored candidate's latent, which is at
-    step ``start``, or at a later step for RENOISE) and "from noise" (``source_candidate is None``:
-    the initial noise drawn from ``seed``, ``start == 0``) applies. ``seed`` also seeds the
-    perturbation and any stochastic steps (``eta > 0``) through :func:`diffsearch.seeding
-    .derive_seed`, so the task alone determines its result.
-    """
-
-    prompt_index: int
-    prompt: str
-    candidate: int
-    seed: int
-    start: int
-    end: int
-    parent: int | None = None
-    source_candidate: int | None = None
-    perturbation: Perturbation | None = None
-    eta: float = 0.0
-    score_on: ScoreOn = ScoreOn.FINAL
-    verifier: str | None = None
-    """Name of the guiding verifier to use instead of the job's (e.g. a noise-aware checkpoint
-    for this step); None means the job's guiding verifier."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"task needs 0 <= start <= end, got {self.start} -> {self.end}")
-        if self.source_candidate is None and self.start != 0:
-            raise ValueError("a task that starts from noise must start at step 0")
-
-    def denoise_nfe(self, num_steps: int, nfe_per_step: int = 1) -> int:
-        """NFEs this task spends: its own steps plus the rollout to the end when scored FINAL."""
-        last = num_steps if self.score_on is ScoreOn.FINAL else self.end
-        return (last - self.start) * nfe_per_step
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a worker returns for one task: small numbers, never tensors."""
-
-    prompt_index: int
-    candidate: int
-    step: int
-    reward: float | None
-    """The guiding verifier's score (None when not scored or failed). Strategies rank by it."""
-    scores: dict[str, float] = field(default_factory=dict)
-    """Every verifier's score by name, guiding and evaluation ones."""
-    nfe: int = 0
-    verifier_calls: int = 0
-    error: str | None = None
-    """Why the candidate failed (NaN latents, a verifier exception); None when it succeeded."""
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def rank_key(self) -> float:
-        """Higher is better; failed or unscored candidates rank last."""
-        return float("-inf") if self.reward is None or self.error else self.reward
+from diffsearch.tasks import Outcome, Task
 
 
 class Strategy(ABC):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from diffsearch.seeding import derive_seed
-from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Strategy
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
 class BestOfN(Strategy):

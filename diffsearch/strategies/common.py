@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from diffsearch.seeding import derive_seed
-from diffsearch.strategies.base import Outcome, Perturbation, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Strategy
+from diffsearch.tasks import Outcome, Perturbation, ScoreOn, Task
 
 
 def ranked(outcomes: Iterable[Outcome]) -> list[Outcome]:

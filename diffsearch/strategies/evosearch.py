@@ -32,8 +32,8 @@ from typing import Any
 
 from diffsearch.seeding import derive_seed, numpy_rng
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy, ranked
+from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
 _REFERENCE_EVOLUTION = (0.4, 0.6, 0.8)
 """The reference's evolution steps as shares of T (20, 30, 40 of 50)."""

@@ -26,8 +26,8 @@ import numpy as np
 
 from diffsearch.seeding import derive_seed, numpy_rng
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
 def effective_sample_size(log_weights: np.ndarray) -> float:

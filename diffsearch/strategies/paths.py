@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy, ranked
+from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
 
 def levels(start_step: int, renoise_steps: int, denoise_steps: int, num_steps: int) -> list[int]:

@@ -29,8 +29,9 @@ from typing import Any
 
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.seeding import derive_seed
-from diffsearch.strategies.base import Outcome, ScoreOn, Strategy, Task
+from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import kept, ranked
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 DEFAULT_STRENGTH = 0.75
 """img2img strength of frames >= 1. Measured on the bundled shapes model (20 steps, motion

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Outcome, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy, kept, ranked
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 REFERENCE_STEPS = 20
 REFERENCE_PRUNE_AT = (2, 6, 11)

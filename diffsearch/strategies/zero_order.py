@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 from diffsearch.strategies.common import RoundStrategy, ranked
+from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
 
 class ZeroOrder(RoundStrategy):
