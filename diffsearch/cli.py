@@ -138,7 +138,7 @@ def run(job_file: Path, out: Path | None, resume: bool, executor: str | None,
 @friendly_errors
 def show(run_dir: Path, as_json: bool) -> None:
     """List the best candidate per prompt of a run (finished or not)."""
-    from diffsearch.inspect import best_per_prompt
+    from diffsearch.run_reading import best_per_prompt
 
     rows = best_per_prompt(run_dir)
     if as_json:
