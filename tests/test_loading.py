@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from diffsearch.errors import DiffsearchError
-from diffsearch.pipelines import loading
+from diffsearch.pipelines import loading, sources
 from diffsearch.pipelines.flux import FluxDenoiser
-from diffsearch.pipelines.loading import (
+from diffsearch.pipelines.loading import load_denoiser
+from diffsearch.pipelines.sources import (
     ModelLoadError,
     ModelNotFoundError,
     UnsupportedModelError,
-    load_denoiser,
 )
 from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
 from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
@@ -76,7 +76,7 @@ def test_explicit_options_beat_the_defaults_file(sd_folder):
 def test_without_a_defaults_file_the_family_defaults_apply(tmp_path):
     folder = tiny_sd_pipeline(tmp_path, defaults=None)
     denoiser = load_denoiser(str(folder))
-    family = loading.FAMILIES["StableDiffusionPipeline"]
+    family = sources.FAMILIES["StableDiffusionPipeline"]
     assert (denoiser.num_steps, denoiser.guidance_scale) == (family.num_steps,
                                                              family.guidance_scale)
 
@@ -102,7 +102,7 @@ def test_a_malformed_defaults_file_is_a_one_line_error(tmp_path):
 ])
 def test_family_is_detected_from_model_index(tmp_path, build, family, adapter):
     folder = build(tmp_path)
-    assert loading.family_of(loading.resolve_model(str(folder))).name == family
+    assert sources.family_of(sources.resolve_model(str(folder))).name == family
     denoiser = load_denoiser(str(folder), num_steps=2)
     assert type(denoiser) is adapter
     assert denoiser.num_steps == 2
@@ -178,12 +178,12 @@ def test_bad_dtype_and_unavailable_device_are_refused(sd_folder, monkeypatch):
 
 
 def test_auto_device_and_dtype_follow_the_hardware(monkeypatch):
-    family = loading.FAMILIES["FluxPipeline"]
+    family = sources.FAMILIES["FluxPipeline"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert loading._device(None).type == "cpu"
     assert loading._dtype(None, family, torch.device("cpu")) == torch.float32
     assert loading._dtype(None, family, torch.device("cuda")) == torch.bfloat16
-    sd = loading.FAMILIES["StableDiffusionPipeline"]
+    sd = sources.FAMILIES["StableDiffusionPipeline"]
     assert loading._dtype(None, sd, torch.device("cuda")) == torch.float16
     assert loading._dtype("float32", sd, torch.device("cuda")) == torch.float32
 

@@ -285,7 +285,7 @@ def _describe(backend: Backend, job: Job) -> Any:
     except VerifierError as error:
         raise RequestError(f"verifier: {error}", field="verifier") from None
     except DiffsearchError as error:
-        from diffsearch.pipelines.loading import ModelLoadError
+        from diffsearch.pipelines.sources import ModelLoadError
 
         field = "model" if isinstance(error, ModelLoadError) else None
         raise RequestError(f"{field or 'job'}: {error}", field=field) from None
