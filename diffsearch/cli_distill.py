@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from diffsearch.cli_errors import one_line_errors
-from diffsearch.distill import DistillError, distill, format_table
+from diffsearch.errors import DistillError
 from diffsearch.job import load_prompts_file
 
 
@@ -104,6 +103,9 @@ def distill_command(model: str, teacher: str, steps: str | None, num_steps: int 
     Kendall tau (per held-out prompt, averaged) between intermediate and final scores, before
     and after distillation.
     """
+    import torch  # torch, diffusers and open_clip load here, not when the CLI starts
+
+    from diffsearch.distill import distill, format_table
     from diffsearch.pipelines.loading import load_denoiser
 
     if threads is not None:

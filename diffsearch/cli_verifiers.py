@@ -6,8 +6,6 @@ import json
 
 import click
 
-from diffsearch.verifiers.registry import available_verifiers
-
 
 @click.group(name="verifiers")
 def verifiers() -> None:
@@ -21,6 +19,8 @@ def list_verifiers(as_json: bool) -> None:
 
     'ok' means the class imports; weights are checked only when a verifier is built.
     """
+    from diffsearch.verifiers.registry import available_verifiers  # imports torch: only here
+
     infos = available_verifiers()
     if as_json:
         click.echo(json.dumps([info.to_dict() for info in infos], indent=2))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
-from diffsearch.errors import DiffsearchError
+from diffsearch.errors import DistillError
 from diffsearch.pipelines.base import Denoiser
 from diffsearch.seeding import derive_seed, torch_generator
 from diffsearch.strategies.ttsnap import DISTILLED_MANIFEST
@@ -51,10 +51,6 @@ WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 """How student checkpoints may be stored; float16 halves their size (for shipping them)."""
 SAVED_SCORE_TOLERANCE = 1e-4
 """How far (relative to the score scale) a saved student may score from the trained one."""
-
-
-class DistillError(DiffsearchError):
-    """Distillation cannot run as asked (bad steps, prompts, output folder)."""
 
 
 def student_folder(step: int) -> str:

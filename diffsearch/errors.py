@@ -14,3 +14,7 @@ class JobError(DiffsearchError):
 
 class StoreError(DiffsearchError):
     """The run folder or its Zarr store cannot be used (unwritable, corrupt, another job)."""
+
+
+class DistillError(DiffsearchError):
+    """Distillation cannot run as asked (bad steps, prompts, output folder)."""
