@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -268,7 +269,8 @@ class DaskExecutor(Executor):
                     client.close()
         finally:
             if cluster is not None:
-                cluster.close()
+                with _quiet_nanny_kills():
+                    cluster.close()
 
     def _cancel_pending(self, client: Client | None = None) -> None:
         pending = [future for future, _ in self._pending.values()]
@@ -319,6 +321,20 @@ def _local_cluster(workers: int | None, threads: int, dashboard_address: str | N
 _MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 _USER_MALLOC_TRIM = os.environ.get(_MALLOC_TRIM)
 """The user's own setting, read before any Dask nanny of this process copied Dask's into it."""
+
+
+@contextlib.contextmanager
+def _quiet_nanny_kills() -> Iterator[None]:
+    """Silence the nannies' "Worker process still alive after 4.0 seconds, killing" while our
+    own cluster shuts down: by then the run's results are written, and a worker process that
+    is slow to exit (a loaded model, a busy machine) is killed on purpose, not lost."""
+    nanny_log = logging.getLogger("distributed.nanny")
+    level = nanny_log.level
+    nanny_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        nanny_log.setLevel(level)
 
 
 @contextlib.contextmanager
