@@ -27,8 +27,8 @@ def find_chromium() -> str:
     configured = os.environ.get(CHROMIUM_ENV)
     if configured:
         if not os.access(configured, os.X_OK):
-            pytest.fail(f"{CHROMIUM_ENV}={configured} is not an executable file: {HOW_TO_GET_IT}",
-                        pytrace=False)
+            pytest.fail(f"{CHROMIUM_ENV}={configured} is not an executable file: point it at a "
+                        "Chromium binary, or unset it to use chromium on PATH", pytrace=False)
         return configured
     for name in CHROMIUM_NAMES:
         found = shutil.which(name)
