@@ -80,10 +80,14 @@ def strategy_section(name: str) -> str:
 
 
 def constructor_options(name: str) -> list[str]:
-    parameters = inspect.signature(strategy_class(name).__init__).parameters.values()
-    return [p.name for p in parameters
-            if p.name != "self" and p.name not in COMMON_ARGUMENTS
-            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    """The keyword arguments of the strategy's constructor, and any option it declares checks
+    for: the options a job may set."""
+    cls = strategy_class(name)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    names = [p.name for p in parameters
+             if p.name != "self" and p.name not in COMMON_ARGUMENTS
+             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return list(dict.fromkeys([*names, *getattr(cls, "option_checks", {})]))
 
 
 @pytest.mark.parametrize("name", strategy_names())
