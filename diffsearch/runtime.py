@@ -98,8 +98,13 @@ def get_runtime(spec: RuntimeSpec) -> WorkerRuntime:
 
 
 def register_runtime(runtime: WorkerRuntime) -> None:
-    """Make ``runtime`` this process's runtime for its spec (tests, embedding applications)."""
+    """Make ``runtime`` this process's runtime for its spec (tests, embedding applications).
+
+    The driver's pre-run checks then take its model as found instead of looking on disk."""
+    from diffsearch.preflight import hold_in_process
+
     _RUNTIMES[runtime.spec] = runtime
+    hold_in_process(runtime.spec.model, runtime.denoiser.num_steps)
 
 
 class WorkerRuntime:

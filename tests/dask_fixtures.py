@@ -43,6 +43,10 @@ class FakeRuntimePlugin(WorkerPlugin):
     def __init__(self, job: Job, delay: float = 0.0) -> None:
         self.job = job
         self.delay = delay
+        # the driver holds the fake model too, so its pre-run checks do not look for it on disk
+        from engine_harness import install_fake_runtime
+
+        install_fake_runtime(job, SlowFakeDenoiser(delay=delay))
 
     def setup(self, worker: object) -> None:
         if TESTS_DIR not in sys.path:

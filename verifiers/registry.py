@@ -209,22 +209,40 @@ def create_verifier(spec: str | dict[str, Any], device: str | torch.device = "cp
     """Build the verifier ``spec`` names: ``"clip"``, ``{"name": "clip", "arch": "ViT-B-32"}``,
     or a verifier folder's path. A dict's ``device`` overrides ``device``; ``label`` is ignored
     (the job layer stores scores under it)."""
-    name, options = _spec_parts(spec)
+    name, options = _resolve_spec(spec)
     if isinstance(spec, dict) and "device" in spec:
         device = spec["device"]
+    return _construct(_entry(name), options, device)
+
+
+def check_verifier_spec(spec: str | dict[str, Any]) -> None:
+    """Raise the error :func:`create_verifier` would for an unknown name or a broken folder
+    manifest, without importing or building the verifier (the driver's check before a run)."""
+    name, _ = _resolve_spec(spec)
+    _entry(name)
+
+
+def _resolve_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered name and constructor options a spec means (a folder's manifest read)."""
+    name, options = _spec_parts(spec)
     folder = Path(name).expanduser()
     if (folder / FOLDER_MANIFEST).is_file():
         registered, folder_options = _read_folder(folder)
-        return _construct(registered, folder_options | options, device)
-    return _construct(name, options, device)
+        return registered, folder_options | options
+    return name, options
 
 
-def _construct(name: str, options: dict[str, Any], device: str | torch.device) -> Verifier:
+def _entry(name: str) -> _Entry:
     entries = {e.name: e for e in _entries() if not e.conflict}
     entry = entries.get(name)
     if entry is None:
         raise UnknownVerifierError(f"unknown verifier {name!r}; available: "
                                    f"{', '.join(entries)} (or a folder with {FOLDER_MANIFEST})")
+    return entry
+
+
+def _construct(entry: _Entry, options: dict[str, Any], device: str | torch.device) -> Verifier:
+    name = entry.name
     cls = _load_class(entry)
     try:
         return cls(device=device, **options)

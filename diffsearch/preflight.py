@@ -1,0 +1,76 @@
+"""Checks that a job can run, made before anything slow starts (a cluster, a model load).
+
+A user who mistypes a model path or a verifier name, or resumes the wrong run folder, should
+hear so in one line at once, not after a Dask cluster has started and every worker has tried to
+load the model. The checks here read only small files: a model's ``model_index.json`` and
+defaults, verifier names and manifests, and a store's attributes. Cheapest first: the model
+check imports neither torch nor diffusers, so the CLI can make it before its heavy imports.
+
+A model this process already holds (a runtime registered in-process by an embedding
+application or a test, see :func:`diffsearch.runtime.register_runtime`) is not looked up on
+disk: its runtime was built, so its model and verifiers exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffsearch.errors import StoreError
+from diffsearch.job import Job, VerifierSpec
+from diffsearch.pipelines.sources import plan_model
+
+_IN_PROCESS_MODELS: dict[str, int] = {}
+"""Model name -> its number of steps, for the runtimes registered in this process."""
+
+STORE_DIR = "store.zarr"
+
+
+def hold_in_process(model: str, num_steps: int) -> None:
+    """Record that this process holds a runtime for ``model`` (called on registration)."""
+    _IN_PROCESS_MODELS[model] = num_steps
+
+
+def check_model(job: Job) -> int:
+    """The number of denoising steps the job will run; a one-line ModelLoadError if the model
+    cannot be found or has no adapter. Reads config files only."""
+    if job.model in _IN_PROCESS_MODELS:
+        return job.num_steps or _IN_PROCESS_MODELS[job.model]
+    return plan_model(job.model, num_steps=job.num_steps, guidance_scale=job.guidance_scale,
+                      allow_download=job.allow_download).num_steps
+
+
+def check_verifiers(job: Job) -> None:
+    """Every verifier the job names exists (a built-in, a plugin or a verifier folder)."""
+    if job.model in _IN_PROCESS_MODELS:
+        return
+    from diffsearch.verifiers.registry import check_verifier_spec
+
+    specs: list[VerifierSpec] = [job.verifier, *job.eval_verifiers]
+    for spec in specs:
+        check_verifier_spec(spec)
+
+
+def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
+    """A new run needs a folder without a store; ``--resume`` needs the store of this job.
+
+    Only reads: a refused run leaves the folder exactly as it was.
+    """
+    store_path = run_dir / STORE_DIR
+    if not store_path.exists():
+        return
+    if not resume:
+        raise StoreError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                         f"choose another output folder")
+    from diffsearch.store import RunStore
+
+    if RunStore.open(store_path, writable=False).attrs.get("result_key") != job.result_key():
+        raise StoreError(f"{store_path} was made by a different job (model, prompts, strategy, "
+                         f"budget, verifiers, seed or numerics changed); cannot resume it")
+
+
+def preflight(job: Job, run_dir: Path, *, resume: bool) -> int:
+    """Every cheap check, cheapest first; returns the number of steps the model will run."""
+    num_steps = check_model(job)
+    check_verifiers(job)
+    check_run_folder(job, run_dir, resume=resume)
+    return num_steps
