@@ -13,14 +13,16 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import yaml
 
 from diffsearch.cli_errors import one_line_errors
 from diffsearch.job import Job, job_from_mapping, load_job
-from diffsearch.results import RunResult
+
+if TYPE_CHECKING:  # the CLI starts without torch: a wrong flag is answered at once
+    from diffsearch.results import RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,6 +50,21 @@ def main() -> None:
     """Test-time search for diffusion models: explore seeds and trajectories, keep the best."""
 
 
+FLAGS = {
+    "executor": "--executor", "workers": "--workers", "scheduler": "--scheduler",
+    "batch_size": "--batch-size", "allow_download": "--allow-download",
+}
+"""Job fields the run-time flags of every command set, by flag (errors name the flag)."""
+
+GENERATE_FLAGS = {
+    **FLAGS, "prompts": "PROMPT", "model": "--model", "strategy": "--strategy/--option",
+    "budget": "--budget", "verifier": "--verifier", "eval_verifiers": "--eval-verifier",
+    "seed": "--seed", "num_steps": "--steps", "guidance_scale": "--guidance",
+    "threads": "--threads",
+}
+"""Every job field ``diffsearch generate`` sets, by flag."""
+
+
 def _execution_options(command: F) -> F:
     options = [
         click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -55,10 +72,13 @@ def _execution_options(command: F) -> F:
         click.option("--resume", is_flag=True,
                      help="Continue a stopped run in --out without recomputing finished work."),
         click.option("--executor", type=click.Choice(["local", "dask"]),
-                     help="Where to run (default: the job's, else local)."),
+                     help="Where to run (default: the job's, else dask: a local cluster)."),
         click.option("--workers", type=int, help="Workers of the local Dask cluster."),
         click.option("--scheduler", help="Address of a running Dask scheduler."),
         click.option("--batch-size", type=int, help="Candidates per work unit."),
+        click.option("--allow-download", is_flag=True, default=None,
+                     help="Let workers download a Hugging Face model that is not in the "
+                          "local cache (default: never touch the network)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
                      help="Write Dask's performance report (HTML) of the run here."),
@@ -69,9 +89,10 @@ def _execution_options(command: F) -> F:
 
 
 def _with_execution(data: dict[str, Any], executor: str | None, workers: int | None,
-                    scheduler: str | None, batch_size: int | None) -> dict[str, Any]:
+                    scheduler: str | None, batch_size: int | None,
+                    allow_download: bool | None) -> dict[str, Any]:
     overrides = {"executor": executor, "workers": workers, "scheduler": scheduler,
-                 "batch_size": batch_size}
+                 "batch_size": batch_size, "allow_download": allow_download}
     if scheduler and not executor:
         overrides["executor"] = "dask"
     return {**data, **{k: v for k, v in overrides.items() if v is not None}}
@@ -102,7 +123,8 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
              steps: int | None, guidance: float | None, threads: int, out: Path | None,
              resume: bool,
              executor: str | None, workers: int | None, scheduler: str | None,
-             batch_size: int | None, quiet: bool, profile: Path | None) -> None:
+             batch_size: int | None, allow_download: bool | None, quiet: bool,
+             profile: Path | None) -> None:
     """Search for the best image of one PROMPT."""
     data: dict[str, Any] = {
         "prompts": [prompt], "model": model,
@@ -111,8 +133,9 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
         "eval_verifiers": list(eval_verifiers), "seed": seed, "num_steps": steps,
         "guidance_scale": guidance, "threads": threads,
     }
-    job = job_from_mapping(_with_execution(data, executor, workers, scheduler, batch_size),
-                           source="options", base_dir=Path.cwd())
+    job = job_from_mapping(
+        _with_execution(data, executor, workers, scheduler, batch_size, allow_download),
+        source="options", base_dir=Path.cwd(), names=GENERATE_FLAGS)
     out = out or Path("runs") / f"{_slug(prompt)}-{_timestamp()}"
     _run(job, out, resume=resume, quiet=quiet, profile=profile)
 
@@ -123,12 +146,13 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
 @friendly_errors
 def run(job_file: Path, out: Path | None, resume: bool, executor: str | None,
         workers: int | None, scheduler: str | None, batch_size: int | None,
-        quiet: bool, profile: Path | None) -> None:
+        allow_download: bool | None, quiet: bool, profile: Path | None) -> None:
     """Run a job file (YAML): many prompts, inline or from a .txt/.jsonl file."""
     job = load_job(job_file)
-    if any(v is not None for v in (executor, workers, scheduler, batch_size)):
-        job = Job.model_validate(_with_execution(job.model_dump(), executor, workers,
-                                                 scheduler, batch_size))
+    flags = _with_execution({}, executor, workers, scheduler, batch_size, allow_download)
+    if flags:
+        job = job_from_mapping({**job.model_dump(), **flags}, source="options",
+                               base_dir=job_file.parent, names=FLAGS)
     _run(job, out or Path("runs") / job_file.stem, resume=resume, quiet=quiet, profile=profile)
 
 
@@ -150,6 +174,9 @@ def show(run_dir: Path, as_json: bool) -> None:
 
 
 def _run(job: Job, out: Path, *, resume: bool, quiet: bool, profile: Path | None) -> None:
+    from diffsearch.preflight import check_model
+
+    check_model(job)  # before the heavy imports below: a wrong model is told at once
     from diffsearch.api import run_job
 
     click.echo(f"diffsearch: {len(job.prompts)} prompt(s), strategy {job.strategy.name}, "
@@ -159,6 +186,7 @@ def _run(job: Job, out: Path, *, resume: bool, quiet: bool, profile: Path | None
 
 
 def _summarise(result: RunResult) -> None:
+    """Print the best per prompt; exit 1 when every candidate failed (the run found nothing)."""
     for prompt in result.prompts:
         best = prompt.best
         score = "no result" if best is None else f"score {best.reward:.4f}"
@@ -166,6 +194,10 @@ def _summarise(result: RunResult) -> None:
     click.echo(f"{result.nfe} NFE, {result.verifier_calls} verifier calls, "
                f"{result.wall_seconds:.1f} s; failed candidates: {result.failed_candidates}; "
                f"results in {result.run_dir / 'results.json'}")
+    errors = [c.error for p in result.prompts for c in p.candidates]
+    if errors and all(errors):
+        click.echo(f"error: every candidate failed; the first: {errors[0]}", err=True)
+        sys.exit(1)
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
