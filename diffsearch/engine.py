@@ -20,14 +20,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffsearch.errors import JobError
 from diffsearch.executor import Executor
 from diffsearch.job import Job
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import RunStore
 from diffsearch.strategies.base import Strategy
-from diffsearch.strategies.registry import strategy_class
+from diffsearch.strategies.registry import build_strategies
 from diffsearch.tasks import Outcome, Task
 
 
@@ -84,7 +83,7 @@ class Engine:
         prepare_run_dir(self.run_dir, self.job, resume=self.resume)
         model = self.executor.start(self.spec)
         store = open_store(self.run_dir, self.job, model, resume=self.resume)
-        states = self._build_strategies(model)
+        states = self._build_strategies(model.num_steps, model.nfe_per_step)
         total = sum(s.strategy.budget_nfe for s in states.values())
         bar = tqdm(total=total, unit="NFE", desc="search", disable=not self.progress_bar,
                    dynamic_ncols=True)
@@ -154,18 +153,9 @@ class Engine:
         )
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _build_strategies(self, model: ModelInfo) -> dict[int, _PromptState]:
-        cls = strategy_class(self.job.strategy.name)
-        budget = self.job.budget_nfe(model.num_steps) // model.nfe_per_step
-        states = {}
-        for index, prompt in enumerate(self.job.prompts):
-            try:
-                strategy = cls(prompt_index=index, prompt=prompt, num_steps=model.num_steps,
-                               budget_nfe=budget, seed=self.job.seed, **self.job.strategy.options)
-            except (ValueError, TypeError) as error:
-                raise JobError(f"strategy: {error}") from None
-            states[index] = _PromptState(strategy)
-        return states
+    def _build_strategies(self, num_steps: int, nfe_per_step: int) -> dict[int, _PromptState]:
+        strategies = build_strategies(self.job, num_steps, nfe_per_step)
+        return {index: _PromptState(strategy) for index, strategy in strategies.items()}
 
     def _check_round(self, state: _PromptState, tasks: list[Task], model: ModelInfo) -> None:
         candidates = [t.candidate for t in tasks]

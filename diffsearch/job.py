@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
 from diffsearch.errors import JobError
 
@@ -25,6 +26,11 @@ _BUDGET_MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*$")
 
 
 class StrategySpec(BaseModel):
+    """A strategy's name and its options (the other keys), each checked by the strategy's own
+    rules without the model, so a bad option fails when the job is read, naming it:
+    ``strategy.n: must be an integer, got 2.5``. The options are kept as given, which is what
+    the job's identity (``result_key``) is made of."""
+
     model_config = ConfigDict(extra="allow")
 
     name: str = "best-of-n"
@@ -38,6 +44,21 @@ class StrategySpec(BaseModel):
             raise ValueError(f"unknown strategy {name!r}; choose one of: "
                              f"{', '.join(strategy_names())}")
         return name
+
+    @model_validator(mode="after")
+    def _options_checked(self) -> StrategySpec:
+        from diffsearch.strategies.options import OptionError
+        from diffsearch.strategies.registry import strategy_class
+
+        try:
+            strategy_class(self.name).check_options(self.options)
+        except OptionError as error:
+            # located at the option, so the error reads strategy.<option>: reason
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type="value_error", loc=tuple(error.option.split(".")),
+                input=self.options.get(error.option.split(".")[0]),
+                ctx={"error": error.reason})]) from None
+        return self
 
     @property
     def options(self) -> dict[str, Any]:

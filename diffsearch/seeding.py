@@ -1,13 +1,20 @@
 """Every random draw in diffsearch comes from a seed derived from (job seed, prompt, candidate,
 purpose), so a job gives the same images whatever the number of workers, the batch sizes or the
-order in which tasks run. Nothing uses global RNG state."""
+order in which tasks run. Nothing uses global RNG state.
+
+torch is imported only by the functions that make torch generators: the strategies derive seeds
+here, and a job's strategy options are checked when it is read, which must stay fast.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _SEED_BITS = 63
 
@@ -25,6 +32,8 @@ def derive_seed(job_seed: int, prompt: str, candidate: int, purpose: str) -> int
 
 def torch_generator(seed: int) -> torch.Generator:
     """A CPU generator: CPU draws are identical on every machine, CUDA draws are not."""
+    import torch
+
     return torch.Generator(device="cpu").manual_seed(seed)
 
 

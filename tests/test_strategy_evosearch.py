@@ -9,6 +9,7 @@ from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.strategies.best_of_n import BestOfN
 from diffsearch.strategies.evosearch import EvoSearch, default_schedule, fit_populations, plan_cost
+from diffsearch.strategies.options import OptionError
 from diffsearch.tasks import Perturbation, PerturbKind, ScoreOn
 from fake_denoiser import FakeDenoiser
 
@@ -149,25 +150,26 @@ def test_same_outcomes_same_tasks_and_the_seed_matters() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"generations": 3}, "takes no option"),
-    ({"beta": 0}, r"beta must be in \(0, 1\]"),
-    ({"beta": 1.5}, "beta"),
-    ({"beta": "high"}, "beta must be a number"),
-    ({"elites": -1}, "elites must be >= 0"),
-    ({"elites": True}, "elites must be an integer"),
-    ({"tournament": 0}, "tournament"),
-    ({"step_noise_scale": 0.0}, "step_noise_scale"),
-    ({"schedule": [4, 8]}, "start at step 0"),
-    ({"schedule": [0, 8, 4]}, "non-decreasing"),
-    ({"schedule": [0, 20]}, r"schedule\[1\] must be <= 19"),
-    ({"schedule": "0,8"}, "list of integers"),
-    ({"schedule": [0, 8], "population": [4]}, "population needs 2 sizes"),
-    ({"schedule": [0, 8], "population": [4, 2]}, "leaves no child"),
-    ({"schedule": [0, 8], "population": [40, 30]}, "over the budget of 400"),
+    ({"generations": 3}, "generations: unknown option; evosearch takes: schedule, population"),
+    ({"beta": 0}, r"beta: must be in \(0, 1\]"),
+    ({"beta": 1.5}, "beta: "),
+    ({"beta": "high"}, "beta: must be a number"),
+    ({"elites": -1}, "elites: must be >= 0"),
+    ({"elites": True}, "elites: must be an integer"),
+    ({"tournament": 0}, "tournament: "),
+    ({"step_noise_scale": 0.0}, "step_noise_scale: "),
+    ({"schedule": [4, 8]}, "schedule: must start at step 0"),
+    ({"schedule": [0, 8, 4]}, "schedule: must be non-decreasing"),
+    ({"schedule": [0, 20]}, r"schedule: steps must be below the model's 20 steps, got \[0, 20\]"),
+    ({"schedule": [0, 2.5]}, "schedule.1: must be an integer, got 2.5"),
+    ({"schedule": "0,8"}, "schedule: must be a non-empty list of integers"),
+    ({"schedule": [0, 8], "population": [4]}, "population: needs 2 sizes"),
+    ({"schedule": [0, 8], "population": [4, 2]}, "population.1: 2 leaves no child"),
+    ({"schedule": [0, 8], "population": [40, 30]}, "population: .* over the budget of 400"),
 ])
 def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        EvoSearch(**options, **common(budget=400))
+    with pytest.raises(OptionError, match=message):
+        EvoSearch.from_options(options, **common(budget=400))
 
 
 def test_a_budget_below_one_sample_is_refused() -> None:

@@ -11,6 +11,7 @@ import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
 from diffsearch.seeding import derive_seed, numpy_rng
+from diffsearch.strategies.options import OptionError
 from diffsearch.strategies.particles import Particles, effective_sample_size
 from diffsearch.tasks import ScoreOn
 from fake_denoiser import FakeDenoiser
@@ -107,19 +108,20 @@ def test_same_outcomes_same_tasks_and_the_seed_matters() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"steps": 3}, "takes no option"),
-    ({"particles": 5}, "over the budget of 80"),
-    ({"particles": 0}, "particles must be >= 1"),
-    ({"resample_every": 0}, "resample_every must be >= 1"),
-    ({"potential": "sum"}, "potential must be one of 'max', 'diff'"),
-    ({"lam": -1}, "lam must be in"),
-    ({"ess_threshold": 0}, r"ess_threshold must be in \(0, 1\]"),
-    ({"ess_threshold": 1.5}, "ess_threshold"),
-    ({"eta": 0.0}, "eta must be in"),
+    ({"steps": 3}, "steps: unknown option; particles takes: particles, resample_every"),
+    ({"particles": 5}, "particles: 5 need 100 NFE, over the budget of 80"),
+    ({"particles": 0}, "particles: must be >= 1"),
+    ({"particles": 2.5}, "particles: must be an integer"),
+    ({"resample_every": 0}, "resample_every: must be >= 1"),
+    ({"potential": "sum"}, "potential: must be one of 'max', 'diff'"),
+    ({"lam": -1}, "lam: must be in"),
+    ({"ess_threshold": 0}, r"ess_threshold: must be in \(0, 1\]"),
+    ({"ess_threshold": 1.5}, "ess_threshold: "),
+    ({"eta": 0.0}, "eta: must be in"),
 ])
 def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Particles(**options, **common(budget=80))
+    with pytest.raises(OptionError, match=message):
+        Particles.from_options(options, **common(budget=80))
 
 
 def test_a_budget_below_one_particle_is_refused() -> None:

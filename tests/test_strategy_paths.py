@@ -7,6 +7,7 @@ import pytest
 import torch
 from strategy_harness import MemoryWorker, common, play, scripted
 
+from diffsearch.strategies.options import OptionError
 from diffsearch.strategies.paths import Paths, levels
 from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn
 from fake_denoiser import FakeDenoiser
@@ -79,17 +80,18 @@ def test_same_outcomes_same_tasks() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"width": 2}, "takes no option"),
-    ({"branches": 0}, "branches must be >= 1"),
-    ({"renoise_steps": 0}, "renoise_steps must be >= 1"),
-    ({"renoise_steps": 4, "denoise_steps": 4}, "must exceed renoise_steps"),
-    ({"start_step": 1}, "start_step must be >= 2"),
-    ({"start_step": 20}, "start_step must be <= 19"),
-    ({"n": 20}, "over the budget of 400"),
+    ({"width": 2}, "width: unknown option; paths takes: n, branches"),
+    ({"branches": 0}, "branches: must be >= 1"),
+    ({"renoise_steps": 0}, "renoise_steps: must be >= 1"),
+    ({"renoise_steps": 4, "denoise_steps": 4}, "denoise_steps: 4 must exceed renoise_steps"),
+    ({"renoise_steps": 20, "denoise_steps": 21}, "renoise_steps: 20 leaves no start step"),
+    ({"start_step": 1}, "start_step: must be >= 2"),
+    ({"start_step": 20}, "start_step: must be <= 19"),
+    ({"n": 20}, "n: 20 paths need .* over the budget of 400"),
 ])
 def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Paths(**options, **common(budget=400))
+    with pytest.raises(OptionError, match=message):
+        Paths.from_options(options, **common(budget=400))
 
 
 def test_a_budget_below_one_path_is_refused() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from strategy_harness import MemoryWorker, common, play, scripted
 
+from diffsearch.strategies.options import OptionError
 from diffsearch.strategies.ttsnap import TTSnap, default_schedule, plan_cost, survivors
 from diffsearch.tasks import ScoreOn
 from fake_denoiser import FakeDenoiser
@@ -56,7 +57,9 @@ def test_rounds_prune_to_exactly_the_top_share() -> None:
 
 
 def test_per_step_verifiers_go_into_the_tasks() -> None:
-    s = TTSnap(verifiers={2: "noise-aware-2", "6": "noise-aware-6"}, **common(budget=160))
+    # as a job gives them: a JSON key is a string
+    s = TTSnap.from_options({"verifiers": {2: "noise-aware-2", "6": "noise-aware-6"}},
+                            **common(budget=160))
     record = play(s, scripted(reward_of))
     names = [{t.verifier for t in tasks} for tasks, _ in record.rounds]
     assert names == [{"noise-aware-2"}, {"noise-aware-6"}, {None}, {None}]
@@ -89,23 +92,25 @@ def test_one_step_model_is_best_of_n() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"prune": [2]}, "takes no option"),
-    ({"prune_at": [2, 6]}, "keep is required"),
-    ({"prune_at": [2, 6], "keep": [0.5]}, "keep needs 2 value"),
-    ({"prune_at": [6, 2], "keep": 0.5}, "strictly increasing"),
-    ({"prune_at": [0, 6], "keep": 0.5}, r"prune_at\[0\] must be >= 1"),
-    ({"prune_at": [2, 20], "keep": 0.5}, r"prune_at\[1\] must be <= 19"),
-    ({"keep": 0}, r"keep\[0\] must be in \(0, 1\]"),
-    ({"keep": [0.4, 1.5, 0.5]}, r"keep\[1\]"),
-    ({"n": 0}, "n must be >= 1"),
-    ({"n": 200}, "over the budget of 160"),
-    ({"verifiers": {3: "x"}}, "step 3 is not a pruning step"),
-    ({"verifiers": {2: ""}}, "must be a verifier name"),
-    ({"verifiers": ["x"]}, "must be a mapping"),
+    ({"prune": [2]}, "prune: unknown option; ttsnap takes: prune_at, keep, n, verifiers"),
+    ({"prune_at": [2, 6]}, "keep: required with a custom prune_at"),
+    ({"prune_at": [2, 6], "keep": [0.5]}, "keep: needs 2 value"),
+    ({"prune_at": [6, 2], "keep": 0.5}, "prune_at: must be strictly increasing"),
+    ({"prune_at": [0, 6], "keep": 0.5}, "prune_at.0: must be >= 1"),
+    ({"prune_at": [2, 20], "keep": 0.5}, "prune_at: steps must be below the model's 20 steps"),
+    ({"keep": 0}, r"keep: must be in \(0, 1\]"),
+    ({"keep": True}, "keep: must be a number or a non-empty list of numbers, got True"),
+    ({"keep": [0.4, 1.5, 0.5]}, "keep.1: "),
+    ({"n": 0}, "n: must be >= 1"),
+    ({"n": 200}, "n: 200 needs .* over the budget of 160"),
+    ({"verifiers": {3: "x"}}, "verifiers.3: step 3 is not a pruning step"),
+    ({"verifiers": {"two": "x"}}, "verifiers.two: keys must be steps"),
+    ({"verifiers": {2: ""}}, "verifiers.2: must be a name"),
+    ({"verifiers": ["x"]}, "verifiers: must be a mapping"),
 ])
 def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        TTSnap(**options, **common(budget=160))
+    with pytest.raises(OptionError, match=message):
+        TTSnap.from_options(options, **common(budget=160))
 
 
 def test_a_budget_below_one_candidate_is_refused() -> None:

@@ -37,8 +37,9 @@ T = 10  # strength 0.6 -> frames >= 1 restart at k = 4 and cost 6 NFE
 
 
 def tof(budget: int = 1000, **options) -> TreeOfFrames:
-    return TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=budget, seed=7,
-                        **{"strength": 0.6, **options})
+    """A Tree-of-Frames built as a job builds it: its options checked first."""
+    return TreeOfFrames.from_options({"strength": 0.6, **options}, prompt_index=0,
+                                     prompt=PROMPT, num_steps=T, budget_nfe=budget, seed=7)
 
 
 def outcome(task: Task, reward: float | None, error: str | None = None) -> Outcome:
@@ -140,14 +141,17 @@ def test_budget_fitting_is_exact_and_never_overspends() -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"budget": 21}, "needs 22 NFE, over the budget of 21"),
     ({"first_frame_candidates": 5, "branching": 3, "budget": 100}, "needs 104 NFE"),
-    ({"prune_depths": [2]}, r"prune_depths must lie between .* \(1..1\), got \[2\]"),
-    ({"prune_depths": [0]}, "prune_depths"),
-    ({"prune_depths": 1}, r"prune_depths must be a list of frame depths \(e.g. \[1\]\)"),
-    ({"keep": 0}, "keep must be a share"),
-    ({"branching": 0}, "branching must be at least 1"),
-    ({"strength": 0.01}, "leaves no denoising step"),
-    ({"num_frames": 1}, "num_frames must be at least 2"),
-    ({"colour": "red"}, "takes no option"),
+    ({"prune_depths": [2]}, r"prune_depths: must lie between .* \(1..1\), got \[2\]"),
+    ({"prune_depths": [0]}, "prune_depths.0: must be >= 1"),
+    ({"prune_depths": 1}, "prune_depths: must be a non-empty list of integers, got 1"),
+    ({"keep": 0}, r"keep: must be in \(0, 1\]"),
+    ({"keep": True}, "keep: must be a number, got True"),  # YAML's `keep: yes`
+    ({"branching": 0}, "branching: must be >= 1"),
+    ({"first_frame_candidates": 2.5}, "first_frame_candidates: must be an integer"),
+    ({"strength": 0.01}, "strength: strength 0.01 leaves no denoising step"),
+    ({"num_frames": 1}, "num_frames: must be >= 2"),
+    ({"image_verifier": ""}, "image_verifier: must be a name"),
+    ({"colour": "red"}, "colour: unknown option; tree-of-frames takes: num_frames, strength"),
 ])
 def test_bad_options_are_refused_by_name(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -181,7 +185,7 @@ def test_linear_clips_are_independent_chains_best_by_the_video_score() -> None:
     with pytest.raises(ValueError, match="buys no clip of 3 frames"):
         LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=21, seed=7,
                     strength=0.6)
-    with pytest.raises(ValueError, match="n=4 clips need 88 NFE"):
+    with pytest.raises(ValueError, match="n: 4 clips need 88 NFE"):
         LinearClips(prompt_index=0, prompt=PROMPT, num_steps=T, budget_nfe=70, seed=7,
                     strength=0.6, n=4)
 

@@ -5,9 +5,10 @@ search submitted over HTTP means what the same job file means. Before that, ever
 reach beyond the service is refused: fields the service decides (where work runs, devices,
 threads, output), model names not in its allow-list, verifier names it does not offer, and any
 string in verifier or strategy options that looks like a file path (verifiers and TTSnap
-checkpoints can be loaded "by path"). After validation the limits are checked; the budget limit
-and the strategy's own checks need the model's step count, so they run once the model is known
-(:func:`check_against_model`).
+checkpoints can be loaded "by path"). Validation checks every strategy option's type and range;
+after it the limits are checked. The budget limit and the strategy checks that need the model's
+step count (a budget that pays for the options) run once the model is known
+(:func:`check_against_model`), by building the strategies exactly as the engine will.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from diffsearch.errors import JobError
 from diffsearch.job import Job, describe_validation_error
 from diffsearch.runtime import ModelInfo
 from diffsearch.service.config import ServiceConfig
-from diffsearch.strategies.registry import strategy_class
+from diffsearch.strategies.registry import build_strategies
 
 SERVICE_FIELDS = frozenset({
     "executor", "workers", "scheduler", "allow_download", "device", "dtype", "threads",
-    "compute_batch", "batch_size", "save_candidate_images",
+    "compute_batch", "batch_size",
 })
 """Job fields the service sets itself: they decide where and how work runs, not what it finds."""
 
@@ -165,7 +167,8 @@ def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
 
 
 def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> None:
-    """The checks that need the model: the NFE budget limit and the strategy's own options."""
+    """The checks that need the model: the NFE budget limit, and the strategies built as the
+    engine builds them (their options against the model and the budget)."""
     limit = config.limits.max_budget_nfe
     try:
         budget = job.budget_nfe(info.num_steps)
@@ -179,12 +182,11 @@ def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> Non
     if budget < 1:
         raise RequestError(f"budget: {job.budget!r} is 0 NFE; give a positive budget",
                            field="budget")
-    cls = strategy_class(job.strategy.name)
     try:  # what the engine does first; refusing now beats a search that fails once queued
-        cls(prompt_index=0, prompt=job.prompts[0], num_steps=info.num_steps,
-            budget_nfe=budget // info.nfe_per_step, seed=job.seed, **job.strategy.options)
-    except (ValueError, TypeError) as error:
-        raise RequestError(f"strategy: {error}", field="strategy") from None
+        build_strategies(job, info.num_steps, info.nfe_per_step)
+    except JobError as error:
+        message = str(error)
+        raise RequestError(message, field=message.partition(":")[0]) from None
 
 
 def _served_model(name: Any, config: ServiceConfig) -> Any:

@@ -15,8 +15,10 @@ Candidate ids are unique per prompt. Every candidate is one stored latent: the s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
 
+from diffsearch.strategies.options import Check, OptionError
 from diffsearch.tasks import Outcome, Task
 
 
@@ -27,27 +29,44 @@ class Strategy(ABC):
     call, before ``ask()`` is called again); it returns an empty list only when ``done``.
     Everything random comes from generators seeded from the job seed and the prompt, so the same
     outcomes produce the same next tasks.
+
+    Options are the keyword arguments of a subclass's ``__init__``, each with its check in
+    :attr:`option_checks`. Build strategies from user input with :meth:`from_options` (or
+    :func:`diffsearch.strategies.registry.build_strategies` for a job), which checks every option
+    first; the constructor takes checked values and checks only what needs the model and the
+    budget.
     """
 
     name: str
+    option_checks: ClassVar[Mapping[str, Check]] = {}
+    """Each option's type and range check, by option name (see :mod:`~diffsearch.strategies
+    .options`): everything about an option that can be checked without the model."""
 
-    def __init__(
-        self,
-        *,
-        prompt_index: int,
-        prompt: str,
-        num_steps: int,
-        budget_nfe: int,
-        seed: int,
-        **options: Any,
-    ) -> None:
+    def __init__(self, *, prompt_index: int, prompt: str, num_steps: int, budget_nfe: int,
+                 seed: int) -> None:
         self.prompt_index = prompt_index
         self.prompt = prompt
         self.num_steps = num_steps
         self.budget_nfe = budget_nfe
         self.seed = seed
-        if options:
-            raise ValueError(f"strategy {self.name!r} takes no option(s): {', '.join(options)}")
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options, each checked by its rule and in its Python type; raises
+        :class:`~diffsearch.strategies.options.OptionError` naming the first unknown or bad
+        one. Needs no model: jobs call it when they are validated."""
+        for name in options:
+            if name not in cls.option_checks:
+                known = ", ".join(cls.option_checks) or "no options"
+                raise OptionError(name, f"unknown option; {cls.name} takes: {known}")
+        return {name: cls.option_checks[name](name, value) for name, value in options.items()}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, prompt_index: int, prompt: str,
+                     num_steps: int, budget_nfe: int, seed: int) -> Self:
+        """A strategy for one prompt from unchecked (user) options: checked, then built."""
+        return cls(prompt_index=prompt_index, prompt=prompt, num_steps=num_steps,
+                   budget_nfe=budget_nfe, seed=seed, **cls.check_options(options))
 
     @abstractmethod
     def ask(self) -> list[Task]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffsearch.seeding import derive_seed
+from diffsearch.strategies import options
 from diffsearch.strategies.base import Strategy
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
@@ -18,18 +19,18 @@ class BestOfN(Strategy):
     """
 
     name = "best-of-n"
+    option_checks = {"n": options.rule(options.integer, minimum=1, allow_none=True)}
 
     def __init__(self, *, n: int | None = None, **common: Any) -> None:
         super().__init__(**common)
         affordable = self.budget_nfe // self.num_steps
+        if affordable < 1:
+            raise ValueError(f"budget of {self.budget_nfe} NFE buys no sample of "
+                             f"{self.num_steps} steps")
+        if n is not None and n > affordable:
+            raise options.OptionError("n", f"{n} samples need {n * self.num_steps} NFE, over "
+                                           f"the budget of {self.budget_nfe}")
         self.n = affordable if n is None else n
-        if self.n < 1:
-            raise ValueError(
-                f"budget of {self.budget_nfe} NFE buys no sample of {self.num_steps} steps"
-            )
-        if self.n > affordable:
-            raise ValueError(f"n={self.n} samples need {self.n * self.num_steps} NFE, "
-                             f"over the budget of {self.budget_nfe}")
         self._asked = False
         self._outcomes: list[Outcome] = []
 

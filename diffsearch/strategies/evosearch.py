@@ -88,6 +88,15 @@ def fit_populations(schedule: Sequence[int], elites: int, num_steps: int,
     return population
 
 
+def _check_schedule(name: str, value: object) -> list[int]:
+    """Generation steps: non-decreasing from step 0 (the random generation); that they lie
+    below the model's step count is checked once the model is known."""
+    schedule = options.integer_list(name, value, minimum=0, order="non-decreasing")
+    if schedule[0] != 0:
+        raise options.OptionError(name, f"must start at step 0 (random noise), got {schedule}")
+    return schedule
+
+
 @dataclass(frozen=True)
 class _Member:
     """A member of a generation: the candidate holding its state at the next generation's step,
@@ -113,6 +122,14 @@ class EvoSearch(RoundStrategy):
     (size, 2), ``beta`` (noise mutation, 0.25), ``step_noise_scale`` (times sigma_k, 1.0)."""
 
     name = "evosearch"
+    option_checks = {
+        "schedule": options.rule(_check_schedule, allow_none=True),
+        "population": options.rule(options.integer_list, minimum=1, allow_none=True),
+        "elites": options.rule(options.integer, minimum=0),
+        "tournament": options.rule(options.integer, minimum=1),
+        "beta": options.rule(options.number, low=0.0, high=1.0, low_open=True),
+        "step_noise_scale": options.rule(options.number, low=0.0, low_open=True),
+    }
 
     def __init__(
         self, *, schedule: Sequence[int] | None = None, population: Sequence[int] | None = None,
@@ -121,21 +138,17 @@ class EvoSearch(RoundStrategy):
     ) -> None:
         super().__init__(**common)
         t = self.num_steps
-        self.elites = options.integer("elites", elites, minimum=0)
-        self.tournament = options.integer("tournament", tournament, minimum=1)
-        self.beta = options.number("beta", beta, low=0.0, high=1.0, low_open=True)
-        self.step_noise_scale = options.number("step_noise_scale", step_noise_scale, low=0.0,
-                                               low_open=True)
+        self.elites = elites
+        self.tournament = tournament
+        self.beta = beta
+        self.step_noise_scale = step_noise_scale
         if schedule is None:
             self.schedule = default_schedule(t)
         else:
-            self.schedule = options.integer_list("schedule", schedule, minimum=0,
-                                                 maximum=t - 1)
-            if self.schedule[0] != 0:
-                raise ValueError(f"schedule must start at step 0 (random noise), "
-                                 f"got {self.schedule}")
-            if any(b < a for a, b in zip(self.schedule, self.schedule[1:])):
-                raise ValueError(f"schedule must be non-decreasing, got {self.schedule}")
+            if schedule[-1] >= t:
+                raise options.OptionError("schedule", f"steps must be below the model's {t} "
+                                                      f"steps, got {list(schedule)}")
+            self.schedule = list(schedule)
         if population is not None:
             self.population = self._check_population(population)
         elif schedule is None:
@@ -162,20 +175,21 @@ class EvoSearch(RoundStrategy):
         self.population = fit_populations(self.schedule, self.elites, self.num_steps,
                                           self.budget_nfe)
 
-    def _check_population(self, population: Any) -> list[int]:
-        sizes = options.integer_list("population", population, minimum=1)
+    def _check_population(self, sizes: Sequence[int]) -> list[int]:
+        """A given population against the schedule, the elites and the budget."""
         if len(sizes) != len(self.schedule):
-            raise ValueError(f"population needs {len(self.schedule)} sizes, one per generation "
-                             f"of schedule {self.schedule}, got {len(sizes)}")
+            raise options.OptionError(
+                "population", f"needs {len(self.schedule)} sizes, one per generation of "
+                              f"schedule {self.schedule}, got {len(sizes)}")
         for g, size in enumerate(sizes[1:], start=1):
             if size <= self.elites:
-                raise ValueError(f"population[{g}]={size} leaves no child beside "
-                                 f"{self.elites} elites")
+                raise options.OptionError(f"population.{g}", f"{size} leaves no child beside "
+                                                             f"{self.elites} elites")
         cost = plan_cost(self.schedule, sizes, self.elites, self.num_steps)
         if cost > self.budget_nfe:
-            raise ValueError(f"population {sizes} needs {cost} NFE, over the budget of "
-                             f"{self.budget_nfe}")
-        return sizes
+            raise options.OptionError("population", f"{list(sizes)} needs {cost} NFE, over "
+                                                    f"the budget of {self.budget_nfe}")
+        return list(sizes)
 
     # ---- rounds ---------------------------------------------------------------------------
     def _end(self, generation: int) -> int:

@@ -44,6 +44,15 @@ class Particles(RoundStrategy):
     (10.0), ``ess_threshold`` (None: resample at every scheduled step), ``eta`` (1.0)."""
 
     name = "particles"
+    option_checks = {
+        "particles": options.rule(options.integer, minimum=1, allow_none=True),
+        "resample_every": options.rule(options.integer, minimum=1, allow_none=True),
+        "potential": options.rule(options.choice, choices=("max", "diff")),
+        "lam": options.rule(options.number, low=0.0),
+        "ess_threshold": options.rule(options.number, low=0.0, high=1.0, low_open=True,
+                                      allow_none=True),
+        "eta": options.rule(options.number, low=0.0, low_open=True),
+    }
 
     def __init__(
         self, *, particles: int | None = None, resample_every: int | None = None,
@@ -53,23 +62,17 @@ class Particles(RoundStrategy):
         super().__init__(**common)
         t = self.num_steps
         affordable = self.budget_nfe // t
-        if particles is None:
-            if affordable < 1:
-                raise ValueError(f"budget of {self.budget_nfe} NFE buys no particle of {t} steps")
-            self.particles = affordable
-        else:
-            self.particles = options.integer("particles", particles, minimum=1)
-            if self.particles > affordable:
-                raise ValueError(f"particles={self.particles} need {self.particles * t} NFE, "
-                                 f"over the budget of {self.budget_nfe}")
-        self.resample_every = (max(1, t // 4) if resample_every is None else
-                               options.integer("resample_every", resample_every, minimum=1))
-        self.potential = options.choice("potential", potential, ("max", "diff"))
-        self.lam = options.number("lam", lam, low=0.0)
-        self.ess_threshold = (None if ess_threshold is None else
-                              options.number("ess_threshold", ess_threshold, low=0.0, high=1.0,
-                                             low_open=True))
-        self.eta = options.number("eta", eta, low=0.0, low_open=True)
+        if affordable < 1:
+            raise ValueError(f"budget of {self.budget_nfe} NFE buys no particle of {t} steps")
+        if particles is not None and particles > affordable:
+            raise options.OptionError("particles", f"{particles} need {particles * t} NFE, "
+                                                   f"over the budget of {self.budget_nfe}")
+        self.particles = affordable if particles is None else particles
+        self.resample_every = max(1, t // 4) if resample_every is None else resample_every
+        self.potential = potential
+        self.lam = lam
+        self.ess_threshold = ess_threshold
+        self.eta = eta
         self.segments = [*range(0, t, self.resample_every), t]
         """Step boundaries: particles are scored and maybe resampled at the inner ones."""
         self.resampled_at: list[int] = []

@@ -37,6 +37,13 @@ class Paths(RoundStrategy):
     1), ``denoise_steps`` (twice ``renoise_steps``)."""
 
     name = "paths"
+    option_checks = {
+        "n": options.rule(options.integer, minimum=1, allow_none=True),
+        "branches": options.rule(options.integer, minimum=1),
+        "start_step": options.rule(options.integer, minimum=1, allow_none=True),
+        "renoise_steps": options.rule(options.integer, minimum=1, allow_none=True),
+        "denoise_steps": options.rule(options.integer, minimum=1, allow_none=True),
+    }
 
     def __init__(
         self, *, n: int | None = None, branches: int = 2, start_step: int | None = None,
@@ -46,33 +53,30 @@ class Paths(RoundStrategy):
         t = self.num_steps
         if t < 2:
             raise ValueError(f"search over paths needs at least 2 steps, the model has {t}")
-        self.branches = options.integer("branches", branches, minimum=1)
-        self.renoise_steps = (max(1, int(t * 0.1 + 0.5)) if renoise_steps is None else
-                              options.integer("renoise_steps", renoise_steps, minimum=1))
-        self.denoise_steps = (2 * self.renoise_steps if denoise_steps is None else
-                              options.integer("denoise_steps", denoise_steps, minimum=1))
+        self.branches = branches
+        self.renoise_steps = max(1, int(t * 0.1 + 0.5)) if renoise_steps is None else renoise_steps
+        self.denoise_steps = 2 * self.renoise_steps if denoise_steps is None else denoise_steps
         if self.denoise_steps <= self.renoise_steps:
-            raise ValueError(f"denoise_steps ({self.denoise_steps}) must exceed renoise_steps "
-                             f"({self.renoise_steps}), or the paths never get cleaner")
+            raise options.OptionError(
+                "denoise_steps", f"{self.denoise_steps} must exceed renoise_steps "
+                                 f"({self.renoise_steps}), or the paths never get cleaner")
+        if self.renoise_steps >= t:
+            raise options.OptionError("renoise_steps", f"{self.renoise_steps} leaves no start "
+                                                       f"step below the model's {t} steps")
         self.start_step = (max(int(t * 0.5 + 0.5), self.renoise_steps) if start_step is None
                            else options.integer("start_step", start_step,
                                                 minimum=self.renoise_steps, maximum=t - 1))
-        if self.start_step >= t:
-            raise ValueError(f"renoise_steps={self.renoise_steps} leaves no start step below "
-                             f"the model's {t} steps")
         self.levels = levels(self.start_step, self.renoise_steps, self.denoise_steps, t)
         per_path = (self.start_step + (len(self.levels) - 1) * self.branches * self.denoise_steps
                     + t - self.levels[-1])
-        if n is None:
-            self.n = self.budget_nfe // per_path
-            if self.n < 1:
-                raise ValueError(f"budget of {self.budget_nfe} NFE cannot pay for one path "
-                                 f"({per_path} NFE)")
-        else:
-            self.n = options.integer("n", n, minimum=1)
-            if self.n * per_path > self.budget_nfe:
-                raise ValueError(f"n={self.n} paths need {self.n * per_path} NFE, over the "
-                                 f"budget of {self.budget_nfe}")
+        affordable = self.budget_nfe // per_path
+        if affordable < 1:
+            raise ValueError(f"budget of {self.budget_nfe} NFE cannot pay for one path "
+                             f"({per_path} NFE)")
+        if n is not None and n > affordable:
+            raise options.OptionError("n", f"{n} paths need {n * per_path} NFE, over the "
+                                           f"budget of {self.budget_nfe}")
+        self.n = affordable if n is None else n
         self._kept: list[int] = []
         """Candidates holding the kept paths, at ``levels[round - 1]``."""
 

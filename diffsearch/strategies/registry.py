@@ -1,4 +1,4 @@
-"""Strategy names, as used by job files, the CLI and the API.
+"""Strategy names, as used by job files, the CLI and the API, and building a job's strategies.
 
 Imported lazily so that naming one strategy does not import every other one.
 """
@@ -6,9 +6,14 @@ Imported lazily so that naming one strategy does not import every other one.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from diffsearch.errors import JobError
 from diffsearch.strategies.base import Strategy
+from diffsearch.strategies.options import OptionError
+
+if TYPE_CHECKING:
+    from diffsearch.job import Job
 
 _STRATEGIES: dict[str, str] = {
     "best-of-n": "diffsearch.strategies.best_of_n:BestOfN",
@@ -39,3 +44,28 @@ def strategy_class(name: str) -> type[Strategy]:
         ) from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_strategies(job: Job, num_steps: int, nfe_per_step: int) -> dict[int, Strategy]:
+    """One strategy per prompt index, for a model of ``num_steps`` steps costing
+    ``nfe_per_step`` NFEs each (what the engine runs, and what a service checks a request
+    with before queueing it).
+
+    The job's options were checked without the model when the job was validated; what needs the
+    model or the budget is checked here, and a strategy's refusal of the user's input (its
+    ``ValueError``) becomes a ``JobError`` in the job's ``strategy.<option>: reason`` form. Any
+    other exception (a ``TypeError`` from a strategy's own bug, say) keeps its traceback.
+    """
+    cls = strategy_class(job.strategy.name)
+    budget = job.budget_nfe(num_steps) // nfe_per_step
+    strategies = {}
+    for index, prompt in enumerate(job.prompts):
+        try:
+            strategies[index] = cls.from_options(
+                job.strategy.options, prompt_index=index, prompt=prompt, num_steps=num_steps,
+                budget_nfe=budget, seed=job.seed)
+        except OptionError as error:
+            raise JobError(f"strategy.{error.option}: {error.reason}") from None
+        except ValueError as error:
+            raise JobError(f"strategy: {error}") from None
+    return strategies

@@ -29,6 +29,7 @@ from typing import Any
 
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.seeding import derive_seed
+from diffsearch.strategies import options
 from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import kept, ranked
 from diffsearch.tasks import Outcome, ScoreOn, Task
@@ -41,13 +42,23 @@ each frame is then almost a fresh sample. 0.75 keeps frames tied to their predec
 leaving the search something to find."""
 
 
+_CHAIN_OPTIONS: dict[str, options.Check] = {
+    "num_frames": options.rule(options.integer, minimum=2),
+    "strength": options.rule(options.number, low=0.0, high=1.0, low_open=True),
+}
+"""The options of both clip strategies (one frame is an image: use best-of-n)."""
+
+
 class _FrameChainStrategy(Strategy):
     """What both clip strategies share: the chain, candidate ids, seeds and the clip ranking."""
 
     def __init__(self, *, num_frames: int, strength: float, **common: Any) -> None:
         super().__init__(**common)
         self.chain = FrameChain.for_prompt(self.prompt, num_frames, strength)
-        self.chain.start_step(self.num_steps)  # refuse a strength that leaves no step now
+        try:  # refuse a strength that leaves no step now
+            self.chain.start_step(self.num_steps)
+        except ValueError as error:
+            raise options.OptionError("strength", str(error)) from None
         self._next_candidate = 0
         self._depth = 0
         self._open: list[int] = []
@@ -107,6 +118,14 @@ class TreeOfFrames(_FrameChainStrategy):
     """
 
     name = "tree-of-frames"
+    option_checks = {
+        **_CHAIN_OPTIONS,
+        "first_frame_candidates": options.rule(options.integer, minimum=1, allow_none=True),
+        "branching": options.rule(options.integer, minimum=1, allow_none=True),
+        "prune_depths": options.rule(options.integer_list, minimum=1, allow_none=True),
+        "keep": options.rule(options.number, low=0.0, high=1.0, low_open=True),
+        "image_verifier": options.rule(options.text),
+    }
 
     def __init__(
         self, *, num_frames: int = 3, strength: float = DEFAULT_STRENGTH,
@@ -115,22 +134,14 @@ class TreeOfFrames(_FrameChainStrategy):
         image_verifier: str = "shapes-clip", **common: Any,
     ) -> None:
         super().__init__(num_frames=num_frames, strength=strength, **common)
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be a share in (0, 1], got {keep}")
         last = self.last_depth
-        if prune_depths is not None and not isinstance(prune_depths, (list, tuple)):
-            raise ValueError(f"prune_depths must be a list of frame depths (e.g. [1]), "
-                             f"got {prune_depths!r}")
         depths = range(1, last) if prune_depths is None else prune_depths
-        self.prune_depths = frozenset(int(d) for d in depths)
+        self.prune_depths = frozenset(depths)
         bad = sorted(d for d in self.prune_depths if not 1 <= d < last)
         if bad:
-            raise ValueError(f"prune_depths must lie between the first and the last frame "
-                             f"(1..{last - 1}), got {bad}")
-        for field, value in (("first_frame_candidates", first_frame_candidates),
-                             ("branching", branching)):
-            if value is not None and value < 1:
-                raise ValueError(f"{field} must be at least 1, got {value}")
+            raise options.OptionError(
+                "prune_depths", f"must lie between the first and the last frame "
+                                f"(1..{last - 1}), got {bad}")
         self.keep = keep
         self.image_verifier = image_verifier
         self.first_frame_candidates, self.branching = self._fit(first_frame_candidates,
@@ -208,6 +219,8 @@ class LinearClips(_FrameChainStrategy):
     """
 
     name = "linear-clips"
+    option_checks = {**_CHAIN_OPTIONS,
+                     "n": options.rule(options.integer, minimum=1, allow_none=True)}
 
     def __init__(self, *, num_frames: int = 3, strength: float = DEFAULT_STRENGTH,
                  n: int | None = None,
@@ -215,13 +228,13 @@ class LinearClips(_FrameChainStrategy):
         super().__init__(num_frames=num_frames, strength=strength, **common)
         per_clip = self.chain.clip_nfe(self.num_steps)
         affordable = self.budget_nfe // per_clip
-        self.n = affordable if n is None else n
-        if self.n < 1:
+        if affordable < 1:
             raise ValueError(f"budget of {self.budget_nfe} NFE buys no clip of "
                              f"{self.chain.num_frames} frames ({per_clip} NFE each)")
-        if self.n > affordable:
-            raise ValueError(f"n={self.n} clips need {self.n * per_clip} NFE, over the budget "
-                             f"of {self.budget_nfe}")
+        if n is not None and n > affordable:
+            raise options.OptionError("n", f"{n} clips need {n * per_clip} NFE, over the "
+                                           f"budget of {self.budget_nfe}")
+        self.n = affordable if n is None else n
 
     def ask(self) -> list[Task]:
         if self._done:

@@ -22,6 +22,7 @@ pruning steps (a checkpoint scores well only at the noise level it was trained f
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,24 +55,26 @@ def default_schedule(num_steps: int) -> tuple[list[int], list[float]]:
     return steps, shares
 
 
-def distilled_verifiers(folder: str | Path, num_steps: int) -> dict[int, str]:
+def distilled_verifiers(folder: str | os.PathLike[str], num_steps: int) -> dict[int, str]:
     """Pruning step -> absolute checkpoint folder, from a ``diffsearch distill`` output folder
     distilled for ``num_steps`` steps (checked: step k of 20 is not step k of 50)."""
     root = Path(folder).expanduser()
     manifest = root / DISTILLED_MANIFEST
     if not manifest.is_file():
-        raise ValueError(f"verifiers: {str(folder)!r} is neither a mapping of pruning step to "
-                         f"verifier nor a folder holding {DISTILLED_MANIFEST}")
+        raise options.OptionError("verifiers", f"{str(folder)!r} is neither a mapping of pruning "
+                                               f"step to verifier nor a folder holding "
+                                               f"{DISTILLED_MANIFEST}")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
         steps, distilled_for = data["steps"], data["num_steps"]
         mapping = {int(step): str((root / name).resolve()) for step, name in steps.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"verifiers: {manifest} is not a distill manifest with 'steps' and "
-                         f"'num_steps' ({type(error).__name__}: {error})") from None
+        raise options.OptionError("verifiers", f"{manifest} is not a distill manifest with "
+                                               f"'steps' and 'num_steps' "
+                                               f"({type(error).__name__}: {error})") from None
     if distilled_for != num_steps:
-        raise ValueError(f"verifiers: {root} was distilled for {distilled_for} denoising steps, "
-                         f"this run has {num_steps}")
+        raise options.OptionError("verifiers", f"{root} was distilled for {distilled_for} "
+                                               f"denoising steps, this run has {num_steps}")
     return mapping
 
 
@@ -99,10 +102,18 @@ class TTSnap(RoundStrategy):
     ``diffsearch distill`` output folder)."""
 
     name = "ttsnap"
+    option_checks = {
+        "prune_at": options.rule(options.integer_list, minimum=1, order="increasing",
+                                 allow_none=True),
+        "keep": options.rule(options.number_or_list, low=0.0, high=1.0, low_open=True,
+                             allow_none=True),
+        "n": options.rule(options.integer, minimum=1, allow_none=True),
+        "verifiers": options.rule(options.step_mapping, allow_none=True),
+    }
 
     def __init__(
         self, *, prune_at: Sequence[int] | None = None, keep: float | Sequence[float] | None = None,
-        n: int | None = None, verifiers: Mapping[Any, str] | str | Path | None = None,
+        n: int | None = None, verifiers: Mapping[int, str] | str | os.PathLike[str] | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -110,15 +121,16 @@ class TTSnap(RoundStrategy):
         if prune_at is None:
             self.prune_at, default_keep = default_schedule(t)
         else:
-            self.prune_at = options.integer_list("prune_at", prune_at, minimum=1, maximum=t - 1)
-            options.strictly_increasing("prune_at", self.prune_at)
+            if prune_at[-1] >= t:
+                raise options.OptionError("prune_at", f"steps must be below the model's {t} "
+                                                      f"steps, got {list(prune_at)}")
             if keep is None:
-                raise ValueError("keep is required with a custom prune_at (the share kept at "
-                                 "each pruning step)")
+                raise options.OptionError("keep", "required with a custom prune_at (the share "
+                                                  "kept at each pruning step)")
+            self.prune_at = list(prune_at)
         self.keep = (default_keep if keep is None else
-                     options.number_list("keep", keep, len(self.prune_at), low=0.0, high=1.0,
-                                         low_open=True))
-        if isinstance(verifiers, (str, Path)):
+                     options.number_list("keep", keep, len(self.prune_at)))
+        if isinstance(verifiers, (str, os.PathLike)):
             verifiers = self._distilled(verifiers)
         self.verifiers = self._check_verifiers(verifiers or {})
         unit = plan_cost(1, self.prune_at, self.keep, t)
@@ -130,39 +142,34 @@ class TTSnap(RoundStrategy):
             while plan_cost(self.n + 1, self.prune_at, self.keep, t) <= self.budget_nfe:
                 self.n += 1
         else:
-            self.n = options.integer("n", n, minimum=1)
-            cost = plan_cost(self.n, self.prune_at, self.keep, t)
+            cost = plan_cost(n, self.prune_at, self.keep, t)
             if cost > self.budget_nfe:
-                raise ValueError(f"n={self.n} needs {cost} NFE, over the budget of "
-                                 f"{self.budget_nfe}")
+                raise options.OptionError("n", f"{n} needs {cost} NFE, over the budget of "
+                                               f"{self.budget_nfe}")
+            self.n = n
         self.counts = survivors(self.n, self.keep)
         self._alive: list[int] = []
         """Candidates whose state at the last pruning step the next round continues."""
 
-    def _distilled(self, folder: str | Path) -> dict[int, str]:
+    def _distilled(self, folder: str | os.PathLike[str]) -> dict[int, str]:
         """The checkpoints of a distill output folder, which must cover exactly the pruning
         steps."""
         mapping = distilled_verifiers(folder, self.num_steps)
         if sorted(mapping) != self.prune_at:
-            raise ValueError(f"verifiers: {folder} has checkpoints for steps {sorted(mapping)} "
-                             f"but TTSnap prunes at {self.prune_at}; distil at these steps or "
-                             f"set prune_at to match")
+            raise options.OptionError(
+                "verifiers", f"{folder} has checkpoints for steps {sorted(mapping)} but TTSnap "
+                             f"prunes at {self.prune_at}; distil at these steps or set prune_at "
+                             f"to match")
         return mapping
 
-    def _check_verifiers(self, verifiers: Any) -> dict[int, str]:
-        if not isinstance(verifiers, Mapping):
-            raise ValueError(f"verifiers must be a mapping of pruning step to verifier name, "
-                             f"got {verifiers!r}")
-        checked = {}
-        for key, name in verifiers.items():
-            step = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+    def _check_verifiers(self, verifiers: Mapping[int, str]) -> dict[int, str]:
+        """Checked names by step (see :func:`~diffsearch.strategies.options.step_mapping`);
+        here every step must be a pruning step."""
+        for step in verifiers:
             if step not in self.prune_at:
-                raise ValueError(f"verifiers: step {key!r} is not a pruning step "
-                                 f"{self.prune_at}")
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"verifiers[{key!r}] must be a verifier name, got {name!r}")
-            checked[step] = name
-        return checked
+                raise options.OptionError(f"verifiers.{step}", f"step {step} is not a pruning "
+                                                               f"step {self.prune_at}")
+        return dict(verifiers)
 
     def _next_round(self) -> list[Task]:
         i = self._rounds_told

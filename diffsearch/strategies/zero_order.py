@@ -27,12 +27,16 @@ class ZeroOrder(RoundStrategy):
     ``cosine`` (with the pivot, in (0, 1), 0.95)."""
 
     name = "zero-order"
+    option_checks = {
+        "neighbours": options.rule(options.integer, minimum=1),
+        "cosine": options.rule(options.number, low=0.0, high=1.0, low_open=True,
+                               high_open=True),
+    }
 
     def __init__(self, *, neighbours: int = 4, cosine: float = 0.95, **common: Any) -> None:
         super().__init__(**common)
-        self.neighbours = options.integer("neighbours", neighbours, minimum=1)
-        self.cosine = options.number("cosine", cosine, low=0.0, high=1.0, low_open=True,
-                                     high_open=True)
+        self.neighbours = neighbours
+        self.cosine = cosine
         if self.budget_nfe < self.num_steps:
             raise ValueError(f"budget of {self.budget_nfe} NFE buys no sample of "
                              f"{self.num_steps} steps")
