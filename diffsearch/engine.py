@@ -26,6 +26,7 @@ from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import RunStore
 from diffsearch.strategies.base import Strategy
+from diffsearch.strategies.common import best_of
 from diffsearch.strategies.registry import build_strategies
 from diffsearch.tasks import Outcome, Task
 
@@ -38,8 +39,15 @@ class ProgressEvent:
     nfe_total: int
     prompt_index: int
     outcomes: tuple[Outcome, ...]
-    best_reward: float | None
-    """The best reward seen so far for ``prompt_index``."""
+    best: Outcome | None
+    """The best answer so far for ``prompt_index``: the strategy's ``best()`` with the answers
+    of its round in flight that are back (so it is ``best()`` once that round is told). Scores
+    of x0 estimates or of per-task verifiers are on other scales and never count."""
+
+    @property
+    def best_reward(self) -> float | None:
+        """The guiding verifier's score of :attr:`best`."""
+        return None if self.best is None else self.best.reward
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -51,8 +59,14 @@ class _PromptState:
     round_tasks: list[Task] = field(default_factory=list)
     received: dict[int, Outcome] = field(default_factory=dict)
     nfe: int = 0
-    best_reward: float | None = None
     finished: bool = False
+
+    @property
+    def best(self) -> Outcome | None:
+        """The strategy's answer so far, and the answers of the round in flight already back."""
+        arrived = (self.received.get(task.candidate) for task in self.round_tasks
+                   if self.strategy.is_answer(task))
+        return best_of([self.strategy.best(), *arrived])
 
 
 class BudgetExceededError(RuntimeError):
@@ -158,6 +172,9 @@ class Engine:
         return {index: _PromptState(strategy) for index, strategy in strategies.items()}
 
     def _check_round(self, state: _PromptState, tasks: list[Task], model: ModelInfo) -> None:
+        """The strategy's side of the contract, for every strategy: distinct candidates, and no
+        ask past the budget in the NFEs the model actually charges (a strategy bug, never the
+        user's: strategies size themselves to their budget)."""
         candidates = [t.candidate for t in tasks]
         if len(set(candidates)) != len(candidates):
             raise RuntimeError(f"strategy {state.strategy.name} asked one candidate twice")
@@ -186,14 +203,11 @@ class Engine:
     def _account(state: _PromptState, outcomes: list[Outcome], bar: tqdm) -> int:
         nfe = sum(o.nfe for o in outcomes)
         state.nfe += nfe
-        for outcome in outcomes:
-            if outcome.reward is not None and outcome.ok and (
-                    state.best_reward is None or outcome.reward > state.best_reward):
-                state.best_reward = outcome.reward
         bar.update(nfe)
-        if state.best_reward is not None and outcomes:
+        best = state.best
+        if best is not None:
             # prompts run interleaved: say whose best this is
-            bar.set_postfix_str(f"prompt {outcomes[0].prompt_index} best {state.best_reward:.4g}",
+            bar.set_postfix_str(f"prompt {best.prompt_index} best {best.reward:.4g}",
                                 refresh=False)
         return nfe
 
@@ -202,7 +216,7 @@ class Engine:
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(nfe_done=nfe_done, nfe_total=total,
                                            prompt_index=index, outcomes=outcomes,
-                                           best_reward=state.best_reward))
+                                           best=state.best))
 
 
 def prepare_run_dir(run_dir: Path, job: Job, *, resume: bool) -> None:

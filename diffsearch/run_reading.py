@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from diffsearch.errors import StoreError
+from diffsearch.job import verifier_label
 from diffsearch.runtime import candidate_image_path
-from diffsearch.store import RunStore
+from diffsearch.store import CandidateRecord, RunStore
+from diffsearch.strategies.common import best_of
 
 
 def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
     """One row per prompt: index, prompt, best score, image path (relative to ``run_dir``).
 
     A finished run is read from results.json (the strategy's own choice of best); a stopped one
-    from the store, where the best is the highest-reward finished candidate with a final image.
+    from the store, by the strategies' rule (:func:`~diffsearch.strategies.common.best_of`) over
+    the answers it holds (:func:`stored_answers`).
     """
     results = run_dir / "results.json"
     if results.is_file():
@@ -31,11 +34,10 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
     if not store_path.exists():
         raise StoreError(f"{run_dir} is not a diffsearch run (no results.json, no store.zarr)")
     store = RunStore.open(store_path, writable=False)
+    guide = verifier_label(store.attrs["job"]["verifier"])
     rows = []
     for index in store.prompt_indices():
-        finals = [c for c in store.finished_candidates(index)
-                  if c.has_final and c.reward is not None]
-        best = max(finals, key=lambda c: c.reward, default=None)  # type: ignore[arg-type,return-value]
+        best = best_of(stored_answers(store.finished_candidates(index), guide))
         rows.append({
             "index": index, "prompt": store.prompt_text(index),
             "score": best.reward if best else None,
@@ -44,3 +46,13 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
             "finished": False,
         })
     return rows
+
+
+def stored_answers(candidates: list[CandidateRecord], guide: str) -> list[CandidateRecord]:
+    """The stored candidates that compete for the best, read from what the store keeps:
+    final images scored by the guiding verifier ``guide`` (the store's side of
+    :meth:`~diffsearch.strategies.base.Strategy.is_answer`; an x0 estimate has no final image,
+    and a task with its own verifier was not scored by ``guide``). Clips are not final images:
+    a stopped clip search shows no best."""
+    return [c for c in candidates
+            if c.has_final and c.reward is not None and c.scores.get(guide) == c.reward]

@@ -107,7 +107,3 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-    def rank_key(self) -> float:
-        """Higher is better; failed or unscored candidates rank last."""
-        return float("-inf") if self.reward is None or self.error else self.reward

@@ -55,7 +55,8 @@ class NotCancellable(Exception):
 
 @dataclass(frozen=True)
 class BestSoFar:
-    """The best candidate of one prompt with a final image, and the NFEs spent when it came."""
+    """A prompt's best answer so far (the engine's :attr:`ProgressEvent.best`, then the
+    strategy's final choice) and the NFEs spent when it came."""
 
     candidate: int
     score: float
@@ -100,9 +101,9 @@ class SearchRecord:
                     "image": image_url(self.id, outcome.prompt_index, outcome.candidate)
                     if has_image else None,
                 })
-                if outcome.ok and outcome.reward is not None and has_image:
-                    self._offer_best(outcome.prompt_index, outcome.candidate, outcome.reward,
-                                     event.nfe_done)
+            if event.best is not None and event.best.reward is not None:
+                self._offer_best(event.prompt_index, event.best.candidate, event.best.reward,
+                                 event.nfe_done)
             best = self.best.get(event.prompt_index)
         self.events.append("progress", {
             "nfe_done": event.nfe_done, "nfe_total": event.nfe_total,
@@ -112,8 +113,9 @@ class SearchRecord:
         })
 
     def _offer_best(self, prompt_index: int, candidate: int, score: float, nfe: int) -> None:
+        """Take the engine's best so far; the history grows when it changes."""
         current = self.best.get(prompt_index)
-        if current is None or score > current.score:
+        if current is None or candidate != current.candidate:
             self.best[prompt_index] = BestSoFar(candidate, score, nfe)
             self.history.setdefault(prompt_index, []).append((nfe, score))
 

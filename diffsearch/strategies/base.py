@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from diffsearch.strategies.options import Check, OptionError
-from diffsearch.tasks import Outcome, Task
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
 class Strategy(ABC):
@@ -68,6 +68,13 @@ class Strategy(ABC):
         return cls(prompt_index=prompt_index, prompt=prompt, num_steps=num_steps,
                    budget_nfe=budget_nfe, seed=seed, **cls.check_options(options))
 
+    def is_answer(self, task: Task) -> bool:
+        """Whether ``task``'s outcome competes for :meth:`best`: a finished result scored by
+        the job's guiding verifier. Scores of x0 estimates and of per-task verifiers are on
+        other scales and never do; strategies whose answers are not final images (clips)
+        override this."""
+        return task.score_on is ScoreOn.FINAL and task.verifier is None
+
     @abstractmethod
     def ask(self) -> list[Task]:
         """The next tasks to run; [] once done."""
@@ -83,4 +90,5 @@ class Strategy(ABC):
 
     @abstractmethod
     def best(self) -> Outcome | None:
-        """The best final-image outcome seen so far (None before any)."""
+        """The answer so far: :func:`~diffsearch.strategies.common.best_of` the outcomes of
+        every task told for which :meth:`is_answer` holds (None before any)."""

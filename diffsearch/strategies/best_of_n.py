@@ -3,16 +3,16 @@ image; the best is kept. The baseline every other strategy is compared with at e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from diffsearch.seeding import derive_seed
 from diffsearch.strategies import options
-from diffsearch.strategies.base import Strategy
+from diffsearch.strategies.common import RoundStrategy
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
-class BestOfN(Strategy):
-    """All N candidates are asked at once, so the executor can spread and batch them freely.
+class BestOfN(RoundStrategy):
+    """All N candidates are asked in one round, so the executor can spread and batch them freely.
 
     N is the budget divided by the cost of one sample (T NFEs); ``n`` overrides it. Asking more
     than the budget allows is an error rather than a silent overspend.
@@ -31,33 +31,10 @@ class BestOfN(Strategy):
             raise options.OptionError("n", f"{n} samples need {n * self.num_steps} NFE, over "
                                            f"the budget of {self.budget_nfe}")
         self.n = affordable if n is None else n
-        self._asked = False
-        self._outcomes: list[Outcome] = []
 
-    def ask(self) -> list[Task]:
-        if self._asked:
-            return []
-        self._asked = True
-        return [
-            Task(
-                prompt_index=self.prompt_index,
-                prompt=self.prompt,
-                candidate=candidate,
-                seed=derive_seed(self.seed, self.prompt, candidate, "noise"),
-                start=0,
-                end=self.num_steps,
-                score_on=ScoreOn.FINAL,
-            )
-            for candidate in range(self.n)
-        ]
+    def _next_round(self) -> list[Task]:
+        return [self._task(start=0, end=self.num_steps, score_on=ScoreOn.FINAL)
+                for _ in range(self.n)]
 
-    def tell(self, outcomes: list[Outcome]) -> None:
-        self._outcomes.extend(outcomes)
-
-    @property
-    def done(self) -> bool:
-        return self._asked
-
-    def best(self) -> Outcome | None:
-        scored = [o for o in self._outcomes if o.reward is not None and o.ok]
-        return max(scored, key=Outcome.rank_key, default=None)
+    def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
+        self._finish()

@@ -1,11 +1,13 @@
-"""What the round-based search strategies share: candidate ids and seeds, the ask/tell
-bookkeeping, the NFE plan and the best final image.
+"""What the search strategies share: how outcomes are ranked and the best one chosen, and the
+base of the round-based strategies (candidate ids and seeds, the ask/tell bookkeeping, the NFEs
+planned so far and the best answer).
 
-Subclasses implement :meth:`RoundStrategy._next_round` (the tasks of the next round, [] when
-finished) and :meth:`RoundStrategy._receive` (the outcomes of the last round, in task order).
-The base checks the engine's side of the contract (one outcome per task, in order) and the
-strategy's own (never plan past the budget), because either failing silently would attach scores
-to the wrong candidates or overspend.
+Subclasses of :class:`RoundStrategy` implement :meth:`RoundStrategy._next_round` (the tasks
+of the next round, [] when finished) and :meth:`RoundStrategy._receive` (the outcomes of the
+last round, in task order). The base checks the engine's side of the contract (one outcome per
+task, in order), because a mismatch would silently attach scores to the wrong candidates. The
+strategy's side (never ask past the budget) is checked by the engine, for every strategy and in
+the NFEs it actually charges.
 """
 
 from __future__ import annotations
@@ -13,18 +15,43 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from diffsearch.seeding import derive_seed
 from diffsearch.strategies.base import Strategy
 from diffsearch.tasks import Outcome, Perturbation, ScoreOn, Task
 
 
-def ranked(outcomes: Iterable[Outcome]) -> list[Outcome]:
-    """Scored, successful outcomes, best first; equal rewards by candidate id, so equal
-    outcomes always give equal choices (replay, determinism)."""
-    scored = [o for o in outcomes if o.ok and o.reward is not None]
-    return sorted(scored, key=lambda o: (-o.rank_key(), o.candidate))
+class Scored(Protocol):
+    """What ranking needs of an outcome, or of a stored candidate (``store.CandidateRecord``)."""
+
+    @property
+    def candidate(self) -> int: ...
+    @property
+    def reward(self) -> float | None: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+S = TypeVar("S", bound=Scored)
+
+
+def ranked(items: Iterable[S]) -> list[S]:
+    """Scored, successful items, best first; equal rewards by candidate id, so equal outcomes
+    always give equal choices (replay, determinism)."""
+    scored = [item for item in items if item.error is None and item.reward is not None]
+    return sorted(scored, key=lambda item: (-item.reward, item.candidate))  # type: ignore[operator]
+
+
+def best_of(items: Iterable[S | None]) -> S | None:
+    """The best of ``items`` by :func:`ranked` (Nones skipped); None when none is scored.
+
+    The one rule for "the best so far": strategies answer :meth:`Strategy.best` with it over
+    their answers, the engine's progress over the answers told and those still arriving, and
+    ``diffsearch show`` over a stopped run's stored final images.
+    """
+    first = ranked(item for item in items if item is not None)
+    return first[0] if first else None
 
 
 def kept(share: float, n: int) -> int:
@@ -45,7 +72,8 @@ class RoundStrategy(Strategy):
         self._done = False
         self._best: Outcome | None = None
         self.planned_nfe = 0
-        """NFEs of every task asked so far (what the engine will charge)."""
+        """NFEs of every task asked so far, in the strategy's unit (one per step): what is left
+        of the budget for the next round."""
         self._rounds_told = 0
         """Rounds answered so far: in :meth:`_next_round` the index of the round to build, in
         :meth:`_receive` the index of the round being answered."""
@@ -91,9 +119,6 @@ class RoundStrategy(Strategy):
             self._done = True
             return []
         self.planned_nfe += sum(self._cost(t) for t in tasks)
-        if self.planned_nfe > self.budget_nfe:
-            raise RuntimeError(f"{self.name} planned {self.planned_nfe} NFE, over its budget of "
-                               f"{self.budget_nfe} (a strategy bug)")
         self._pending = tasks
         return tasks
 
@@ -104,10 +129,8 @@ class RoundStrategy(Strategy):
         if [o.candidate for o in outcomes] != [t.candidate for t in tasks]:
             raise ValueError(f"{self.name}: tell() needs one outcome per asked task, in order")
         self._pending = None
-        for task, outcome in zip(tasks, outcomes):
-            if task.score_on is ScoreOn.FINAL and outcome.ok and outcome.reward is not None:
-                if self._best is None or ranked([outcome, self._best])[0] is outcome:
-                    self._best = outcome
+        self._best = best_of([self._best, *(outcome for task, outcome in zip(tasks, outcomes)
+                                            if self.is_answer(task))])
         self._receive(tasks, outcomes)
         self._rounds_told += 1
 

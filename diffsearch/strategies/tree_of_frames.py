@@ -31,7 +31,7 @@ from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.seeding import derive_seed
 from diffsearch.strategies import options
 from diffsearch.strategies.base import Strategy
-from diffsearch.strategies.common import kept, ranked
+from diffsearch.strategies.common import best_of, kept, ranked
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
 DEFAULT_STRENGTH = 0.75
@@ -63,6 +63,8 @@ class _FrameChainStrategy(Strategy):
         self._depth = 0
         self._open: list[int] = []
         """Candidates whose frame ``self._depth - 1`` the next ask extends."""
+        self._clips: set[int] = set()
+        """Candidates asked as the last frame: the finished clips, the only answers."""
         self._finished: list[Outcome] = []
         self._done = False
 
@@ -90,6 +92,8 @@ class _FrameChainStrategy(Strategy):
                     prompt_index=self.prompt_index, frame=self._depth, candidate=candidate,
                     parent=parent, seed=derive_seed(self.seed, self.prompt, candidate, "frame"),
                     num_steps=self.num_steps, score_on=score_on))
+        if self._depth == self.last_depth:
+            self._clips.update(t.candidate for t in tasks)
         return tasks
 
     @property
@@ -100,10 +104,14 @@ class _FrameChainStrategy(Strategy):
     def done(self) -> bool:
         return self._done
 
+    def is_answer(self, task: Task) -> bool:
+        """Only finished clips answer: partial clips (scored at pruning depths) and first
+        frames (scored by the image verifier) are judged on other scales."""
+        return task.score_on is ScoreOn.CLIP and task.candidate in self._clips
+
     def best(self) -> Outcome | None:
         """The best finished clip, as its last frame's outcome."""
-        finished = ranked(self._finished)
-        return finished[0] if finished else None
+        return best_of(self._finished)
 
 
 class TreeOfFrames(_FrameChainStrategy):
