@@ -20,8 +20,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffsearch.errors import StoreError
 from diffsearch.executor import Executor
 from diffsearch.job import Job
+from diffsearch.preflight import STORE_DIR, preflight
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import RunStore
@@ -94,9 +96,13 @@ class Engine:
 
     def run(self) -> RunResult:
         started = time.perf_counter()
-        prepare_run_dir(self.run_dir, self.job, resume=self.resume)
+        num_steps = preflight(self.job, self.run_dir, resume=self.resume)
+        prepare_run_dir(self.run_dir, self.job)
         model = self.executor.start(self.spec)
-        store = open_store(self.run_dir, self.job, model, resume=self.resume)
+        if model.num_steps != num_steps:
+            raise RuntimeError(f"the loaded model runs {model.num_steps} steps, its config said "
+                               f"{num_steps}: the pre-run checks read the model differently")
+        store = open_store(self.run_dir, self.job, model)
         states = self._build_strategies(model.num_steps, model.nfe_per_step)
         total = sum(s.strategy.budget_nfe for s in states.values())
         bar = tqdm(total=total, unit="NFE", desc="search", disable=not self.progress_bar,
@@ -219,10 +225,9 @@ class Engine:
                                            best=state.best))
 
 
-def prepare_run_dir(run_dir: Path, job: Job, *, resume: bool) -> None:
-    """Create the output folder, refusing to overwrite a run unless resuming it."""
-    from diffsearch.errors import StoreError
-
+def prepare_run_dir(run_dir: Path, job: Job) -> None:
+    """Create the output folder (checked by :func:`~diffsearch.preflight.check_run_folder`) and
+    record the job in it."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -231,21 +236,14 @@ def prepare_run_dir(run_dir: Path, job: Job, *, resume: bool) -> None:
     except OSError as error:
         raise StoreError(f"cannot write to output folder {run_dir}: "
                          f"{error.strerror or error}") from None
-    if (run_dir / "store.zarr").exists() and not resume:
-        raise StoreError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                         f"choose another output folder")
     (run_dir / "job.json").write_text(job.model_dump_json(indent=2))
 
 
-def open_store(run_dir: Path, job: Job, model: ModelInfo, *, resume: bool) -> RunStore:
-    from diffsearch.errors import StoreError
-
-    path = run_dir / "store.zarr"
-    if resume and path.exists():
-        store = RunStore.open(path)
-        if store.attrs.get("result_key") != job.result_key():
-            raise StoreError(f"{path} was made by a different job (model, prompts, strategy, "
-                             f"budget, verifiers, seed or numerics changed); cannot resume it")
-        return store
+def open_store(run_dir: Path, job: Job, model: ModelInfo) -> RunStore:
+    """The run's store: the existing one when resuming (its job was checked before the run
+    started), else a new one."""
+    path = run_dir / STORE_DIR
+    if path.exists():
+        return RunStore.open(path)
     return RunStore.create(path, job=job.model_dump(mode="json"), result_key=job.result_key(),
                            latent_shape=model.latent_shape, num_steps=model.num_steps)

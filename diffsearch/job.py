@@ -101,7 +101,6 @@ class Job(BaseModel):
     workers: int | None = Field(default=None, ge=1, le=1024)
     scheduler: str | None = None
     allow_download: bool = False
-    save_candidate_images: bool = True
 
     @field_validator("prompts")
     @classmethod
@@ -142,7 +141,7 @@ class Job(BaseModel):
 
 
 EXECUTION_FIELDS = {
-    "batch_size", "executor", "workers", "scheduler", "allow_download", "save_candidate_images",
+    "batch_size", "executor", "workers", "scheduler", "allow_download",
 }
 
 
@@ -175,8 +174,10 @@ def load_prompts_file(path: Path) -> list[str]:
     raise JobError(f"{path}: prompts file must be .txt or .jsonl")
 
 
-def job_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path) -> Job:
-    """Validate a job given as a mapping; ``prompts_file`` is resolved against ``base_dir``."""
+def job_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path,
+                     names: dict[str, str] | None = None) -> Job:
+    """Validate a job given as a mapping; ``prompts_file`` is resolved against ``base_dir``.
+    Errors read ``source: field: problem``, with fields renamed by ``names``."""
     data = dict(data)
     prompts_file = data.pop("prompts_file", None)
     if prompts_file is not None:
@@ -186,7 +187,7 @@ def job_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path) -> Jo
     try:
         return Job.model_validate(data)
     except ValidationError as error:
-        raise JobError(f"{source}: {describe_validation_error(error)}") from None
+        raise JobError(f"{source}: {describe_validation_error(error, names)}") from None
 
 
 def load_job(path: Path) -> Job:
@@ -194,6 +195,9 @@ def load_job(path: Path) -> Job:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise JobError(f"{path}: cannot read job file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise JobError(f"{path}: not a UTF-8 text file (byte {error.object[error.start]:#04x} "
+                       f"at offset {error.start}); a job file is YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -205,10 +209,14 @@ def load_job(path: Path) -> Job:
     return job_from_mapping(data, source=str(path), base_dir=path.parent)
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """pydantic's first error as ``field.path: message`` on one line."""
+def describe_validation_error(error: ValidationError, names: dict[str, str] | None = None) -> str:
+    """pydantic's first error as ``field.path: message`` on one line. ``names`` renames
+    top-level fields for the user (the CLI names its flags: ``num_steps`` -> ``--steps``)."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "job"
+    parts = [str(part) for part in first["loc"]]
+    if parts and names and parts[0] in names:
+        parts[0] = names[parts[0]]
+    location = ".".join(parts) or "job"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
