@@ -87,7 +87,7 @@ def constructor_options(name: str) -> list[str]:
     names = [p.name for p in parameters
              if p.name != "self" and p.name not in COMMON_ARGUMENTS
              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return list(dict.fromkeys([*names, *getattr(cls, "option_checks", {})]))
+    return list(dict.fromkeys([*names, *cls.option_checks]))
 
 
 @pytest.mark.parametrize("name", strategy_names())
