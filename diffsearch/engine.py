@@ -99,7 +99,7 @@ class Engine:
         num_steps = preflight(self.job, self.run_dir, resume=self.resume)
         prepare_run_dir(self.run_dir, self.job)
         model = self.executor.start(self.spec)
-        if model.num_steps != num_steps:
+        if num_steps is not None and model.num_steps != num_steps:
             raise RuntimeError(f"the loaded model runs {model.num_steps} steps, its config said "
                                f"{num_steps}: the pre-run checks read the model differently")
         store = open_store(self.run_dir, self.job, model)

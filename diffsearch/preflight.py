@@ -19,22 +19,23 @@ from diffsearch.errors import StoreError
 from diffsearch.job import Job, VerifierSpec
 from diffsearch.pipelines.sources import plan_model
 
-_IN_PROCESS_MODELS: dict[str, int] = {}
-"""Model name -> its number of steps, for the runtimes registered in this process."""
+_IN_PROCESS_MODELS: set[str] = set()
+"""Names of the models of the runtimes registered in this process."""
 
 STORE_DIR = "store.zarr"
 
 
-def hold_in_process(model: str, num_steps: int) -> None:
+def hold_in_process(model: str) -> None:
     """Record that this process holds a runtime for ``model`` (called on registration)."""
-    _IN_PROCESS_MODELS[model] = num_steps
+    _IN_PROCESS_MODELS.add(model)
 
 
-def check_model(job: Job) -> int:
-    """The number of denoising steps the job will run; a one-line ModelLoadError if the model
-    cannot be found or has no adapter. Reads config files only."""
+def check_model(job: Job) -> int | None:
+    """The number of denoising steps the job will run, or None for a model held in-process
+    (its runtime says, once started); a one-line ModelLoadError if the model cannot be found
+    or has no adapter. Reads config files only."""
     if job.model in _IN_PROCESS_MODELS:
-        return job.num_steps or _IN_PROCESS_MODELS[job.model]
+        return None
     return plan_model(job.model, num_steps=job.num_steps, guidance_scale=job.guidance_scale,
                       allow_download=job.allow_download).num_steps
 
@@ -68,8 +69,8 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
                          f"budget, verifiers, seed or numerics changed); cannot resume it")
 
 
-def preflight(job: Job, run_dir: Path, *, resume: bool) -> int:
-    """Every cheap check, cheapest first; returns the number of steps the model will run."""
+def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
+    """Every cheap check, cheapest first; returns :func:`check_model`'s number of steps."""
     num_steps = check_model(job)
     check_verifiers(job)
     check_run_folder(job, run_dir, resume=resume)

@@ -104,7 +104,7 @@ def register_runtime(runtime: WorkerRuntime) -> None:
     from diffsearch.preflight import hold_in_process
 
     _RUNTIMES[runtime.spec] = runtime
-    hold_in_process(runtime.spec.model, runtime.denoiser.num_steps)
+    hold_in_process(runtime.spec.model)
 
 
 class WorkerRuntime:
