@@ -51,6 +51,19 @@ def check_verifiers(job: Job) -> None:
         check_verifier_spec(spec)
 
 
+def check_strategies(job: Job, num_steps: int) -> None:
+    """Build the job's strategies as the engine will, to refuse options that do not fit the
+    model or the budget (``n`` past the budget, a schedule past the last step).
+
+    The NFEs a step costs are known only once the model is loaded; one per step is the least
+    any adapter charges, so the budget here is the most generous one: whatever fails here
+    fails for the loaded model too, and the engine's own build after loading is exact.
+    """
+    from diffsearch.strategies.registry import build_strategies
+
+    build_strategies(job, num_steps, nfe_per_step=1)
+
+
 def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
     """A new run needs a folder without a store; ``--resume`` needs the store of this job.
 
@@ -72,6 +85,8 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
 def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     """Every cheap check, cheapest first; returns :func:`check_model`'s number of steps."""
     num_steps = check_model(job)
+    if num_steps is not None:
+        check_strategies(job, num_steps)
     check_verifiers(job)
     check_run_folder(job, run_dir, resume=resume)
     return num_steps

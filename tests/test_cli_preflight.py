@@ -130,3 +130,15 @@ def test_save_candidate_images_is_not_accepted_as_if_it_worked(tmp_path: Path) -
     path = write_job(tmp_path, "prompts: [a]\nsave_candidate_images: false\n")
     assert_one_line_error(invoke("run", path, "--out", tmp_path / "out"),
                           "save_candidate_images: unknown field")
+
+
+def test_a_strategy_that_does_not_fit_the_model_is_refused_before_a_cluster(
+        tmp_path: Path) -> None:
+    """best-of-n n: 9 on an 8x budget is wrong only given the model's steps: the bundled
+    model's config says so, and no cluster is started or model loaded to find out."""
+    seen = _run_cli_in_a_fresh_process(
+        tmp_path, "prompts: [a]\nbudget: 8x\nstrategy: {name: best-of-n, n: 9}\n")
+    assert seen["code"] == 2, seen
+    assert "strategy.n: 9 samples need 180 NFE, over the budget of 160" in seen["output"], seen
+    assert "local cluster" not in seen["output"]
+    assert not (tmp_path / "out").exists()
