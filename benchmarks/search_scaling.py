@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffsearch import run_folder
 from diffsearch.api import run_job
 from diffsearch.job import Job
 from diffsearch.pipelines.shapes.world import distinct_prompts
@@ -62,8 +63,8 @@ def diversity(run_dir: Path, result_prompt: Any, top: int = 4) -> float | None:
                     key=lambda c: c.reward, reverse=True)[:top]
     if len(finals) < 2:
         return None
-    images = [np.asarray(Image.open(run_dir / f"images/p{result_prompt.prompt_index:05d}/"
-                                              f"c{c.candidate:05d}.png"), dtype=np.float64) / 255
+    images = [np.asarray(Image.open(run_dir / run_folder.candidate_image(
+                  result_prompt.prompt_index, c.candidate)), dtype=np.float64) / 255
               for c in finals]
     distances = [np.sqrt(np.mean((a - b) ** 2)) for a, b in itertools.combinations(images, 2)]
     return float(np.mean(distances))

@@ -25,11 +25,12 @@ from typing import Any
 
 from PIL import Image
 
+from diffsearch import run_folder
 from diffsearch.engine import Engine, ProgressCallback, ProgressEvent
 from diffsearch.errors import JobError
 from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.job import Job, VerifierSpec, job_from_mapping
-from diffsearch.results import PromptResult, RunResult, best_image_path
+from diffsearch.results import PromptResult, RunResult
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import CandidateRecord
 from diffsearch.tasks import Outcome
@@ -193,7 +194,7 @@ def _prompt_result(run_dir: Path, prompt: PromptResult) -> PromptSearchResult:
         best = BestCandidate(
             candidate=record.candidate, seed=record.seed, score=record.reward,
             scores=dict(record.scores), lineage=lineage(prompt.candidates, record.candidate),
-            image_path=run_dir / best_image_path(prompt.prompt_index))
+            image_path=run_dir / run_folder.best_image(prompt.prompt_index))
     return PromptSearchResult(index=prompt.prompt_index, prompt=prompt.prompt, nfe=prompt.nfe,
                               best=best, candidates=tuple(prompt.candidates))
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffsearch import run_folder
 from diffsearch.errors import StoreError
 from diffsearch.executor import Executor
 from diffsearch.job import Job
-from diffsearch.preflight import STORE_DIR, preflight
+from diffsearch.preflight import preflight
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
 from diffsearch.store import RunStore
@@ -197,10 +198,9 @@ class Engine:
         for task in tasks:
             groups[(task.start, task.end, task.eta, task.score_on, task.verifier)].append(task)
         size = self.job.batch_size
-        images = str(self.run_dir / "images")
         return [
             WorkBatch(tasks=tuple(group[i:i + size]), store_path=str(store.path),
-                      images_dir=images)
+                      run_dir=str(self.run_dir))
             for group in groups.values()
             for i in range(0, len(group), size)
         ]
@@ -236,13 +236,13 @@ def prepare_run_dir(run_dir: Path, job: Job) -> None:
     except OSError as error:
         raise StoreError(f"cannot write to output folder {run_dir}: "
                          f"{error.strerror or error}") from None
-    (run_dir / "job.json").write_text(job.model_dump_json(indent=2))
+    (run_dir / run_folder.JOB).write_text(job.model_dump_json(indent=2))
 
 
 def open_store(run_dir: Path, job: Job, model: ModelInfo) -> RunStore:
     """The run's store: the existing one when resuming (its job was checked before the run
     started), else a new one."""
-    path = run_dir / STORE_DIR
+    path = run_dir / run_folder.STORE
     if path.exists():
         return RunStore.open(path)
     return RunStore.create(path, job=job.model_dump(mode="json"), result_key=job.result_key(),

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffsearch import run_folder
 from diffsearch.errors import StoreError
 from diffsearch.job import Job, VerifierSpec
 from diffsearch.pipelines.sources import plan_model
 
 _IN_PROCESS_MODELS: set[str] = set()
 """Names of the models of the runtimes registered in this process."""
-
-STORE_DIR = "store.zarr"
-
 
 def hold_in_process(model: str) -> None:
     """Record that this process holds a runtime for ``model`` (called on registration)."""
@@ -69,7 +67,7 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
 
     Only reads: a refused run leaves the folder exactly as it was.
     """
-    store_path = run_dir / STORE_DIR
+    store_path = run_dir / run_folder.STORE
     if not store_path.exists():
         return
     if not resume:

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from diffsearch import run_folder
 from diffsearch.job import Job
-from diffsearch.runtime import ModelInfo, candidate_image_path
+from diffsearch.runtime import ModelInfo
 from diffsearch.store import CandidateRecord, RunStore
 from diffsearch.strategies.base import Strategy
 
@@ -43,8 +44,9 @@ class PromptResult:
                 "seed": self.best.seed,
                 "score": self.best.reward,
                 "scores": self.best.scores,
-                "image": best_image_path(self.prompt_index),
-                "candidate_image": candidate_image_path(self.prompt_index, self.best.candidate),
+                "image": run_folder.best_image(self.prompt_index),
+                "candidate_image": run_folder.candidate_image(self.prompt_index,
+                                                              self.best.candidate),
             }
         return {
             "index": self.prompt_index,
@@ -56,7 +58,7 @@ class PromptResult:
                     "candidate": c.candidate, "seed": c.seed, "parent": c.parent,
                     "step": c.step, "reward": c.reward, "scores": c.scores, "nfe": c.nfe,
                     "error": c.error,
-                    "image": candidate_image_path(self.prompt_index, c.candidate)
+                    "image": run_folder.candidate_image(self.prompt_index, c.candidate)
                     if c.has_final else None,
                 }
                 for c in self.candidates
@@ -94,19 +96,16 @@ class RunResult:
         }
 
 
-def best_image_path(prompt_index: int) -> str:
-    return f"best/p{prompt_index:05d}.png"
-
-
 def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[PromptResult],
                     wall_seconds: float, stage_seconds: dict[str, float], executor: str
                     ) -> RunResult:
     """Copy each prompt's best image to ``best/`` and write ``results.json``."""
-    (run_dir / "best").mkdir(exist_ok=True)
+    (run_dir / run_folder.BEST).mkdir(exist_ok=True)
     for prompt in prompts:
         if prompt.best is not None:
-            source = run_dir / candidate_image_path(prompt.prompt_index, prompt.best.candidate)
-            shutil.copyfile(source, run_dir / best_image_path(prompt.prompt_index))
+            source = run_dir / run_folder.candidate_image(prompt.prompt_index,
+                                                          prompt.best.candidate)
+            shutil.copyfile(source, run_dir / run_folder.best_image(prompt.prompt_index))
     result = RunResult(
         run_dir=run_dir,
         nfe=sum(c.nfe for p in prompts for c in p.candidates),
@@ -114,5 +113,5 @@ def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[
         wall_seconds=wall_seconds, prompts=prompts, stage_seconds=stage_seconds,
         model=model, executor=executor,
     )
-    (run_dir / "results.json").write_text(json.dumps(result.to_json(job), indent=2))
+    (run_dir / run_folder.RESULTS).write_text(json.dumps(result.to_json(job), indent=2))
     return result

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffsearch import run_folder
 from diffsearch.errors import StoreError
 from diffsearch.job import verifier_label
-from diffsearch.runtime import candidate_image_path
 from diffsearch.store import CandidateRecord, RunStore
 from diffsearch.strategies.common import best_of
 
@@ -20,7 +20,7 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
     from the store, by the strategies' rule (:func:`~diffsearch.strategies.common.best_of`) over
     the answers it holds (:func:`stored_answers`).
     """
-    results = run_dir / "results.json"
+    results = run_dir / run_folder.RESULTS
     if results.is_file():
         data = json.loads(results.read_text())
         return [
@@ -30,7 +30,7 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
              "image": p["best"]["image"] if p["best"] else None, "finished": True}
             for p in data["prompts"]
         ]
-    store_path = run_dir / "store.zarr"
+    store_path = run_dir / run_folder.STORE
     if not store_path.exists():
         raise StoreError(f"{run_dir} is not a diffsearch run (no results.json, no store.zarr)")
     store = RunStore.open(store_path, writable=False)
@@ -42,7 +42,7 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
             "index": index, "prompt": store.prompt_text(index),
             "score": best.reward if best else None,
             "candidate": best.candidate if best else None,
-            "image": candidate_image_path(index, best.candidate) if best else None,
+            "image": run_folder.candidate_image(index, best.candidate) if best else None,
             "finished": False,
         })
     return rows

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffsearch import run_folder
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
@@ -76,8 +77,9 @@ class WorkBatch:
 
     tasks: tuple[Task, ...]
     store_path: str
-    images_dir: str | None = None
-    """Where final images are written as PNG (None: not written)."""
+    run_dir: str | None = None
+    """The run folder final images are written into (:mod:`diffsearch.run_folder`); None: none
+    are written."""
 
 
 @dataclass
@@ -205,8 +207,8 @@ class WorkerRuntime:
             if first.score_on is ScoreOn.FINAL:
                 labels = [self._task_verifier(first),
                           *self._eval_labels_for(video=whole_clips)]
-                if batch.images_dir:
-                    folder = Path(batch.images_dir)
+                if batch.run_dir:
+                    folder = Path(batch.run_dir)
                     _write_pngs(folder, first.prompt_index, candidates,
                                 images[:, -1] if whole_clips else images)
                     if whole_clips:
@@ -275,9 +277,9 @@ class WorkerRuntime:
         clips = [torch.stack([*(frame_of[a] for a in chain), own[row]])
                  for row, chain in enumerate(chains)]
         since = timer.add("decode", since)
-        if batch.images_dir:
-            _write_pngs(Path(batch.images_dir), index, candidates, own)
-            _write_gifs(Path(batch.images_dir), index, candidates, clips)
+        if batch.run_dir:
+            _write_pngs(Path(batch.run_dir), index, candidates, own)
+            _write_gifs(Path(batch.run_dir), index, candidates, clips)
             timer.add("store", since)
         prompts = [store.prompt_text(index)] * len(tasks)
         return clips, prompts, [guide, *self._eval_labels_for(video=True)]
@@ -391,38 +393,27 @@ def _non_finite(latent: torch.Tensor, step: int) -> str | None:
     return f"non-finite values (NaN/inf) in the latent at step {step}"
 
 
-def _write_pngs(images_dir: Path, prompt_index: int, candidates: Sequence[int],
+def _write_pngs(run_dir: Path, prompt_index: int, candidates: Sequence[int],
                 images: torch.Tensor) -> None:
-    folder = images_dir / f"p{prompt_index:05d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    (run_dir / run_folder.prompt_images(prompt_index)).mkdir(parents=True, exist_ok=True)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for candidate, image in zip(candidates, pixels):
-        Image.fromarray(np.ascontiguousarray(image)).save(folder / f"c{candidate:05d}.png")
+        Image.fromarray(np.ascontiguousarray(image)).save(
+            run_dir / run_folder.candidate_image(prompt_index, candidate))
 
 
 GIF_FRAME_MS = 400
 """How long each frame of a written clip is shown."""
 
 
-def _write_gifs(images_dir: Path, prompt_index: int, candidates: Sequence[int],
+def _write_gifs(run_dir: Path, prompt_index: int, candidates: Sequence[int],
                 clips: Sequence[torch.Tensor]) -> None:
-    folder = images_dir / f"p{prompt_index:05d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    (run_dir / run_folder.prompt_images(prompt_index)).mkdir(parents=True, exist_ok=True)
     for candidate, clip in zip(candidates, clips):
         pixels = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in pixels]
-        frames[0].save(folder / f"c{candidate:05d}.gif", save_all=True,
+        frames[0].save(run_dir / run_folder.candidate_clip(prompt_index, candidate), save_all=True,
                        append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
-
-
-def candidate_clip_path(prompt_index: int, candidate: int) -> str:
-    """Where a clip-scored candidate's clip (it and its ancestors' frames) lies as GIF."""
-    return f"images/p{prompt_index:05d}/c{candidate:05d}.gif"
-
-
-def candidate_image_path(prompt_index: int, candidate: int) -> str:
-    """Where a candidate's final image lies, relative to the run folder."""
-    return f"images/p{prompt_index:05d}/c{candidate:05d}.png"
 
 
 def _canonical(spec: VerifierSpec) -> str:

@@ -16,13 +16,13 @@ from diffsearch.errors import DiffsearchError
 from diffsearch.pipelines import loading, sources
 from diffsearch.pipelines.flux import FluxDenoiser
 from diffsearch.pipelines.loading import load_denoiser
+from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
+from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsearch.pipelines.sources import (
     ModelLoadError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
-from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser
 from tiny_pipelines import (
     SD_DEFAULTS,

@@ -16,13 +16,8 @@ from diffsearch.api import run_job
 from diffsearch.cli import main as cli_main
 from diffsearch.job import Job
 from diffsearch.pipelines.frame_chain import FrameChain
-from diffsearch.runtime import (
-    RuntimeSpec,
-    WorkBatch,
-    candidate_clip_path,
-    candidate_image_path,
-    get_runtime,
-)
+from diffsearch.run_folder import candidate_clip, candidate_image
+from diffsearch.runtime import RuntimeSpec, WorkBatch, get_runtime
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.strategies import registry
@@ -247,10 +242,10 @@ def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path)
                        store.read_latents(0, [best["candidate"]]))
     # ... and wrote it: a 3-frame GIF next to the last frame's PNG, which is the best image
     run = tmp_path / "run"
-    with Image.open(run / candidate_clip_path(0, best["candidate"])) as gif:
+    with Image.open(run / candidate_clip(0, best["candidate"])) as gif:
         assert gif.n_frames == 3 and gif.size == (8, 8)
     assert (run / best["image"]).read_bytes() == \
-        (run / candidate_image_path(0, best["candidate"])).read_bytes()
+        (run / candidate_image(0, best["candidate"])).read_bytes()
     # frames >= 1 were re-noised to k = 4 and denoised 4 -> 10 under their frame's prompt
     assert [(c.start, c.end) for c in denoiser.calls][-2:] == [(4, 10), (4, 10)]
     assert set(FRAMES) <= set(denoiser.encoded) and PROMPT not in denoiser.encoded
@@ -294,7 +289,7 @@ def test_linear_clips_end_to_end(tmp_path: Path) -> None:
     assert prompt.best.candidate == max(last, key=lambda c: c.reward).candidate
     assert all(c.reward is None for c in prompt.candidates if c.candidate < 6)
     for c in last:
-        assert (tmp_path / "run" / candidate_clip_path(0, c.candidate)).is_file()
+        assert (tmp_path / "run" / candidate_clip(0, c.candidate)).is_file()
 
 
 def test_clip_scoring_with_an_image_verifier_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -320,7 +315,7 @@ def test_the_cli_runs_tree_of_frames_from_flags_and_from_a_job_file(tmp_path: Pa
     assert comparable(tmp_path / "flags", "job", "result_key") == \
         comparable(tmp_path / "file", "job", "result_key")
     best = json.loads((tmp_path / "file" / "results.json").read_text())["prompts"][0]["best"]
-    assert (tmp_path / "file" / candidate_clip_path(0, best["candidate"])).is_file()
+    assert (tmp_path / "file" / candidate_clip(0, best["candidate"])).is_file()
 
 
 def test_the_cli_names_the_missing_video_verifier_in_one_line(tmp_path: Path) -> None:
@@ -374,5 +369,5 @@ def test_tree_of_frames_on_the_bundled_shapes_model(tmp_path: Path) -> None:
     assert len(finished) == 2 and prompt.best.candidate in {c.candidate for c in finished}
     assert prompt.best.reward == max(c.reward for c in finished)
     assert 0.0 <= prompt.best.scores["shapes-video-oracle"] <= 1.0
-    with Image.open(tmp_path / "run" / candidate_clip_path(0, prompt.best.candidate)) as gif:
+    with Image.open(tmp_path / "run" / candidate_clip(0, prompt.best.candidate)) as gif:
         assert gif.n_frames == 3 and gif.size == (32, 32)

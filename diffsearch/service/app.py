@@ -28,11 +28,9 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffsearch import __version__
+from diffsearch import __version__, run_folder
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
-from diffsearch.results import best_image_path
-from diffsearch.runtime import candidate_image_path
 from diffsearch.service import schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig
@@ -208,7 +206,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                               size: int | None = size_query) -> Response:
         """A candidate's final image (candidates scored only on intermediates have none)."""
         record = find(search_id, request)
-        path = record.run_dir / candidate_image_path(prompt_index, candidate)
+        path = record.run_dir / run_folder.candidate_image(prompt_index, candidate)
         return await _png(path, size, config, f"no image for candidate {candidate} of prompt "
                                               f"{prompt_index} of search {search_id}")
 
@@ -221,12 +219,12 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         state = summary_fields(record)
         missing = f"search {search_id} has no best image for prompt {prompt_index} yet"
         if state["status"] is Status.DONE:
-            return await _png(record.run_dir / best_image_path(prompt_index), size, config,
+            return await _png(record.run_dir / run_folder.best_image(prompt_index), size, config,
                               missing)
         best = state["best"].get(prompt_index)
         if best is None:
             raise RequestError(missing, status=404)
-        return await _png(record.run_dir / candidate_image_path(prompt_index, best.candidate),
+        return await _png(record.run_dir / run_folder.candidate_image(prompt_index, best.candidate),
                           size, config, missing)
 
     @router.get("/searches/{search_id}/results.json",
@@ -241,7 +239,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         if status is not Status.DONE:
             raise RequestError(f"search {search_id} is {status.value}; results.json is written "
                                f"when it is done", status=409)
-        return FileResponse(record.run_dir / "results.json", media_type="application/json")
+        return FileResponse(record.run_dir / run_folder.RESULTS, media_type="application/json")
 
     app.include_router(router)
 

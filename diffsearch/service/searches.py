@@ -22,11 +22,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from diffsearch import run_folder
 from diffsearch.api import SearchCancelled, SearchResult, run_job
 from diffsearch.engine import ProgressEvent
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
-from diffsearch.runtime import ModelInfo, candidate_image_path
+from diffsearch.runtime import ModelInfo
 from diffsearch.service.backend import Backend
 from diffsearch.service.events import EventLog
 
@@ -92,7 +93,7 @@ class SearchRecord:
         with self.lock:
             self.nfe_done, self.nfe_total = event.nfe_done, event.nfe_total
             for outcome in event.outcomes:
-                image = candidate_image_path(outcome.prompt_index, outcome.candidate)
+                image = run_folder.candidate_image(outcome.prompt_index, outcome.candidate)
                 has_image = (self.run_dir / image).is_file()
                 candidates.append({
                     "prompt_index": outcome.prompt_index, "candidate": outcome.candidate,

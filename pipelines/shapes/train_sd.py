@@ -48,9 +48,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffsearch.pipelines.shapes import world
 from diffsearch.pipelines.shapes.schedule import Plan
 from diffsearch.pipelines.shapes.tokenizer import MAX_LENGTH, build_tokenizer
+from diffsearch.pipelines.sources import DEFAULTS_FILE
 from diffsearch.seeding import derive_seed, torch_generator
-
-DEFAULTS_FILE = "diffsearch_defaults.json"
 INFO_FILE = "training_info.json"
 
 
