@@ -50,6 +50,7 @@ from diffsearch.pipelines.shapes.schedule import Plan
 from diffsearch.pipelines.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 from diffsearch.pipelines.sources import DEFAULTS_FILE
 from diffsearch.seeding import derive_seed, torch_generator
+
 INFO_FILE = "training_info.json"
 
 
