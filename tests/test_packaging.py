@@ -45,7 +45,9 @@ def test_the_lock_pins_every_requirement_of_the_test_environment(pyproject: dict
         pins[canonicalize_name(match[1])] = match[2]
     assert "diffsearch" not in pins
     project = pyproject["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    # pip and the build backend too: scripts/test builds the editable install without isolation
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"],
+              *pyproject["build-system"]["requires"], "pip"]
     for requirement in map(Requirement, wanted):
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not in {LOCK.name}"
@@ -81,10 +83,11 @@ def test_the_drift_report_names_each_moved_package_and_the_pytest_summary() -> N
            "=== 1 failed, 3 passed in 2.00s ===\n")
     text = drift_report.report(locked, installed, log, 1)
     assert "  torch 2.14.1 -> 2.15.0\n" in text and "  new_dep not locked -> 1.0\n" in text
-    assert "  matplotlib 3.11.2 -> not installed" in text
+    assert "not installed by .[test] (the bench extra, or no longer needed): matplotlib\n" in text
     assert "zarr" not in text and "yaml" not in text.lower()  # unchanged, whatever the spelling
-    assert "(3 differ)" in text and "pytest exit status 1:" in text
+    assert "(2 differ)" in text and "pytest exit status 1:" in text
     assert text.endswith("  FAILED tests/test_x.py::test_y - boom\n"
                          "  === 1 failed, 3 passed in 2.00s ===\n")
     clean = drift_report.report(locked, locked, "....\n=== 4 passed in 1.00s ===\n", 0)
-    assert "(0 differ):\n  none\n" in clean and clean.endswith("  === 4 passed in 1.00s ===\n")
+    assert "(0 differ):\n  none\n" in clean and "no longer needed): none\n" in clean
+    assert clean.endswith("  === 4 passed in 1.00s ===\n")
