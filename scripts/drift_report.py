@@ -26,19 +26,17 @@ def pins(text: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def drift(locked_text: str, installed_text: str) -> list[str]:
-    """One line per package whose installed version is not the locked one."""
+def drift(locked_text: str, installed_text: str) -> tuple[list[str], list[str]]:
+    """One line per installed package whose version is not the locked one, and the names of the
+    locked packages that are not installed (the lock also covers the bench extra)."""
     locked, now = pins(locked_text), pins(installed_text)
-    lines = []
-    for key in sorted(locked.keys() | now.keys()):
-        if key not in now:
-            lines.append(f"{locked[key][0]} {locked[key][1]} -> not installed "
-                         "(the bench extra, or no longer a dependency)")
-        elif key not in locked:
-            lines.append(f"{now[key][0]} not locked -> {now[key][1]}")
+    changed = []
+    for key in sorted(now):
+        if key not in locked:
+            changed.append(f"{now[key][0]} not locked -> {now[key][1]}")
         elif locked[key][1] != now[key][1]:
-            lines.append(f"{now[key][0]} {locked[key][1]} -> {now[key][1]}")
-    return lines
+            changed.append(f"{now[key][0]} {locked[key][1]} -> {now[key][1]}")
+    return changed, [locked[key][0] for key in sorted(locked.keys() - now.keys())]
 
 
 def pytest_summary(log: str) -> list[str]:
@@ -51,13 +49,15 @@ def pytest_summary(log: str) -> list[str]:
 
 
 def report(locked_text: str, installed_text: str, log: str, status: int) -> str:
-    changed = drift(locked_text, installed_text)
+    changed, absent = drift(locked_text, installed_text)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return "\n".join([
         f"Newest releases against the lock, {when}, Python {platform.python_version()}",
         "",
         f"Packages, locked -> installed ({len(changed)} differ):",
         *(f"  {line}" for line in changed or ["none"]),
+        "Locked but not installed by .[test] (the bench extra, or no longer needed): "
+        + (", ".join(absent) or "none"),
         "",
         f"pytest exit status {status}:",
         *(f"  {line}" for line in pytest_summary(log)),
