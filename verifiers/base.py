@@ -40,6 +40,9 @@ class Verifier(ABC):
     """Square side the verifier resizes images to, or None if it takes any size."""
     noise_aware: ClassVar[bool] = False
     """True when trained to score x0 estimates of noisy intermediates (TTSnap distillation)."""
+    calls_per_score: int = 1
+    """Judge calls one score costs (a judge sampled k times and combined sets k), so the
+    verifier calls a run reports count what was spent."""
 
     def __init__(self, device: str | torch.device = "cpu", **options: Any) -> None:
         self.device = torch.device(device)

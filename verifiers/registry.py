@@ -53,6 +53,7 @@ BUILTINS: dict[str, str] = {
     "pickscore": "diffsearch.verifiers.pickscore:PickScoreVerifier",
     "hpsv2": "diffsearch.verifiers.hpsv2:HpsV2Verifier",
     "imagereward": "diffsearch.verifiers.imagereward:ImageRewardVerifier",
+    "vlm": "diffsearch.verifiers.vlm:VlmVerifier",
     "ensemble": "diffsearch.verifiers.ensemble:EnsembleVerifier",
     "shapes-oracle": "diffsearch.verifiers.shapes:ShapesOracleVerifier",
     "shapes-clip": "diffsearch.verifiers.shapes:ShapesClipVerifier",
