@@ -80,6 +80,9 @@ class _CancellableExecutor(Executor):
             self._check()
             yield item
 
+    def concurrency(self) -> int:
+        return self.inner.concurrency()
+
     def describe(self) -> str:
         return self.inner.describe()
 

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +45,8 @@ from diffsearch.runtime import (
 )
 from diffsearch.tasks import Outcome
 
+SLOTS_REFRESH_S = 5.0
+"""How often :meth:`DaskExecutor.concurrency` asks the scheduler again (workers may join)."""
 RUNTIME_PLUGIN = "diffsearch-runtime"
 """The worker plugin's name: registering a new spec under it replaces the previous job's plugin."""
 
@@ -149,6 +152,8 @@ class DaskExecutor(Executor):
         self._spec: RuntimeSpec | None = None
         self._resources: dict[str, float] | None = None
         self._pending: dict[str, tuple[Future, WorkBatch]] = {}
+        self._slots: tuple[float, int] | None = None
+        """(when it was read, the cluster's task slots): :meth:`concurrency`."""
         self._finished: as_completed | None = None
         self._report = contextlib.ExitStack()
 
@@ -236,6 +241,21 @@ class DaskExecutor(Executor):
         assert self._finished is not None
         self._finished.add(future)
 
+    def concurrency(self) -> int:
+        """The cluster's task slots: its workers' threads, or their GPUs when tasks need one.
+
+        Read again at most every ``SLOTS_REFRESH_S`` seconds, so workers that join a running
+        cluster get work too."""
+        now = time.monotonic()
+        if self._slots is None or now - self._slots[0] > SLOTS_REFRESH_S:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+            if self._resources:
+                slots = sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers)
+            else:
+                slots = sum(int(w.get("nthreads", 1)) for w in workers)
+            self._slots = (now, max(1, slots))
+        return self._slots[1]
+
     def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
         if self._finished is None:
             raise RuntimeError("start() the executor first")
@@ -259,6 +279,7 @@ class DaskExecutor(Executor):
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         self._spec = None
+        self._slots = None
         try:
             if client is not None:
                 try:

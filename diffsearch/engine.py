@@ -5,6 +5,12 @@ and asked again, so a slow prompt never holds the others up and the workers stay
 are told in the order the tasks were asked, which (with seeded strategies) makes the whole run a
 deterministic function of the job.
 
+Work from every prompt is packed together: the ready tasks of all prompts wait in one pool,
+and a work unit holds tasks of any prompts that share their step range, stochasticity, scoring
+and verifier (each row carries its own conditioning, and a row's result never depends on its
+batch-mates, so packing changes no bit). Full units go out at once; partial ones only when the
+executor would otherwise idle (:class:`WorkPool`).
+
 Resume is replay: the strategies are rebuilt from the job and asked again; every task whose
 candidate is already finished in the store is answered from it without running, so a resumed run
 ends exactly like an uninterrupted one and recomputes nothing that was finished.
@@ -31,12 +37,13 @@ from diffsearch.store import RunStore
 from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import best_of
 from diffsearch.strategies.registry import build_strategies
-from diffsearch.tasks import Outcome, Task
+from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Sent to progress callbacks after each finished work batch (and replayed round)."""
+    """Sent to progress callbacks for each prompt with outcomes in a finished work batch (and
+    for each replayed round)."""
 
     nfe_done: int
     nfe_total: int
@@ -70,6 +77,63 @@ class _PromptState:
         arrived = (self.received.get(task.candidate) for task in self.round_tasks
                    if self.strategy.is_answer(task))
         return best_of([self.strategy.best(), *arrived])
+
+
+class WorkPool:
+    """Ready tasks of every prompt, waiting to be packed into work units.
+
+    Tasks that can share denoiser calls (same start, end, eta, scoring and verifier) form a
+    group whatever their prompt; tasks scored on clips also group by prompt, because a clip is
+    assembled from its own prompt's frame chain. A group of ``batch_size`` tasks is a full unit
+    and is sent at once (:meth:`full_units`). What is left is sent only to keep the executor's
+    free slots busy (:meth:`partial_units`): waiting lets other prompts' tasks fill the units,
+    and none waits forever, since with nothing in flight every slot is free.
+    """
+
+    def __init__(self, batch_size: int, compute_batch: int) -> None:
+        self.batch_size = batch_size
+        self.compute_batch = compute_batch
+        self._groups: dict[tuple, list[Task]] = {}  # in order of arrival
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def add(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            self._groups.setdefault(_unit_key(task), []).append(task)
+
+    def full_units(self) -> list[list[Task]]:
+        """Every full unit the pool holds, oldest tasks first."""
+        units = []
+        for key in list(self._groups):
+            group = self._groups[key]
+            while len(group) >= self.batch_size:
+                units.append(group[:self.batch_size])
+                del group[:self.batch_size]
+            if not group:
+                del self._groups[key]
+        return units
+
+    def partial_units(self, slots: int) -> list[list[Task]]:
+        """At most ``slots`` units from what is left, largest groups first (the oldest among
+        equals). A group is spread over several slots only in whole compute batches: a forward
+        pass costs the same for 1 row as for ``compute_batch``, so a thinner split would add
+        padding without finishing sooner."""
+        units: list[list[Task]] = []
+        while len(units) < slots and self._groups:
+            key = max(self._groups, key=lambda k: len(self._groups[k]))
+            group = self._groups.pop(key)
+            passes = -(-len(group) // self.compute_batch)
+            pieces = min(slots - len(units), passes)
+            size = -(-passes // pieces) * self.compute_batch
+            units.extend(group[i:i + size] for i in range(0, len(group), size))
+        return units
+
+
+def _unit_key(task: Task) -> tuple:
+    """What tasks of one work unit share (see :class:`WorkPool`)."""
+    key = (task.start, task.end, task.eta, task.score_on, task.verifier)
+    return (*key, task.prompt_index) if task.score_on is ScoreOn.CLIP else key
 
 
 class BudgetExceededError(RuntimeError):
@@ -111,6 +175,19 @@ class Engine:
         stage_seconds: dict[str, float] = defaultdict(float)
         waited = 0.0
         nfe_done = 0
+        pool = WorkPool(self.job.batch_size, model.compute_batch)
+        in_flight = 0
+
+        def dispatch() -> None:
+            """Send the full units, then partial ones for the slots that would idle."""
+            nonlocal in_flight
+            units = pool.full_units()
+            free = self.executor.concurrency() - in_flight - len(units)
+            if free > 0 and pool:
+                units += pool.partial_units(free)
+            for unit in units:
+                self.executor.submit(self._work_batch(unit, store))
+            in_flight += len(units)
 
         def advance(index: int) -> None:
             nonlocal nfe_done
@@ -130,14 +207,14 @@ class Engine:
                     nfe_done += self._account(state, list(state.received.values()), bar)
                     self._report(index, state, tuple(state.received.values()), nfe_done, total)
                 if to_run:
-                    for batch in self._batches(to_run, store):
-                        self.executor.submit(batch)
+                    pool.add(to_run)
                     return
                 state.strategy.tell([state.received[t.candidate] for t in tasks])
             state.finished = True
 
         for index in states:
             advance(index)
+        dispatch()
         outcomes_iter = self.executor.as_completed()
         while True:
             wait_start = time.perf_counter()
@@ -146,18 +223,26 @@ class Engine:
             except StopIteration:
                 break
             waited += time.perf_counter() - wait_start
-            store.record(batch.tasks, outcomes)
-            index = batch.tasks[0].prompt_index
-            state = states[index]
-            for outcome in outcomes:
-                state.received[outcome.candidate] = outcome
-                for stage, seconds in outcome.timings.items():
-                    stage_seconds[stage] += seconds
-            nfe_done += self._account(state, outcomes, bar)
-            self._report(index, state, tuple(outcomes), nfe_done, total)
-            if len(state.received) == len(state.round_tasks):
-                state.strategy.tell([state.received[t.candidate] for t in state.round_tasks])
-                advance(index)
+            in_flight -= 1
+            by_prompt: dict[int, tuple[list[Task], list[Outcome]]] = {}
+            for task, outcome in zip(batch.tasks, outcomes, strict=True):
+                prompt_tasks, prompt_outcomes = by_prompt.setdefault(task.prompt_index, ([], []))
+                prompt_tasks.append(task)
+                prompt_outcomes.append(outcome)
+            for prompt_tasks, prompt_outcomes in by_prompt.values():
+                store.record(prompt_tasks, prompt_outcomes)  # all of it, before any callback
+            for index, (_, prompt_outcomes) in by_prompt.items():
+                state = states[index]
+                for outcome in prompt_outcomes:
+                    state.received[outcome.candidate] = outcome
+                    for stage, seconds in outcome.timings.items():
+                        stage_seconds[stage] += seconds
+                nfe_done += self._account(state, prompt_outcomes, bar)
+                self._report(index, state, tuple(prompt_outcomes), nfe_done, total)
+                if len(state.received) == len(state.round_tasks):
+                    state.strategy.tell([state.received[t.candidate] for t in state.round_tasks])
+                    advance(index)
+            dispatch()
         bar.close()
         unfinished = [i for i, s in states.items() if not s.finished]
         if unfinished:
@@ -192,18 +277,8 @@ class Engine:
                 f"strategy {state.strategy.name} asked for {planned} NFE in total, over its "
                 f"budget of {state.strategy.budget_nfe}")
 
-    def _batches(self, tasks: list[Task], store: RunStore) -> list[WorkBatch]:
-        """Group tasks that can share denoiser calls, then cut groups to ``batch_size``."""
-        groups: dict[tuple, list[Task]] = defaultdict(list)
-        for task in tasks:
-            groups[(task.start, task.end, task.eta, task.score_on, task.verifier)].append(task)
-        size = self.job.batch_size
-        return [
-            WorkBatch(tasks=tuple(group[i:i + size]), store_path=str(store.path),
-                      run_dir=str(self.run_dir))
-            for group in groups.values()
-            for i in range(0, len(group), size)
-        ]
+    def _work_batch(self, tasks: list[Task], store: RunStore) -> WorkBatch:
+        return WorkBatch(tasks=tuple(tasks), store_path=str(store.path), run_dir=str(self.run_dir))
 
     @staticmethod
     def _account(state: _PromptState, outcomes: list[Outcome], bar: tqdm) -> int:

@@ -32,6 +32,11 @@ class Executor(ABC):
         """Yield each submitted batch with its outcomes once, including batches submitted while
         iterating; stops when nothing is pending."""
 
+    def concurrency(self) -> int:
+        """How many work batches it runs at once (1 unless it says otherwise). The engine keeps
+        at least this many in flight before it sends a batch it could still fill."""
+        return 1
+
     def close(self) -> None:  # noqa: B027  (optional hook: in-process executors hold nothing)
         """Release workers. Safe to call twice."""
 

@@ -70,12 +70,21 @@ class PromptResult:
 class RunResult:
     run_dir: Path
     nfe: int
+    rows: int
+    """Rows the model computed for the finished candidates, padding included, counted like
+    ``nfe`` (what the run cost; ``nfe`` is what the strategies charged)."""
     verifier_calls: int
     wall_seconds: float
     prompts: list[PromptResult]
     stage_seconds: dict[str, float]
     model: ModelInfo
     executor: str
+
+    @property
+    def rows_per_nfe(self) -> float | None:
+        """Rows computed per NFE charged: 1 when every forward pass was full, more with padding
+        (None for a run that charged nothing)."""
+        return self.rows / self.nfe if self.nfe else None
 
     @property
     def failed_candidates(self) -> int:
@@ -88,6 +97,8 @@ class RunResult:
             "model": asdict(self.model),
             "executor": self.executor,
             "nfe": self.nfe,
+            "rows": self.rows,
+            "rows_per_nfe": None if self.rows_per_nfe is None else round(self.rows_per_nfe, 4),
             "verifier_calls": self.verifier_calls,
             "wall_seconds": round(self.wall_seconds, 3),
             "stage_seconds": {k: round(v, 4) for k, v in sorted(self.stage_seconds.items())},
@@ -109,6 +120,7 @@ def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[
     result = RunResult(
         run_dir=run_dir,
         nfe=sum(c.nfe for p in prompts for c in p.candidates),
+        rows=sum(c.rows for p in prompts for c in p.candidates),
         verifier_calls=sum(c.verifier_calls for p in prompts for c in p.candidates),
         wall_seconds=wall_seconds, prompts=prompts, stage_seconds=stage_seconds,
         model=model, executor=executor,

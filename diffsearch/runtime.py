@@ -69,11 +69,18 @@ class ModelInfo:
     nfe_per_step: int
     device: str
     dtype: str
+    compute_batch: int = Denoiser.compute_batch
+    """Rows per forward pass: the engine packs work units in multiples of it."""
 
 
 @dataclass(frozen=True)
 class WorkBatch:
-    """A unit of work for one worker: tasks of one prompt sharing their step range."""
+    """A unit of work for one worker: tasks sharing their step range, eta, scoring and verifier.
+
+    They may belong to several prompts (each row carries its own conditioning, and each row's
+    result is independent of its batch-mates), except tasks scored on clips: those assemble
+    their clips from one prompt's frame chain, so their batches hold one prompt.
+    """
 
     tasks: tuple[Task, ...]
     store_path: str
@@ -153,7 +160,8 @@ class WorkerRuntime:
     def model_info(self) -> ModelInfo:
         d = self.denoiser
         return ModelInfo(num_steps=d.num_steps, latent_shape=tuple(d.latent_shape),
-                         nfe_per_step=d.nfe_per_step, device=str(d.device), dtype=str(d.dtype))
+                         nfe_per_step=d.nfe_per_step, device=str(d.device), dtype=str(d.dtype),
+                         compute_batch=d.compute_batch)
 
     def conditioning(self, prompt: str) -> Conditioning:
         if prompt not in self._conditionings:
@@ -162,9 +170,11 @@ class WorkerRuntime:
 
     # ---- one batch ------------------------------------------------------------------------
     def run(self, batch: WorkBatch) -> list[Outcome]:
-        """Run a batch of tasks that share prompt, step range, eta and scoring."""
+        """Run a batch of tasks that share step range, eta, scoring and verifier; latents,
+        final latents and images go to each task's own prompt in the store and run folder."""
         tasks = batch.tasks
         first = tasks[0]
+        by_prompt = _rows_by_prompt(tasks)
         store = RunStore.open(Path(batch.store_path))
         timer = _Timer()
         since = time.perf_counter()
@@ -174,9 +184,9 @@ class WorkerRuntime:
         generators = [task_generator(t.seed, "steps") for t in tasks] if first.eta > 0 else None
         result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
                                        generators=generators)
+        computed = result.rows
         since = timer.add("denoise", since)
-        candidates = [t.candidate for t in tasks]
-        store.write_latents(first.prompt_index, candidates, result.latents)
+        _write_latents(store, tasks, by_prompt, result.latents)
         since = timer.add("store", since)
         errors: list[str | None] = [_non_finite(row, first.end) for row in result.latents]
 
@@ -192,13 +202,14 @@ class WorkerRuntime:
             else:
                 final = result.latents
                 if first.end < self.denoiser.num_steps:
-                    final = self.denoiser.denoise(
+                    rollout = self.denoiser.denoise(
                         final, conds, first.end, self.denoiser.num_steps, eta=first.eta,
-                        generators=generators).latents
+                        generators=generators)
+                    final, computed = rollout.latents, computed + rollout.rows
                     since = timer.add("denoise", since)
                     errors = [e or _non_finite(row, self.denoiser.num_steps)
                               for e, row in zip(errors, final)]
-                store.write_latents(first.prompt_index, candidates, final, final=True)
+                _write_latents(store, tasks, by_prompt, final, final=True)
                 since = timer.add("store", since)
                 to_decode = final
             images = self.denoiser.decode(to_decode)
@@ -209,10 +220,12 @@ class WorkerRuntime:
                           *self._eval_labels_for(video=whole_clips)]
                 if batch.run_dir:
                     folder = Path(batch.run_dir)
-                    _write_pngs(folder, first.prompt_index, candidates,
-                                images[:, -1] if whole_clips else images)
-                    if whole_clips:
-                        _write_gifs(folder, first.prompt_index, candidates, images)
+                    for index, prompt_rows in by_prompt.items():
+                        candidates = [tasks[r].candidate for r in prompt_rows]
+                        own = images[prompt_rows]
+                        _write_pngs(folder, index, candidates, own[:, -1] if whole_clips else own)
+                        if whole_clips:
+                            _write_gifs(folder, index, candidates, own)
                     since = timer.add("store", since)
             to_score, prompts = images, [t.prompt for t in tasks]
         if first.score_on is not ScoreOn.NONE:
@@ -229,6 +242,7 @@ class WorkerRuntime:
             since = timer.add("score", since)
 
         share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
+        row_shares = _equal_shares(computed, len(tasks))
         outcomes = []
         for i, task in enumerate(tasks):
             guide = self._task_verifier(task)
@@ -237,7 +251,7 @@ class WorkerRuntime:
                 prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
                 reward=reward, scores=scores[i],
                 nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
-                verifier_calls=calls[i], error=errors[i], timings=share))
+                rows=row_shares[i], verifier_calls=calls[i], error=errors[i], timings=share))
         return outcomes
 
     def _eval_labels_for(self, *, video: bool) -> list[str]:
@@ -257,6 +271,8 @@ class WorkerRuntime:
         """
         tasks, first = batch.tasks, batch.tasks[0]
         since = time.perf_counter()
+        if any(t.prompt_index != first.prompt_index for t in tasks):
+            raise ValueError("a batch of tasks scored on clips must hold one prompt's tasks")
         if first.end != self.denoiser.num_steps:
             raise ValueError(f"a task scored on its clip must end at the last step "
                              f"({self.denoiser.num_steps}), not {first.end}")
@@ -297,20 +313,19 @@ class WorkerRuntime:
             noise = self.denoiser.initial_noise([tasks[i].seed for i in from_noise])
             for row, i in enumerate(from_noise):
                 rows[i] = noise[row]
+        steps_by_row = {i: 0 for i in from_noise}
         from_store = [i for i, t in enumerate(tasks) if t.source_candidate is not None]
-        if from_store:
-            prompt_index = tasks[0].prompt_index
-            sources = [tasks[i].source_candidate for i in from_store]
+        for prompt_index, prompt_rows in _rows_by_prompt([tasks[i] for i in from_store]).items():
+            indices = [from_store[r] for r in prompt_rows]
+            sources = [tasks[i].source_candidate for i in indices]
             stored = store.read_latents(prompt_index, sources)  # type: ignore[arg-type]
             source_steps = store.read_steps(prompt_index, sources)  # type: ignore[arg-type]
-            for row, i in enumerate(from_store):
+            for row, i in enumerate(indices):
                 rows[i] = stored[row]
+                steps_by_row[i] = source_steps[row]
         latents = torch.stack(rows)
         perturbed = [i for i, t in enumerate(tasks) if t.perturbation is not None]
         if perturbed:
-            steps_by_row = {i: 0 for i in from_noise}
-            if from_store:
-                steps_by_row.update({i: s for i, s in zip(from_store, source_steps)})
             latents[perturbed] = apply_perturbations(
                 latents[perturbed],
                 [tasks[i].perturbation for i in perturbed],  # type: ignore[misc]
@@ -385,6 +400,28 @@ def _ancestors(parents: dict[int, int | None], parent: int | None, candidate: in
         chain.append(parent)
         parent = parents[parent]
     return chain[::-1]
+
+
+def _rows_by_prompt(tasks: Sequence[Task]) -> dict[int, list[int]]:
+    """The rows of ``tasks`` by prompt index, in order: each prompt's part of a batch."""
+    groups: dict[int, list[int]] = {}
+    for row, task in enumerate(tasks):
+        groups.setdefault(task.prompt_index, []).append(row)
+    return groups
+
+
+def _write_latents(store: RunStore, tasks: Sequence[Task], by_prompt: dict[int, list[int]],
+                   latents: torch.Tensor, *, final: bool = False) -> None:
+    """Each task's row of ``latents`` into its own prompt's array."""
+    for prompt_index, rows in by_prompt.items():
+        store.write_latents(prompt_index, [tasks[r].candidate for r in rows], latents[rows],
+                            final=final)
+
+
+def _equal_shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` integers that differ by at most one and sum to it (the
+    tasks of a batch share its steps, so each costs the same share of its rows)."""
+    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
 
 
 def _non_finite(latent: torch.Tensor, step: int) -> str | None:

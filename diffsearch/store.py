@@ -7,7 +7,7 @@ Layout::
         latent  (N, C, H, W)    the state each candidate reached (at ``step``); one chunk per
                                 candidate, so concurrent writers never share a chunk
         final   (N, C, H, W)    the clean latent of every candidate scored on its final image
-        done, step, start, parent, source, seed, nfe, verifier_calls, eta, score_on,
+        done, step, start, parent, source, seed, nfe, rows, verifier_calls, eta, score_on,
         perturb_kind, perturb_strength, perturb_to, reward      one value per candidate
         scores/<verifier>       one float64 per candidate (NaN: not scored)
 
@@ -32,7 +32,8 @@ import zarr
 from diffsearch.errors import StoreError
 from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a ``rows`` array (rows computed per candidate); format 1 stores had none."""
 _META_CHUNK = 1024
 _INITIAL_CAPACITY = 64
 _PERTURB_CODES = {kind: code for code, kind in enumerate(PerturbKind)}
@@ -47,6 +48,7 @@ _META: dict[str, tuple[str, Any]] = {
     "source": ("int64", -1),
     "seed": ("int64", 0),
     "nfe": ("int32", 0),
+    "rows": ("int32", 0),
     "verifier_calls": ("int32", 0),
     "eta": ("float64", 0.0),
     "score_on": ("int8", -1),
@@ -75,6 +77,8 @@ class CandidateRecord:
     verifier_calls: int
     error: str | None
     has_final: bool
+    rows: int = 0
+    """Rows the model computed for it (:attr:`diffsearch.tasks.Outcome.rows`)."""
 
 
 class RunStore:
@@ -198,6 +202,7 @@ class RunStore:
             "source": [-1 if t.source_candidate is None else t.source_candidate for t in tasks],
             "seed": [t.seed for t in tasks],
             "nfe": [o.nfe for o in outcomes],
+            "rows": [o.rows for o in outcomes],
             "verifier_calls": [o.verifier_calls for o in outcomes],
             "eta": [t.eta for t in tasks],
             "score_on": [_SCORE_CODES[t.score_on] for t in tasks],
@@ -259,7 +264,7 @@ class RunStore:
         record = self._candidate(group, c, stored)
         return Outcome(prompt_index=task.prompt_index, candidate=c, step=record.step,
                        reward=record.reward, scores=record.scores, nfe=record.nfe,
-                       verifier_calls=record.verifier_calls, error=record.error)
+                       rows=record.rows, verifier_calls=record.verifier_calls, error=record.error)
 
     # ---- reading back -------------------------------------------------------------------------
     def prompt_text(self, prompt_index: int) -> str:
@@ -302,7 +307,7 @@ class RunStore:
             candidate=c, step=int(stored["step"]),
             parent=None if stored["parent"] < 0 else int(stored["parent"]),
             seed=int(stored["seed"]), reward=None if np.isnan(reward) else reward,
-            scores=scores, nfe=int(stored["nfe"]),
+            scores=scores, nfe=int(stored["nfe"]), rows=int(stored["rows"]),
             verifier_calls=int(stored["verifier_calls"]), error=error,
             has_final=stored["score_on"] == _SCORE_CODES[ScoreOn.FINAL] and error is None,
         )

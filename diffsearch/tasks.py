@@ -99,6 +99,9 @@ class Outcome:
     scores: dict[str, float] = field(default_factory=dict)
     """Every verifier's score by name, guiding and evaluation ones."""
     nfe: int = 0
+    rows: int = 0
+    """Rows the model computed for this task: its equal share of its work unit's forward-pass
+    rows, padding included (``nfe`` is what the task charges; ``rows`` what running it cost)."""
     verifier_calls: int = 0
     error: str | None = None
     """Why the candidate failed (NaN latents, a verifier exception); None when it succeeded."""

@@ -125,6 +125,7 @@ class DiffusersDenoiser(Denoiser):
         x0 = x  # start == end takes no step: the state stands for its own estimate
         rows = {key: torch.cat([c.tensors[key] for c in conds]) for key in conds[0].tensors}
         scheduler = self._new_scheduler()
+        rows_per_step = self.padded_rows(x.shape[0])
         if hasattr(scheduler, "set_begin_index"):  # stateful schedulers count their steps
             scheduler.set_begin_index(start)
         with torch.no_grad():
@@ -143,7 +144,7 @@ class DiffusersDenoiser(Denoiser):
         if end == self.num_steps:
             x0 = x  # the clean sample is its own estimate (Denoiser contract)
         return DenoiseResult(latents=x.to("cpu", torch.float32),
-                             x0=x0.to("cpu", torch.float32))
+                             x0=x0.to("cpu", torch.float32), rows=(end - start) * rows_per_step)
 
     def _check_call(self, latents: torch.Tensor, conds: Sequence[Conditioning], start: int,
                     end: int, eta: float, generators: Sequence[torch.Generator] | None) -> None:

@@ -48,6 +48,10 @@ class DenoiseResult:
     x0: torch.Tensor
     """The model's clean estimate (Tweedie / ``pred_original_sample``) at the last step taken,
     float32, (B, C, H, W), on the CPU. At ``end == num_steps`` it equals ``latents``."""
+    rows: int
+    """Rows the model computed for this call, padding included, counted like NFEs (one per row
+    per network evaluation; classifier-free guidance's doubled rows count once): what the
+    call really cost, where NFEs count only the candidates' own steps."""
 
 
 class Denoiser(ABC):
@@ -148,6 +152,11 @@ class Denoiser(ABC):
         n = row_tensors[0].shape[0]
         size = self.compute_batch
         outputs = []
+        # A smaller shape for the last chunk (the "tail") would save its padding, but a row's
+        # bits depend on the shape of the pass it is computed in: which rows end up in the tail
+        # depends on how tasks were grouped (batch_size, workers, completion order), so a
+        # tail shape would make a candidate's result depend on them. Every chunk keeps the one
+        # shape; the engine packs work units to fill it instead.
         for begin in range(0, n, size):
             chunk = [t[begin : begin + size] for t in row_tensors]
             real = chunk[0].shape[0]
@@ -155,6 +164,10 @@ class Denoiser(ABC):
                 chunk = [_pad_rows(t, size) for t in chunk]
             outputs.append(fn(*chunk)[:real])
         return torch.cat(outputs)
+
+    def padded_rows(self, n: int) -> int:
+        """Rows :meth:`forward_in_fixed_batches` computes for ``n`` rows: whole chunks."""
+        return -(-n // self.compute_batch) * self.compute_batch
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

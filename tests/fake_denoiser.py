@@ -2,7 +2,9 @@
 
 Each step pulls the latent a fixed fraction towards zero-mean "content" (its own sign pattern),
 so trajectories depend on the starting noise, and the x0 estimate is an affine function of the
-state. It records every call so tests can check which steps were asked and batched.
+state. Its "network" runs through ``forward_in_fixed_batches`` like the real adapters', so it
+reports the rows they would compute. It records every call so tests can check which steps were
+asked and batched.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class DenoiseCall:
     end: int
     batch: int
     eta: float
+    prompts: tuple[str, ...] = ()
 
 
 class FakeDenoiser(Denoiser):
@@ -40,12 +43,13 @@ class FakeDenoiser(Denoiser):
         return (step + 1) / self.num_steps
 
     def denoise(self, latents, conds, start, end, *, eta=0.0, generators=None) -> DenoiseResult:
-        self.calls.append(DenoiseCall(start, end, latents.shape[0], eta))
+        self.calls.append(DenoiseCall(start, end, latents.shape[0], eta,
+                                      tuple(c.prompt for c in conds)))
         x = latents.clone()
         bias = torch.stack([c.tensors["bias"] for c in conds]).view(-1, 1, 1, 1)
         x0 = x
         for step in range(start, end):
-            x0 = torch.tanh(x) + bias
+            x0 = self.forward_in_fixed_batches(lambda xs, bs: torch.tanh(xs) + bs, x, bias)
             a = self._alpha(step)
             x = (1 - a) * x + a * x0
             if eta > 0:
@@ -53,7 +57,8 @@ class FakeDenoiser(Denoiser):
                     generators, self.latent_shape)
         if end == self.num_steps:
             x0 = x
-        return DenoiseResult(latents=x, x0=x0)
+        return DenoiseResult(latents=x, x0=x0,
+                             rows=(end - start) * self.padded_rows(latents.shape[0]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Each row alone, so its pixels do not depend on the batch size, as with the real
