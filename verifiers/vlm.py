@@ -110,7 +110,7 @@ class VlmVerifier(Verifier):
                  max_new_tokens: int = 200, allow_download: bool = False,
                  dtype: str | None = None, chunk: int = DEFAULT_CHUNK, **options: Any) -> None:
         super().__init__(device, **options)
-        self._check_options(mode, samples, temperature, combine, max_new_tokens, chunk)
+        self._check_options(mode, samples, temperature, combine, seed, max_new_tokens, chunk)
         self.mode, self.samples, self.temperature = mode, samples, float(temperature)
         self.combine, self.seed, self.max_new_tokens, self.chunk = (combine, seed,
                                                                      max_new_tokens, chunk)
@@ -119,6 +119,8 @@ class VlmVerifier(Verifier):
         self.weights = normalise_weights(weights, list(self.aspects)) if mode == "rubric" else {}
         if mode != "rubric" and (aspects is not None or weights is not None):
             raise VerifierError("vlm: aspects and weights apply to mode: rubric")
+        # what the question template may use besides {prompt}
+        self._fields = rubric_fields(self.aspects) if mode == "rubric" else {}
         self.question = self._check_question(question)
         self.dtype = _dtype(self.device, dtype)
         self.model_name = model
@@ -126,7 +128,7 @@ class VlmVerifier(Verifier):
         self.answer_token = self._answer_token() if mode == "yes-probability" else None
 
     @staticmethod
-    def _check_options(mode: str, samples: int, temperature: float, combine: str,
+    def _check_options(mode: str, samples: int, temperature: float, combine: str, seed: int,
                        max_new_tokens: int, chunk: int) -> None:
         """One-line errors for bad options, before the (slow) model load."""
         if mode not in MODES:
@@ -145,6 +147,8 @@ class VlmVerifier(Verifier):
         if samples > 1 and temperature == 0:
             raise VerifierError("vlm: samples > 1 needs temperature > 0 (greedy replies would "
                                 "all be the same)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise VerifierError(f"vlm: seed must be a whole number, got {seed!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise VerifierError(f"vlm: max_new_tokens must be a whole number >= 1, "
@@ -159,7 +163,7 @@ class VlmVerifier(Verifier):
         if not isinstance(question, str) or "{prompt}" not in question:
             raise VerifierError("vlm: question must be a string containing {prompt}")
         try:
-            question.format(prompt="x", **rubric_fields(self.aspects))
+            question.format(prompt="x", **self._fields)
         except (KeyError, IndexError, ValueError) as error:
             fields = "{prompt}, {aspects}, {example}" if self.mode == "rubric" else "{prompt}"
             raise VerifierError(f"vlm: question may use only {fields} (double other braces): "
@@ -169,7 +173,7 @@ class VlmVerifier(Verifier):
     def _load(self, model: str, allow_download: bool) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.processor = from_pretrained_local("vlm processor", AutoProcessor, model,
+        self.processor = from_pretrained_local("vlm model", AutoProcessor, model,
                                                allow_download)
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None or not getattr(self.processor, "chat_template", None):
@@ -189,7 +193,7 @@ class VlmVerifier(Verifier):
 
     def _conversation(self, prompt: str, image: Image.Image | None,
                       answer: str | None = None) -> list[dict[str, Any]]:
-        text = self.question.format(prompt=prompt, **rubric_fields(self.aspects))
+        text = self.question.format(prompt=prompt, **self._fields)
         image_part = {"type": "image"} if image is None else {"type": "image", "image": image}
         turns = [{"role": "user", "content": [image_part, {"type": "text", "text": text}]}]
         if answer is not None:
