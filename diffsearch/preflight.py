@@ -14,11 +14,15 @@ disk: its runtime was built, so its model and verifiers exist.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffsearch import run_folder
-from diffsearch.errors import StoreError
+from diffsearch.errors import DiffsearchError, JobError, StoreError
 from diffsearch.job import Job, VerifierSpec
 from diffsearch.pipelines.sources import plan_model
+
+if TYPE_CHECKING:
+    from diffsearch.strategies.base import Strategy
 
 _IN_PROCESS_MODELS: set[str] = set()
 """Names of the models of the runtimes registered in this process."""
@@ -38,28 +42,37 @@ def check_model(job: Job) -> int | None:
                       allow_download=job.allow_download).num_steps
 
 
-def check_verifiers(job: Job) -> None:
-    """Every verifier the job names exists (a built-in, a plugin or a verifier folder)."""
+def check_verifiers(job: Job, strategy: Strategy | None = None) -> None:
+    """Every verifier the job names exists (a built-in, a plugin or a verifier folder),
+    including those its strategy's options name."""
     if job.model in _IN_PROCESS_MODELS:
         return
     from diffsearch.verifiers.registry import check_verifier_spec
 
-    specs: list[VerifierSpec] = [job.verifier, *job.eval_verifiers]
-    for spec in specs:
-        check_verifier_spec(spec)
+    specs: dict[str, VerifierSpec] = {"verifier": job.verifier}
+    specs.update({f"eval_verifiers.{i}": spec for i, spec in enumerate(job.eval_verifiers)})
+    if strategy is not None:
+        specs.update({f"strategy.{option}": spec
+                      for option, spec in strategy.named_verifiers().items()})
+    for field, spec in specs.items():
+        try:
+            check_verifier_spec(spec)
+        except DiffsearchError as error:
+            raise JobError(f"{field}: {error}") from None
 
 
-def check_strategies(job: Job, num_steps: int) -> None:
+def check_strategies(job: Job, num_steps: int) -> Strategy:
     """Build the job's strategies as the engine will, to refuse options that do not fit the
     model or the budget (``n`` past the budget, a schedule past the last step).
 
     The NFEs a step costs are known only once the model is loaded; one per step is the least
     any adapter charges, so the budget here is the most generous one: whatever fails here
     fails for the loaded model too, and the engine's own build after loading is exact.
+    Returns the first prompt's strategy (every prompt's takes the same options).
     """
     from diffsearch.strategies.registry import build_strategies
 
-    build_strategies(job, num_steps, nfe_per_step=1)
+    return build_strategies(job, num_steps, nfe_per_step=1)[0]
 
 
 def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
@@ -83,8 +96,7 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
 def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     """Every cheap check, cheapest first; returns :func:`check_model`'s number of steps."""
     num_steps = check_model(job)
-    if num_steps is not None:
-        check_strategies(job, num_steps)
-    check_verifiers(job)
+    strategy = None if num_steps is None else check_strategies(job, num_steps)
+    check_verifiers(job, strategy)
     check_run_folder(job, run_dir, resume=resume)
     return num_steps

@@ -142,3 +142,12 @@ def test_a_strategy_that_does_not_fit_the_model_is_refused_before_a_cluster(
     assert "strategy.n: 9 samples need 180 NFE, over the budget of 160" in seen["output"], seen
     assert "local cluster" not in seen["output"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_verifier_named_in_strategy_options_is_checked_too(tmp_path: Path) -> None:
+    """TTSnap's per-step verifiers reach verifiers as the job's own fields do."""
+    path = write_job(tmp_path, "prompts: [a]\nbudget: 8x\n"
+                               "strategy: {name: ttsnap, verifiers: {2: no-such-judge}}\n")
+    result = invoke("run", path, "--out", tmp_path / "out")
+    assert_one_line_error(result, "strategy.verifiers.2: unknown verifier 'no-such-judge'")
+    assert not (tmp_path / "out").exists()

@@ -179,6 +179,8 @@ def test_wrong_or_missing_token_is_401(service: str) -> None:
         ({"eval_verifiers": ["redness", "pickscore"]}, "eval_verifiers.1", "unknown verifier"),
         ({"strategy": {"name": "ttsnap", "verifiers": {"2": "~/x"}}}, "strategy.verifiers.2",
          "path"),
+        ({"strategy": {"name": "ttsnap", "verifiers": {"3": "pickscore"}}},  # a pruning step
+         "strategy.verifiers.3", "unknown verifier 'pickscore'; this service offers"),
         ({"threads": 64}, "threads", "set by the service"),
         ({"executor": "dask", "scheduler": "tcp://10.0.0.1:8786"}, "executor",
          "set by the service"),

@@ -144,9 +144,9 @@ def test_the_service_builds_with_the_same_builder(buggy: Job, tmp_path: Path) ->
     info = ModelInfo(num_steps=10, latent_shape=(3, 4, 4), nfe_per_step=1, device="cpu",
                      dtype="float32")
     with pytest.raises(TypeError, match="NoneType"):  # a bug is not the request's fault
-        check_against_model(buggy, info, config)
+        check_against_model(buggy, info, config, ["redness"])
     job = fake_job(budget="8x", strategy={"name": "best-of-n", "n": 9})
     with pytest.raises(RequestError) as raised:
-        check_against_model(job, info, config)
+        check_against_model(job, info, config, ["redness"])
     assert raised.value.field == "strategy.n"
     assert raised.value.message == "strategy.n: 9 samples need 90 NFE, over the budget of 80"

@@ -144,7 +144,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         body = parse_body(await _read_body(request, config.limits.max_body_bytes))
         job = build_job(body, config, verifiers)
         model = await run_in_threadpool(_describe, backend, job)
-        check_against_model(job, model, config)
+        check_against_model(job, model, config, verifiers)
         try:
             record = manager_of(request).submit(job, _model_name(body), model)
         except QueueFull as error:

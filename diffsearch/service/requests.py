@@ -166,9 +166,11 @@ def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
     return schema, definitions
 
 
-def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> None:
-    """The checks that need the model: the NFE budget limit, and the strategies built as the
-    engine builds them (their options against the model and the budget)."""
+def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig,
+                        verifier_names: Iterable[str]) -> None:
+    """The checks that need the model: the NFE budget limit, the strategies built as the
+    engine builds them (their options against the model and the budget), and the verifiers
+    their options name, against the offered ones."""
     limit = config.limits.max_budget_nfe
     try:
         budget = job.budget_nfe(info.num_steps)
@@ -183,10 +185,13 @@ def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig) -> Non
         raise RequestError(f"budget: {job.budget!r} is 0 NFE; give a positive budget",
                            field="budget")
     try:  # what the engine does first; refusing now beats a search that fails once queued
-        build_strategies(job, info.num_steps, info.nfe_per_step)
+        strategies = build_strategies(job, info.num_steps, info.nfe_per_step)
     except JobError as error:
         message = str(error)
         raise RequestError(message, field=message.partition(":")[0]) from None
+    offered = set(verifier_names)
+    for option, spec in strategies[0].named_verifiers().items():
+        _check_verifier(spec, f"strategy.{option}", offered)
 
 
 def _served_model(name: Any, config: ServiceConfig) -> Any:

@@ -68,6 +68,13 @@ class Strategy(ABC):
         return cls(prompt_index=prompt_index, prompt=prompt, num_steps=num_steps,
                    budget_nfe=budget_nfe, seed=seed, **cls.check_options(options))
 
+    def named_verifiers(self) -> dict[str, str]:
+        """The verifiers this strategy's tasks name beyond the job's guiding verifier, by the
+        option that names them (``verifiers.6``, ``image_verifier``). Whoever checks a job's
+        verifiers (the pre-run checks, a service's allow-list) checks these too: an option must
+        not reach a verifier the job's own fields could not."""
+        return {}
+
     def is_answer(self, task: Task) -> bool:
         """Whether ``task``'s outcome competes for :meth:`best`: a finished result scored by
         the job's guiding verifier. Scores of x0 estimates and of per-task verifiers are on

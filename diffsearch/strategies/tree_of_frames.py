@@ -155,6 +155,9 @@ class TreeOfFrames(_FrameChainStrategy):
         self.first_frame_candidates, self.branching = self._fit(first_frame_candidates,
                                                                 branching)
 
+    def named_verifiers(self) -> dict[str, str]:
+        return {"image_verifier": self.image_verifier}
+
     # ---- the plan -------------------------------------------------------------------------
     def open_branches(self, branching: int) -> list[int]:
         """How many frames are made at each depth 1..F-1 (before pruning there)."""

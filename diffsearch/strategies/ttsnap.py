@@ -151,6 +151,9 @@ class TTSnap(RoundStrategy):
         self._alive: list[int] = []
         """Candidates whose state at the last pruning step the next round continues."""
 
+    def named_verifiers(self) -> dict[str, str]:
+        return {f"verifiers.{step}": spec for step, spec in self.verifiers.items()}
+
     def _distilled(self, folder: str | os.PathLike[str]) -> dict[int, str]:
         """The checkpoints of a distill output folder, which must cover exactly the pruning
         steps."""
