@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from diffsearch import __version__, run_folder
 from diffsearch.errors import DiffsearchError
@@ -104,8 +105,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     bearer = HTTPBearer(auto_error=False, description="The service's token (DIFFSEARCH_TOKEN).")
 
     def authorise(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if config.token is None:
-            return
+        assert config.token is not None  # only a service with a token depends on this
         if credentials is None:
             raise RequestError("missing bearer token: send 'Authorization: Bearer <token>'",
                                status=401)
@@ -121,7 +121,13 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             raise RequestError(f"no search {search_id!r}", status=404)
         return record
 
-    router = APIRouter(prefix="/v1", dependencies=[Depends(authorise)], responses=ERRORS)
+    # Without a token nothing is enforced, so the OpenAPI document must declare no security
+    # scheme and no 401 either: the dependency (which declares them) is added only with one.
+    if config.token is None:
+        router = APIRouter(prefix="/v1", responses={
+            status: answer for status, answer in ERRORS.items() if status != 401})
+    else:
+        router = APIRouter(prefix="/v1", dependencies=[Depends(authorise)], responses=ERRORS)
 
     @router.get("/info", response_model=schemas.ServiceInfo)
     def info() -> schemas.ServiceInfo:
@@ -382,7 +388,23 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error_response(error.status_code, str(error.detail), headers=error.headers)
+        headers = error.headers
+        if error.status_code == 405:  # Starlette names the methods of one route, not the path's
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error_response(error.status_code, str(error.detail), headers=headers)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (asked of each route through
+    the routing's public ``matches``, so routes inside included routers count too)."""
+    def served(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] is Match.FULL for route in request.app.routes)
+
+    return [method for method in HTTP_METHODS if served(method)]
 
 
 def _document_request_body(app: FastAPI, config: ServiceConfig, verifiers: list[str]) -> None:
