@@ -54,6 +54,7 @@ BUILTINS: dict[str, str] = {
     "hpsv2": "diffsearch.verifiers.hpsv2:HpsV2Verifier",
     "imagereward": "diffsearch.verifiers.imagereward:ImageRewardVerifier",
     "vlm": "diffsearch.verifiers.vlm:VlmVerifier",
+    "openai": "diffsearch.verifiers.openai_judge:OpenAIJudge",
     "ensemble": "diffsearch.verifiers.ensemble:EnsembleVerifier",
     "shapes-oracle": "diffsearch.verifiers.shapes:ShapesOracleVerifier",
     "shapes-clip": "diffsearch.verifiers.shapes:ShapesClipVerifier",
