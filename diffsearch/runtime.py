@@ -233,8 +233,9 @@ class WorkerRuntime:
             for rows, inputs in _same_shape_groups(to_score, ok_rows):
                 for label in dict.fromkeys(labels):
                     values, failures = self._score(label, inputs, [prompts[i] for i in rows])
+                    cost = self.verifiers[label].calls_per_score  # a k-sample judge costs k
                     for row, value, failure in zip(rows, values, failures):
-                        calls[row] += 1
+                        calls[row] += cost
                         if failure:
                             errors[row] = errors[row] or failure
                         else:

@@ -75,8 +75,9 @@ class EnsembleVerifier(Verifier):
         for index, spec in enumerate(members):
             member_spec, weight = self._split_weight(spec, index)
             self.members.append((create_verifier(member_spec, device=self.device), weight))
-        # An ensemble needs prompts as soon as one member does.
+        # An ensemble needs prompts as soon as one member does, and costs what its members do.
         self.needs_prompt = any(m.needs_prompt for m, _ in self.members)  # type: ignore[misc]
+        self.calls_per_score = sum(m.calls_per_score for m, _ in self.members)
 
     @staticmethod
     def _split_weight(spec: Any, index: int) -> tuple[str | dict[str, Any], float]:
