@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from diffsearch import run_folder
+from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
@@ -362,7 +363,8 @@ class WorkerRuntime:
                         values.append(math.nan)
                         failures.append(f"verifier {label!r} failed: "
                                         f"{type(error).__name__}: {error}")
-                        traceback.print_exc()
+                        if not isinstance(error, DiffsearchError):  # a bug, not the input
+                            traceback.print_exc()
         return values, failures
 
 
