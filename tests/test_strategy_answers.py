@@ -16,7 +16,6 @@ import pytest
 from diffsearch.engine import BudgetExceededError, ProgressEvent
 from diffsearch.pipelines.base import DenoiseResult
 from diffsearch.run_reading import best_per_prompt
-from diffsearch.runtime import ModelInfo
 from diffsearch.service.events import EventLog
 from diffsearch.service.searches import SearchRecord
 from diffsearch.store import RunStore
@@ -112,9 +111,7 @@ def test_the_service_record_follows_the_engine_s_best(tmp_path: Path) -> None:
     loop = asyncio.new_event_loop()
     try:
         job = fake_job(budget="8x", batch_size=4, strategy={"name": "ttsnap"})
-        model = ModelInfo(num_steps=10, latent_shape=(3, 4, 4), nfe_per_step=1, device="cpu",
-                          dtype="float32")
-        record = SearchRecord(id="s000001", job=job, model_name="fake", model=model,
+        record = SearchRecord(id="s000001", job=job, model_name="fake",
                               run_dir=tmp_path / "run", events=EventLog(loop))
         events: list[ProgressEvent] = []
 

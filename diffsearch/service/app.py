@@ -1,4 +1,5 @@
-"""The HTTP service: submit, list, watch (server-sent events), fetch images, cancel searches.
+"""The HTTP service: submit, list, watch (server-sent events), fetch images, cancel and resume
+searches.
 
 Endpoints live under ``/v1``; every one of them but ``/v1/health`` needs the bearer token when
 the service has one. The page (``/``) and the OpenAPI schema (``/openapi.json``) are public: the
@@ -40,11 +41,13 @@ from diffsearch.service.requests import (
     RequestError,
     build_job,
     check_against_model,
+    default_model,
     parse_body,
     request_schema,
 )
 from diffsearch.service.searches import (
     NotCancellable,
+    NotResumable,
     QueueFull,
     SearchManager,
     SearchRecord,
@@ -152,7 +155,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         model = await run_in_threadpool(_describe, backend, job)
         check_against_model(job, model, config, verifiers)
         try:
-            record = manager_of(request).submit(job, _model_name(body), model)
+            record = manager_of(request).submit(job, _model_name(body, config))
         except QueueFull as error:
             raise RequestError(str(error), limit="max_queue", status=429) from None
         response.headers["Location"] = f"/v1/searches/{record.id}"
@@ -160,7 +163,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
 
     @router.get("/searches", response_model=schemas.SearchList)
     def list_searches(request: Request) -> schemas.SearchList:
-        """Every search since the service started, oldest first."""
+        """Every search the service's data dir holds (restarts included), oldest first."""
         return schemas.SearchList(searches=[_summary(r) for r in manager_of(request).all()])
 
     @router.get("/searches/{search_id}", response_model=schemas.SearchDetail)
@@ -171,7 +174,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     @router.post("/searches/{search_id}/cancel", status_code=202,
                  response_model=schemas.SearchDetail,
                  responses={409: {"model": schemas.ErrorResponse,
-                                  "description": "The search already ended."}})
+                                  "description": "The search is not queued or running."}})
     def cancel(search_id: str, request: Request) -> schemas.SearchDetail:
         """Cancel a search: a queued one at once, a running one after its batch in flight."""
         record = find(search_id, request)
@@ -179,6 +182,25 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             manager_of(request).cancel(record)
         except NotCancellable as error:
             raise RequestError(str(error), status=409) from None
+        return _detail(record, manager_of(request))
+
+    @router.post("/searches/{search_id}/resume", status_code=202,
+                 response_model=schemas.SearchDetail,
+                 responses={409: {"model": schemas.ErrorResponse,
+                                  "description": "The search is neither interrupted nor "
+                                                 "cancelled with finished work."},
+                            429: {"model": schemas.ErrorResponse,
+                                  "description": "The queue is full (max_queue)."}})
+    def resume(search_id: str, request: Request) -> schemas.SearchDetail:
+        """Queue an interrupted search (or a cancelled one with finished work) again. It
+        continues its run folder: finished candidates are read back, never computed again."""
+        record = find(search_id, request)
+        try:
+            manager_of(request).resume(record)
+        except NotResumable as error:
+            raise RequestError(str(error), status=409) from None
+        except QueueFull as error:
+            raise RequestError(str(error), limit="max_queue", status=429) from None
         return _detail(record, manager_of(request))
 
     @router.get("/searches/{search_id}/events",
@@ -295,8 +317,9 @@ def _describe(backend: Backend, job: Job) -> Any:
         raise RequestError(f"{field or 'job'}: {error}", field=field) from None
 
 
-def _model_name(body: dict[str, Any]) -> str:
-    return str(body.get("model", "shapes"))
+def _model_name(body: dict[str, Any], config: ServiceConfig) -> str:
+    """The served name a search is listed under (the request's, else the default model)."""
+    return str(body.get("model", default_model(config)))
 
 
 async def _png(path: Path, size: int | None, config: ServiceConfig, missing: str) -> Response:
@@ -322,7 +345,7 @@ def _shrunk_png(path: Path, size: int) -> bytes:
 def _urls(record: SearchRecord) -> schemas.Links:
     base = f"/v1/searches/{record.id}"
     return schemas.Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel",
-                         results=f"{base}/results.json")
+                         resume=f"{base}/resume", results=f"{base}/results.json")
 
 
 def _summary(record: SearchRecord, state: dict[str, Any] | None = None) -> schemas.SearchSummary:
@@ -342,26 +365,13 @@ def _summary(record: SearchRecord, state: dict[str, Any] | None = None) -> schem
 
 def _detail(record: SearchRecord, manager: SearchManager) -> schemas.SearchDetail:
     state = summary_fields(record)
-    result = None
-    if state["result"] is not None:
-        run = state["result"]
-        result = schemas.ResultSummary(
-            nfe=run.nfe, verifier_calls=run.run.verifier_calls,
-            wall_seconds=run.run.wall_seconds, failed_candidates=run.run.failed_candidates,
-            prompts=[schemas.PromptResult(
-                index=p.index, prompt=p.prompt, nfe=p.nfe, candidates=len(p.candidates),
-                best=None if p.best is None else schemas.BestResult(
-                    candidate=p.best.candidate, seed=p.best.seed, score=p.best.score,
-                    scores=p.best.scores, lineage=list(p.best.lineage),
-                    image=f"/v1/searches/{record.id}/best/{p.index}.png"))
-                for p in run.prompts])
     job = record.job.model_dump(mode="json", exclude=set(SERVICE_FIELDS))
     job["model"] = record.model_name
     return schemas.SearchDetail(
         **_summary(record, state).model_dump(), job=job,
         queue_position=manager.queue_position(record),
         history=[state["history"].get(i, []) for i in range(len(record.job.prompts))],
-        result=result)
+        result=state["result"])
 
 
 def _error_response(status: int, detail: str, field: str | None = None,

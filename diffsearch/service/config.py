@@ -37,7 +37,8 @@ class Limits:
 @dataclass(frozen=True)
 class ServiceConfig:
     data_dir: Path
-    """Runs are written to ``data_dir/runs/<search id>``; nothing else is written."""
+    """Runs are written to ``data_dir/runs/<search id>`` and each search's record to
+    ``data_dir/searches/<search id>.json`` (reloaded at start); nothing else is written."""
     token: str | None = None
     """Bearer token every /v1 request must present (None: no auth, loopback only)."""
     models: dict[str, str] = field(default_factory=lambda: {"shapes": "shapes"})

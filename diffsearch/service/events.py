@@ -50,6 +50,12 @@ class EventLog:
             self._closed = True
         self._wake()
 
+    def reopen(self) -> None:
+        """Take events again after :meth:`close` (a resumed search). Followers that ended stay
+        ended; new ones get the whole log, then the new events."""
+        with self._lock:
+            self._closed = False
+
     def _wake(self) -> None:
         try:
             self._loop.call_soon_threadsafe(self._notify)

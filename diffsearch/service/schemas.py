@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-StatusName = Literal["queued", "running", "done", "failed", "cancelled"]
+StatusName = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+"""``interrupted``: it was running when the service stopped; ``POST .../resume`` continues it."""
 
 
 class ErrorResponse(BaseModel):
@@ -34,12 +35,15 @@ class Links(BaseModel):
     self: str
     events: str
     cancel: str
+    resume: str
     results: str
 
 
 class SearchSummary(BaseModel):
     id: str
-    status: StatusName
+    status: StatusName = Field(description="queued, running, then done, failed or cancelled; "
+                                            "interrupted: it was running when the service "
+                                            "stopped, and POST .../resume continues it.")
     model: str
     strategy: str
     budget: int | str

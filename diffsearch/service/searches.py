@@ -8,6 +8,12 @@ as events on its :class:`~diffsearch.service.events.EventLog`.
 
 Cancelling a queued search removes it from the queue; cancelling a running one stops it after
 the work batch in flight (the api's cancel event), and its run folder keeps what finished.
+
+Restarts lose nothing: every record is saved in the data dir (:mod:`record_files`) when its
+status changes and at most every :data:`PROGRESS_SAVE_SECONDS` while it runs, and reloaded at
+start. A search that was running when the service stopped comes back ``interrupted`` and
+:meth:`SearchManager.resume` queues it again with ``resume=True``: the engine replays the
+store, so no finished candidate is computed twice. Queued ones are queued again, in order.
 """
 
 from __future__ import annotations
@@ -27,11 +33,21 @@ from diffsearch.api import SearchCancelled, SearchResult, run_job
 from diffsearch.engine import ProgressEvent
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
-from diffsearch.runtime import ModelInfo
+from diffsearch.service import schemas
 from diffsearch.service.backend import Backend
 from diffsearch.service.events import EventLog
+from diffsearch.service.record_files import RecordFiles
 
 log = logging.getLogger("diffsearch.service")
+
+RECORD_FORMAT = 1
+"""The version of a saved record's layout (:meth:`SearchRecord.to_json`)."""
+
+PROGRESS_SAVE_SECONDS = 2.0
+"""While a search runs its record is saved at most this often (status changes always are): a
+restart shows progress at most this old, and a run with many small batches costs few writes."""
+
+STOPPED = "the service stopped while this search ran; POST /v1/searches/{id}/resume continues it"
 
 
 class Status(str, Enum):
@@ -40,10 +56,17 @@ class Status(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    """It was running when the service stopped; it can be resumed, so it is not finished."""
 
     @property
     def finished(self) -> bool:
         return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+    @property
+    def active(self) -> bool:
+        """Waiting or running: what cancelling acts on, and what keeps its event log open."""
+        return self in (Status.QUEUED, Status.RUNNING)
 
 
 class QueueFull(Exception):
@@ -51,6 +74,10 @@ class QueueFull(Exception):
 
 
 class NotCancellable(Exception):
+    pass
+
+
+class NotResumable(Exception):
     pass
 
 
@@ -69,22 +96,30 @@ class SearchRecord:
     id: str
     job: Job
     model_name: str
-    model: ModelInfo
     run_dir: Path
     events: EventLog
+    files: RecordFiles | None = None
+    """Where the record is saved (None: kept in memory only)."""
     created_at: float = field(default_factory=time.time)
+    queued_at: float = field(default_factory=time.time)
+    """When it last entered the queue: a restart queues the waiting searches in this order."""
     status: Status = Status.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    resume: bool = False
+    """Run with ``resume=True`` (set by :meth:`SearchManager.resume`): finished candidates are
+    answered from the run folder's store."""
     nfe_done: int = 0
     nfe_total: int | None = None
     best: dict[int, BestSoFar] = field(default_factory=dict)
     history: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     """Per prompt, (NFEs spent, best score) each time the best improved: the page's plot."""
-    result: SearchResult | None = None
+    result: schemas.ResultSummary | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _save_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _saved_at: float = field(default=0.0, init=False, repr=False)
 
     # ---- called from the runner thread --------------------------------------------------------
     def on_progress(self, event: ProgressEvent) -> None:
@@ -112,6 +147,8 @@ class SearchRecord:
             "best": None if best is None else {"candidate": best.candidate, "score": best.score,
                                                "nfe": best.nfe},
         })
+        if time.monotonic() - self._saved_at >= PROGRESS_SAVE_SECONDS:
+            self.save()
 
     def _offer_best(self, prompt_index: int, candidate: int, score: float, nfe: int) -> None:
         """Take the engine's best so far; the history grows when it changes."""
@@ -128,17 +165,85 @@ class SearchRecord:
             self.error = error
             if status is Status.RUNNING:
                 self.started_at = now
+                if self.resume:  # the replay of the store reports all of it again
+                    self.nfe_done, self.best, self.history = 0, {}, {}
             if status.finished:
                 self.finished_at = now
             if result is not None:
-                self.result = result
+                self.result = result_summary(self.id, result)
                 self.nfe_done = result.nfe
                 self.best = {p.index: BestSoFar(p.best.candidate, p.best.score, p.nfe)
                              for p in result.prompts
                              if p.best is not None and p.best.score is not None}
+        self.save()
         self.events.append("status", {"status": status.value, "error": error})
-        if status.finished:
+        if not status.active:
             self.events.close()
+
+    def queue_again(self) -> None:
+        """Make a stopped search wait again, to be run with ``resume=True``; its event log takes
+        events again, after the ones it has."""
+        with self.lock:
+            self.status, self.error, self.finished_at = Status.QUEUED, None, None
+            self.resume = True
+            self.queued_at = time.time()
+            self.cancel = threading.Event()
+        self.save()
+        self.events.reopen()
+        self.events.append("status", {"status": Status.QUEUED.value, "error": None})
+
+    # ---- on disk ------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the record (the newest state: the snapshot is taken under the write lock)."""
+        if self.files is None:
+            return
+        with self._save_lock:
+            self.files.save(self.id, self.to_json())
+            self._saved_at = time.monotonic()
+
+    def to_json(self) -> dict[str, Any]:
+        try:
+            run_dir = str(self.run_dir.relative_to(self.files.data_dir)) if self.files \
+                else str(self.run_dir)
+        except ValueError:  # outside the data dir: keep it as it is
+            run_dir = str(self.run_dir)
+        with self.lock:
+            return {
+                "format": RECORD_FORMAT, "id": self.id, "model_name": self.model_name,
+                "job": self.job.model_dump(mode="json"), "run_dir": run_dir,
+                "status": self.status.value, "error": self.error, "resume": self.resume,
+                "created_at": self.created_at, "queued_at": self.queued_at,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "progress": {"nfe_done": self.nfe_done, "nfe_total": self.nfe_total},
+                "best": {str(i): {"candidate": b.candidate, "score": b.score, "nfe": b.nfe}
+                         for i, b in self.best.items()},
+                "history": {str(i): [list(point) for point in points]
+                            for i, points in self.history.items()},
+                "result": None if self.result is None else self.result.model_dump(mode="json"),
+            }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], files: RecordFiles, events: EventLog
+                  ) -> SearchRecord:
+        """A saved record (:meth:`to_json`); raises KeyError, TypeError or ValueError (which
+        pydantic's ValidationError is) for one this version cannot read."""
+        if data.get("format") != RECORD_FORMAT:
+            raise ValueError(f"record format {data.get('format')!r}, this diffsearch reads "
+                             f"{RECORD_FORMAT}")
+        result = data["result"]
+        return cls(
+            id=str(data["id"]), job=Job.model_validate(data["job"]),
+            model_name=str(data["model_name"]), run_dir=files.data_dir / data["run_dir"],
+            events=events, files=files, created_at=data["created_at"],
+            queued_at=data["queued_at"], status=Status(data["status"]),
+            started_at=data["started_at"], finished_at=data["finished_at"],
+            error=data["error"], resume=bool(data["resume"]),
+            nfe_done=int(data["progress"]["nfe_done"]), nfe_total=data["progress"]["nfe_total"],
+            best={int(i): BestSoFar(int(b["candidate"]), float(b["score"]), int(b["nfe"]))
+                  for i, b in data["best"].items()},
+            history={int(i): [(int(nfe), float(score)) for nfe, score in points]
+                     for i, points in data["history"].items()},
+            result=None if result is None else schemas.ResultSummary.model_validate(result))
 
 
 class SearchManager:
@@ -147,27 +252,53 @@ class SearchManager:
         self.backend = backend
         self.runs_dir = data_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.files = RecordFiles(data_dir)
         self.max_queue = max_queue
         self.loop = loop
         self._records: dict[str, SearchRecord] = {}
         self._queue: deque[SearchRecord] = deque()
         self._changed = threading.Condition()
         self._stopping = False
-        self._next = 1 + max((int(p.name[1:]) for p in self.runs_dir.glob("s[0-9]*")
-                              if p.name[1:].isdigit()), default=0)
+        used = [*(p.name for p in self.runs_dir.glob("s[0-9]*")), *self.files.ids()]
+        self._next = 1 + max((int(name[1:]) for name in used if name[1:].isdigit()), default=0)
         self._threads = [threading.Thread(target=self._work, name=f"diffsearch-runner-{i}",
                                           daemon=True) for i in range(backend.concurrency)]
+        self._load()
+
+    def _load(self) -> None:
+        """Every saved search, as the service left it; running ones become interrupted, queued
+        ones wait again in the order they were waiting."""
+        waiting = []
+        for data in self.files.load():
+            try:
+                record = SearchRecord.from_json(data, self.files, EventLog(self.loop))
+            except (KeyError, TypeError, ValueError) as error:
+                log.warning("skipping the saved search %s: %s", data.get("id"), error)
+                continue
+            if record.status is Status.RUNNING:
+                record.status, record.error = Status.INTERRUPTED, STOPPED.format(id=record.id)
+                record.save()
+            record.events.append("status", {"status": record.status.value,
+                                            "error": record.error})
+            if not record.status.active:
+                record.events.close()
+            elif record.status is Status.QUEUED:
+                waiting.append(record)
+            self._records[record.id] = record
+        self._queue.extend(sorted(waiting, key=lambda r: r.queued_at))
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything (running searches stop after their batch in flight) and wait."""
+        """Stop running searches after their batch in flight (they become interrupted) and wait;
+        queued ones stay queued on disk, for the next start."""
         with self._changed:
             self._stopping = True
-            while self._queue:
-                self._queue.popleft().set_status(Status.CANCELLED, error="the service stopped")
+            for record in self._queue:
+                record.events.close()
+            self._queue.clear()
             for record in self._records.values():
                 record.cancel.set()
             self._changed.notify_all()
@@ -175,22 +306,43 @@ class SearchManager:
             thread.join(timeout)
 
     # ---- requests -----------------------------------------------------------------------------
-    def submit(self, job: Job, model_name: str, model: ModelInfo) -> SearchRecord:
+    def submit(self, job: Job, model_name: str) -> SearchRecord:
         with self._changed:
-            if self._stopping:
-                raise QueueFull("the service is stopping")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} searches are waiting, the most this "
-                                f"service queues (max_queue); retry later")
+            self._check_room()
             search_id = f"s{self._next:06d}"
             self._next += 1
-            record = SearchRecord(id=search_id, job=job, model_name=model_name, model=model,
-                                  run_dir=self.runs_dir / search_id, events=EventLog(self.loop))
+            record = SearchRecord(id=search_id, job=job, model_name=model_name,
+                                  run_dir=self.runs_dir / search_id, events=EventLog(self.loop),
+                                  files=self.files)
             record.events.append("status", {"status": Status.QUEUED.value, "error": None})
             self._records[search_id] = record
+            record.save()
             self._queue.append(record)
             self._changed.notify()
         return record
+
+    def resume(self, record: SearchRecord) -> None:
+        """Queue an interrupted search, or a cancelled one that finished some work, again."""
+        with self._changed:
+            status = record.status
+            has_work = (record.run_dir / run_folder.STORE).exists()
+            if status is Status.CANCELLED and not has_work:
+                raise NotResumable(f"search {record.id} was cancelled before any work finished: "
+                                   f"nothing to resume; submit it again")
+            if status not in (Status.INTERRUPTED, Status.CANCELLED):
+                raise NotResumable(f"search {record.id} is {status.value}; only an interrupted "
+                                   f"search, or a cancelled one with finished work, resumes")
+            self._check_room()
+            record.queue_again()
+            self._queue.append(record)
+            self._changed.notify()
+
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise QueueFull("the service is stopping")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{len(self._queue)} searches are waiting, the most this "
+                            f"service queues (max_queue); retry later")
 
     def get(self, search_id: str) -> SearchRecord | None:
         return self._records.get(search_id)
@@ -208,6 +360,8 @@ class SearchManager:
 
     def cancel(self, record: SearchRecord) -> None:
         with self._changed:
+            if record.status is Status.INTERRUPTED:
+                raise NotCancellable(f"search {record.id} is interrupted: nothing runs")
             if record.status.finished:
                 raise NotCancellable(f"search {record.id} is already {record.status.value}")
             if record in self._queue:
@@ -232,11 +386,14 @@ class SearchManager:
         executor = None
         try:
             executor = self.backend.executor(record.job)
-            run = run_job(record.job, record.run_dir, executor=executor,
+            run = run_job(record.job, record.run_dir, resume=record.resume, executor=executor,
                           on_progress=record.on_progress, cancel=record.cancel)
             result = SearchResult.from_run(run)
         except SearchCancelled:
-            record.set_status(Status.CANCELLED)
+            if self._stopping:
+                record.set_status(Status.INTERRUPTED, error=STOPPED.format(id=record.id))
+            else:
+                record.set_status(Status.CANCELLED)
         except DiffsearchError as error:
             record.set_status(Status.FAILED, error=str(error))
         except Exception as error:  # a bug or a broken model: report it, keep serving
@@ -256,6 +413,21 @@ class SearchManager:
 def image_url(search_id: str, prompt_index: int, candidate: int) -> str:
     """The URL path of a candidate's PNG (``GET`` it from the service)."""
     return f"/v1/searches/{search_id}/images/{prompt_index}/{candidate}.png"
+
+
+def result_summary(search_id: str, result: SearchResult) -> schemas.ResultSummary:
+    """What a search's detail says of its finished run (kept in the record, so a restarted
+    service says it without reading the store)."""
+    return schemas.ResultSummary(
+        nfe=result.nfe, verifier_calls=result.run.verifier_calls,
+        wall_seconds=result.run.wall_seconds, failed_candidates=result.run.failed_candidates,
+        prompts=[schemas.PromptResult(
+            index=p.index, prompt=p.prompt, nfe=p.nfe, candidates=len(p.candidates),
+            best=None if p.best is None else schemas.BestResult(
+                candidate=p.best.candidate, seed=p.best.seed, score=p.best.score,
+                scores=p.best.scores, lineage=list(p.best.lineage),
+                image=f"/v1/searches/{search_id}/best/{p.index}.png"))
+            for p in result.prompts])
 
 
 def summary_fields(record: SearchRecord) -> dict[str, Any]:
