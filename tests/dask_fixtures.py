@@ -47,6 +47,7 @@ class FakeRuntimePlugin(WorkerPlugin):
         # (imported here, not named from the module: the plugin is pickled by value, and a
         # plain `dask worker` cannot import the tests' modules until setup() puts them on its path)
         from dask_fixtures import SlowFakeDenoiser
+
         from engine_harness import install_fake_runtime
 
         install_fake_runtime(job, SlowFakeDenoiser(delay=delay))

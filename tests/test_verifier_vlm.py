@@ -137,16 +137,16 @@ def test_a_long_reply_is_quoted_truncated() -> None:
 
 def test_weights_and_sample_combination() -> None:
     scores = {"prompt_accuracy": 8.0, "visual_quality": 4.0, "creativity": 0.0, "overall": 6.0}
-    assert weighted_score(scores, normalise_weights(None, ASPECTS)) == 4.5
-    only = normalise_weights({"overall": 2, "prompt_accuracy": 2}, ASPECTS)
+    assert weighted_score(scores, normalise_weights(None, ASPECTS, judge="vlm")) == 4.5
+    only = normalise_weights({"overall": 2, "prompt_accuracy": 2}, ASPECTS, judge="vlm")
     assert weighted_score(scores, only) == 7.0
     assert combine_samples([3.0, 9.0, 3.0], "mean") == 5.0
     assert combine_samples([3.0, 9.0, 3.0], "majority") == 3.0
     assert combine_samples([9.0, 3.0], "majority") == 3.0  # a tie goes to the lower score
     with pytest.raises(VerifierError, match="unknown aspect"):
-        normalise_weights({"beauty": 1}, ASPECTS)
+        normalise_weights({"beauty": 1}, ASPECTS, judge="vlm")
     with pytest.raises(VerifierError, match="positive weight"):
-        normalise_weights({"overall": 0}, ASPECTS)
+        normalise_weights({"overall": 0}, ASPECTS, judge="vlm")
 
 
 def _fake_generate(judge: VlmVerifier, reply: Callable[[str, int], str],

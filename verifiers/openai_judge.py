@@ -46,10 +46,12 @@ from PIL import Image
 
 from diffsearch.verifiers._preprocess import check_batch
 from diffsearch.verifiers._rubric import (
-    COMBINES,
-    RUBRIC_QUESTION,
     RubricReplyError,
+    check_judge_options,
+    check_question,
     combine_samples,
+    is_number,
+    is_whole,
     normalise_aspects,
     normalise_weights,
     parse_rubric,
@@ -57,7 +59,7 @@ from diffsearch.verifiers._rubric import (
     weighted_score,
 )
 from diffsearch.verifiers.base import Verifier, VerifierError
-from diffsearch.verifiers.vlm import MODES, YES_QUESTION, to_pil
+from diffsearch.verifiers.vlm import to_pil
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -81,25 +83,6 @@ _MESSAGE_CHARS = 200
 
 class _RequestFailed(Exception):
     """A request that failed for good (after its retries); the message is one redacted line."""
-
-
-def _shared(check: Any, *args: Any) -> Any:
-    """Call a check shared with ``vlm``; its messages name this verifier instead."""
-    try:
-        return check(*args)
-    except VerifierError as error:
-        raise VerifierError(f"openai: {str(error).removeprefix('vlm: ')}") from None
-
-
-def _whole(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _number(value: Any, *, positive: bool) -> bool:
-    """A finite int or float (not a bool), > 0 when ``positive``, else >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return False
-    return value > 0 if positive else value >= 0
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -216,10 +199,11 @@ class OpenAIJudge(Verifier):
         rubric = mode == "rubric"
         if not rubric and (aspects is not None or weights is not None):
             raise VerifierError("openai: aspects and weights apply to mode: rubric")
-        self.aspects = _shared(normalise_aspects, aspects) if rubric else {}
-        self.weights = _shared(normalise_weights, weights, list(self.aspects)) if rubric else {}
+        self.aspects = normalise_aspects(aspects, judge="openai") if rubric else {}
+        self.weights = (normalise_weights(weights, list(self.aspects), judge="openai")
+                        if rubric else {})
         self._fields = rubric_fields(self.aspects) if rubric else {}
-        self.question = self._check_question(question)
+        self.question = check_question("openai", mode, question, self._fields)
         if allow_network is not True:
             raise VerifierError(f"openai: this verifier sends images to {self.base_url}; set "
                                 f"its option allow_network: true to allow network use")
@@ -243,47 +227,17 @@ class OpenAIJudge(Verifier):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise VerifierError(f"openai: base_url must be an http:// or https:// URL, "
                                 f"got {base_url!r}")
-        if mode not in MODES:
-            raise VerifierError(f"openai: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if combine not in COMBINES:
-            raise VerifierError(f"openai: combine must be one of {', '.join(COMBINES)}, "
-                                f"got {combine!r}")
-        if not _whole(samples, 1):
-            raise VerifierError(f"openai: samples must be a whole number >= 1, got {samples!r}")
-        if not _number(temperature, positive=False):
-            raise VerifierError(f"openai: temperature must be a number >= 0, "
-                                f"got {temperature!r}")
-        if mode == "yes-probability" and (samples != 1 or temperature != 0):
-            raise VerifierError("openai: samples and temperature apply to mode: rubric "
-                                "(yes-probability reads the probability; nothing to sample)")
-        if samples > 1 and temperature == 0:
-            raise VerifierError("openai: samples > 1 needs temperature > 0 (greedy replies "
-                                "would all be the same)")
-        for field, value in (("max_new_tokens", max_new_tokens),
-                             ("max_concurrency", max_concurrency)):
-            if not _whole(value, 1):
-                raise VerifierError(f"openai: {field} must be a whole number >= 1, "
-                                    f"got {value!r}")
-        if not _whole(max_retries, 0):
+        check_judge_options("openai", mode=mode, samples=samples, temperature=temperature,
+                            combine=combine, max_new_tokens=max_new_tokens)
+        if not is_whole(max_concurrency, 1):
+            raise VerifierError(f"openai: max_concurrency must be a whole number >= 1, "
+                                f"got {max_concurrency!r}")
+        if not is_whole(max_retries, 0):
             raise VerifierError(f"openai: max_retries must be a whole number >= 0, "
                                 f"got {max_retries!r}")
-        if not _number(timeout, positive=True):
+        if not is_number(timeout, positive=True):
             raise VerifierError(f"openai: timeout must be a number of seconds > 0, "
                                 f"got {timeout!r}")
-
-    def _check_question(self, question: str | None) -> str:
-        """The question template, checked by filling it once (the rules of ``vlm``)."""
-        if question is None:
-            return RUBRIC_QUESTION if self.mode == "rubric" else YES_QUESTION
-        if not isinstance(question, str) or "{prompt}" not in question:
-            raise VerifierError("openai: question must be a string containing {prompt}")
-        try:
-            question.format(prompt="x", **self._fields)
-        except (KeyError, IndexError, ValueError) as error:
-            fields = "{prompt}, {aspects}, {example}" if self.mode == "rubric" else "{prompt}"
-            raise VerifierError(f"openai: question may use only {fields} (double other "
-                                f"braces): {type(error).__name__}: {error}") from None
-        return question
 
     @staticmethod
     def _cache_folder(cache_dir: Any) -> Path | None:

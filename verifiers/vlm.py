@@ -34,9 +34,9 @@ from PIL import Image
 
 from diffsearch.verifiers._preprocess import DEFAULT_CHUNK, check_batch, encode_fixed_chunks
 from diffsearch.verifiers._rubric import (
-    COMBINES,
-    RUBRIC_QUESTION,
     RubricReplyError,
+    check_judge_options,
+    check_question,
     combine_samples,
     normalise_aspects,
     normalise_weights,
@@ -48,8 +48,6 @@ from diffsearch.verifiers._weights import from_pretrained_local
 from diffsearch.verifiers.base import Verifier, VerifierError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-MODES = ("yes-probability", "rubric")
-YES_QUESTION = 'Does this image show "{prompt}"? Answer yes or no.'
 """The default ``question`` in yes-probability mode (VQAScore's wording)."""
 ANSWER = "Yes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,13 +113,14 @@ class VlmVerifier(Verifier):
         self.combine, self.seed, self.max_new_tokens, self.chunk = (combine, seed,
                                                                      max_new_tokens, chunk)
         self.calls_per_score = samples
-        self.aspects = normalise_aspects(aspects) if mode == "rubric" else {}
-        self.weights = normalise_weights(weights, list(self.aspects)) if mode == "rubric" else {}
+        rubric = mode == "rubric"
+        self.aspects = normalise_aspects(aspects, judge="vlm") if rubric else {}
+        self.weights = normalise_weights(weights, list(self.aspects), judge="vlm") if rubric else {}
         if mode != "rubric" and (aspects is not None or weights is not None):
             raise VerifierError("vlm: aspects and weights apply to mode: rubric")
         # what the question template may use besides {prompt}
         self._fields = rubric_fields(self.aspects) if mode == "rubric" else {}
-        self.question = self._check_question(question)
+        self.question = check_question("vlm", mode, question, self._fields)
         self.dtype = _dtype(self.device, dtype)
         self.model_name = model
         self._load(model, allow_download)
@@ -131,44 +130,12 @@ class VlmVerifier(Verifier):
     def _check_options(mode: str, samples: int, temperature: float, combine: str, seed: int,
                        max_new_tokens: int, chunk: int) -> None:
         """One-line errors for bad options, before the (slow) model load."""
-        if mode not in MODES:
-            raise VerifierError(f"vlm: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if combine not in COMBINES:
-            raise VerifierError(f"vlm: combine must be one of {', '.join(COMBINES)}, "
-                                f"got {combine!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise VerifierError(f"vlm: samples must be a whole number >= 1, got {samples!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
-                or temperature < 0:
-            raise VerifierError(f"vlm: temperature must be a number >= 0, got {temperature!r}")
-        if mode == "yes-probability" and (samples != 1 or temperature != 0):
-            raise VerifierError("vlm: samples and temperature apply to mode: rubric "
-                                "(yes-probability reads the exact probability; nothing to sample)")
-        if samples > 1 and temperature == 0:
-            raise VerifierError("vlm: samples > 1 needs temperature > 0 (greedy replies would "
-                                "all be the same)")
+        check_judge_options("vlm", mode=mode, samples=samples, temperature=temperature,
+                            combine=combine, max_new_tokens=max_new_tokens)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise VerifierError(f"vlm: seed must be a whole number, got {seed!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise VerifierError(f"vlm: max_new_tokens must be a whole number >= 1, "
-                                f"got {max_new_tokens!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise VerifierError(f"vlm: chunk must be a whole number >= 1, got {chunk!r}")
-
-    def _check_question(self, question: str | None) -> str:
-        """The question template, checked by filling it once."""
-        if question is None:
-            return RUBRIC_QUESTION if self.mode == "rubric" else YES_QUESTION
-        if not isinstance(question, str) or "{prompt}" not in question:
-            raise VerifierError("vlm: question must be a string containing {prompt}")
-        try:
-            question.format(prompt="x", **self._fields)
-        except (KeyError, IndexError, ValueError) as error:
-            fields = "{prompt}, {aspects}, {example}" if self.mode == "rubric" else "{prompt}"
-            raise VerifierError(f"vlm: question may use only {fields} (double other braces): "
-                                f"{type(error).__name__}: {error}") from error
-        return question
 
     def _load(self, model: str, allow_download: bool) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
