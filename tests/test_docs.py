@@ -23,7 +23,8 @@ from diffsearch.strategies.registry import strategy_class, strategy_names
 ROOT = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 PRIVATE_REFERENCE = re.compile(rb"\.\./shared|DESIGN\.md|REFERENCES\.md")
-"""``../shared``, ``shared/DESIGN.md``, ``shared/REFERENCES.md`` and the bare file names."""
+"""The private design notes kept beside the checkout (the parent folder's notes folder, its
+design and references files), by path or by bare file name: users never get them."""
 COMMON_ARGUMENTS = {"prompt_index", "prompt", "num_steps", "budget_nfe", "seed"}
 """What the engine passes to every strategy: not options a user sets."""
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
