@@ -173,6 +173,7 @@ class Engine:
         bar = tqdm(total=total, unit="NFE", desc="search", disable=not self.progress_bar,
                    dynamic_ncols=True)
         stage_seconds: dict[str, float] = defaultdict(float)
+        usage: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         waited = 0.0
         nfe_done = 0
         pool = WorkPool(self.job.batch_size, model.compute_batch)
@@ -237,6 +238,9 @@ class Engine:
                     state.received[outcome.candidate] = outcome
                     for stage, seconds in outcome.timings.items():
                         stage_seconds[stage] += seconds
+                    for label, counts in outcome.usage.items():
+                        for key, amount in counts.items():
+                            usage[label][key] += amount
                 nfe_done += self._account(state, prompt_outcomes, bar)
                 self._report(index, state, tuple(prompt_outcomes), nfe_done, total)
                 if len(state.received) == len(state.round_tasks):
@@ -255,6 +259,7 @@ class Engine:
         return collect_results(
             run_dir=self.run_dir, job=self.job, model=model, prompts=prompts,
             wall_seconds=time.perf_counter() - started, stage_seconds=dict(stage_seconds),
+            verifier_usage={label: dict(counts) for label, counts in usage.items()},
             executor=self.executor.describe(),
         )
 

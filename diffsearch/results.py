@@ -79,6 +79,10 @@ class RunResult:
     stage_seconds: dict[str, float]
     model: ModelInfo
     executor: str
+    verifier_usage: dict[str, dict[str, int]]
+    """What verifiers that report spending (an API judge's requests, retries, cache hits and
+    tokens) spent in this process's run, by label. Unlike the counts above it is not kept in
+    the store: after a resume it covers the resumed part only."""
 
     @property
     def rows_per_nfe(self) -> float | None:
@@ -102,14 +106,15 @@ class RunResult:
             "verifier_calls": self.verifier_calls,
             "wall_seconds": round(self.wall_seconds, 3),
             "stage_seconds": {k: round(v, 4) for k, v in sorted(self.stage_seconds.items())},
+            "verifier_usage": self.verifier_usage,
             "failed_candidates": self.failed_candidates,
             "prompts": [p.to_json() for p in self.prompts],
         }
 
 
 def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[PromptResult],
-                    wall_seconds: float, stage_seconds: dict[str, float], executor: str
-                    ) -> RunResult:
+                    wall_seconds: float, stage_seconds: dict[str, float],
+                    verifier_usage: dict[str, dict[str, int]], executor: str) -> RunResult:
     """Copy each prompt's best image to ``best/`` and write ``results.json``."""
     (run_dir / run_folder.BEST).mkdir(exist_ok=True)
     for prompt in prompts:
@@ -123,7 +128,7 @@ def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[
         rows=sum(c.rows for p in prompts for c in p.candidates),
         verifier_calls=sum(c.verifier_calls for p in prompts for c in p.candidates),
         wall_seconds=wall_seconds, prompts=prompts, stage_seconds=stage_seconds,
-        model=model, executor=executor,
+        model=model, executor=executor, verifier_usage=verifier_usage,
     )
     (run_dir / run_folder.RESULTS).write_text(json.dumps(result.to_json(job), indent=2))
     return result

@@ -131,6 +131,8 @@ class WorkerRuntime:
         self._guiding_label = self._add_verifier(json.loads(spec.verifier))
         self._eval_labels = [self._add_verifier(json.loads(v)) for v in spec.eval_verifiers]
         self._conditionings: dict[str, Conditioning] = {}
+        self._usage_seen: dict[str, dict[str, int]] = {}
+        """Each verifier's usage() counters when the last work unit ended."""
 
     @classmethod
     def load(cls, spec: RuntimeSpec) -> WorkerRuntime:
@@ -245,6 +247,7 @@ class WorkerRuntime:
 
         share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
         row_shares = _equal_shares(computed, len(tasks))
+        spent = self._usage_since_last_unit()
         outcomes = []
         for i, task in enumerate(tasks):
             guide = self._task_verifier(task)
@@ -253,8 +256,23 @@ class WorkerRuntime:
                 prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
                 reward=reward, scores=scores[i],
                 nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
-                rows=row_shares[i], verifier_calls=calls[i], error=errors[i], timings=share))
+                rows=row_shares[i], verifier_calls=calls[i], error=errors[i], timings=share,
+                usage=spent if i == 0 else {}))
         return outcomes
+
+    def _usage_since_last_unit(self) -> dict[str, dict[str, int]]:
+        """How much each verifier's usage() counters grew since the last unit (only those that
+        report any and grew)."""
+        spent: dict[str, dict[str, int]] = {}
+        for label, verifier in self.verifiers.items():
+            now = verifier.usage()
+            before = self._usage_seen.get(label, {})
+            grown = {key: value - before.get(key, 0) for key, value in now.items()
+                     if value != before.get(key, 0)}
+            self._usage_seen[label] = now
+            if grown:
+                spent[label] = grown
+        return spent
 
     def _eval_labels_for(self, *, video: bool) -> list[str]:
         """The evaluation verifiers that judge clips (``video``) or images."""

@@ -106,6 +106,9 @@ class Outcome:
     error: str | None = None
     """Why the candidate failed (NaN latents, a verifier exception); None when it succeeded."""
     timings: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
+    """What verifiers reported spending (requests, tokens) while its work unit ran, by verifier
+    label; carried by one outcome of the unit, so summing over outcomes counts it once."""
 
     @property
     def ok(self) -> bool:

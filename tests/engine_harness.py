@@ -100,7 +100,8 @@ def run_fake(job: Job, out: Path, *, denoiser: FakeDenoiser | None = None,
     return run_job(job, out, **kwargs), denoiser
 
 
-RUN_SPECIFIC = ("wall_seconds", "stage_seconds", "executor", "rows", "rows_per_nfe")
+RUN_SPECIFIC = ("wall_seconds", "stage_seconds", "executor", "rows", "rows_per_nfe",
+                "verifier_usage")
 """results.json fields that legitimately differ between two runs of one job (the rows computed
 depend on how tasks were packed into work units)."""
 

@@ -243,6 +243,8 @@ def test_a_search_judged_by_the_endpoint_keeps_the_key_out_of_the_run_folder(
     data = json.loads((out / "results.json").read_text())
     best = data["prompts"][0]["best"]
     assert result.verifier_calls == 4 and server.requests == 4
+    assert data["verifier_usage"]["openai"]["requests"] == server.requests
+    assert data["verifier_usage"]["openai"]["prompt_tokens"] > 0
     pixels = np.asarray(Image.open(out / best["image"]).convert("RGB"), dtype=np.float64)
     assert best["score"] == pytest.approx(10 * pixels.mean() / 255, abs=1e-4)
     written = [f for f in [*out.rglob("*"), *(tmp_path / "cache").rglob("*")] if f.is_file()]

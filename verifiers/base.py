@@ -44,6 +44,11 @@ class Verifier(ABC):
     """Judge calls one score costs (a judge sampled k times and combined sets k), so the
     verifier calls a run reports count what was spent."""
 
+    def usage(self) -> dict[str, int]:
+        """Running counters of what this verifier spent since it was built (an API judge's
+        requests and tokens); results.json sums their growth per verifier. None by default."""
+        return {}
+
     def __init__(self, device: str | torch.device = "cpu", **options: Any) -> None:
         self.device = torch.device(device)
         if options:
