@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 import click
@@ -55,6 +56,22 @@ def parse_models(pairs: tuple[str, ...]) -> dict[str, str]:
     return models
 
 
+def parse_judge_endpoints(pairs: tuple[str, ...]) -> dict[str, str | None]:
+    """``URL[=KEY_ENV]`` pairs: the base URLs an ``openai`` judge may call, and the environment
+    variable holding each one's API key (upper-case, so a URL's own ``=`` is not taken for it)."""
+    endpoints: dict[str, str | None] = {}
+    for pair in pairs:
+        url, sep, env = pair.rpartition("=")
+        if not (sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", env)):
+            url, env = pair, ""
+        if not url.startswith(("http://", "https://")):
+            fail(f"--judge-endpoint {pair!r}: expected an http(s) base URL, optionally "
+                 f"=KEY_ENV (e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1="
+                 f"OPENAI_API_KEY)")
+        endpoints[url] = env or None
+    return endpoints
+
+
 def _limit(name: str, help_text: str) -> click.Option:
     default = getattr(_DEFAULTS, name)
     return click.option(f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1),
@@ -78,6 +95,10 @@ def _limit(name: str, help_text: str) -> click.Option:
                    "repeatable. 'shapes' is always served.")
 @click.option("--verifier", "verifiers", multiple=True, metavar="NAME",
               help="Offer only these verifiers (repeatable; default: every installed one).")
+@click.option("--judge-endpoint", "judge_endpoints", multiple=True, metavar="URL[=KEY_ENV]",
+              help="Let requests' openai judges call this OpenAI-compatible base URL, sending "
+                   "the API key held in the environment variable KEY_ENV (none without "
+                   "=KEY_ENV); repeatable. Default: no API judge.")
 @click.option("--executor", type=click.Choice(["local", "dask"]), default="local",
               show_default=True, envvar="DIFFSEARCH_EXECUTOR", show_envvar=True)
 @click.option("--workers", type=click.IntRange(min=1), help="Workers of the local Dask cluster.")
@@ -98,7 +119,8 @@ def _limit(name: str, help_text: str) -> click.Option:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
-          models: tuple[str, ...], verifiers: tuple[str, ...], executor: str,
+          models: tuple[str, ...], verifiers: tuple[str, ...],
+          judge_endpoints: tuple[str, ...], executor: str,
           workers: int | None, scheduler: str | None, threads: int, concurrency: int,
           batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
@@ -123,7 +145,7 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
         fail(f"--data-dir {data_dir}: cannot create it ({error.strerror})")
     config = ServiceConfig(
         data_dir=data_dir.resolve(), token=token, models=parse_models(models),
-        verifiers=tuple(verifiers) or None,
+        verifiers=tuple(verifiers) or None, judge_endpoints=parse_judge_endpoints(judge_endpoints),
         limits=Limits(max_budget_nfe=max_budget_nfe, max_prompts=max_prompts,
                       max_prompt_chars=max_prompt_chars, max_queue=max_queue,
                       max_image_side=max_image_side, max_body_bytes=max_body_bytes),

@@ -45,6 +45,10 @@ class ServiceConfig:
     """Model names a request may use -> what is loaded ("shapes", a folder, a cached hub id)."""
     verifiers: tuple[str, ...] | None = None
     """Verifier names a request may use; None: every one the registry can import."""
+    judge_endpoints: dict[str, str | None] = field(default_factory=dict)
+    """Endpoints an ``openai`` judge in a request may call: base URL -> the environment variable
+    holding its API key (None: no key). A request names only the base URL; the key's variable,
+    the network opt-in and the reply cache are the service's. Empty: no API judge at all."""
     limits: Limits = field(default_factory=Limits)
     executor: Literal["local", "dask"] = "local"
     workers: int | None = None

@@ -86,6 +86,12 @@ def _check_text(value: Any, field: str) -> None:
             _check_text(item, f"{field}.{index}")
 
 
+API_JUDGE = "openai"
+"""The verifier that calls out over the network: only to the operator's judge endpoints."""
+API_JUDGE_SERVICE_KEYS = frozenset({"api_key_env", "allow_network", "cache_dir"})
+"""Its options the service sets itself: which key is sent, the network opt-in, the disk."""
+
+
 def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -> Job:
     """Validate a request body into the job the service will run (limits not needing the
     model included)."""
@@ -99,6 +105,8 @@ def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -
             raise RequestError(f"{name}: the service reads no files; give prompts", field=name)
     offered = sorted(verifier_names)
     data = dict(body)
+    for field, spec in _verifier_specs(data):
+        _place_api_judge(spec, field, config)
     data["model"] = _served_model(data.get("model", default_model(config)), config)
     data.setdefault("verifier", default_verifier(offered))
     data.update(executor=config.executor, threads=config.threads, batch_size=config.batch_size)
@@ -226,7 +234,56 @@ def _check_verifier(spec: str | dict[str, Any], field: str, offered: set[str]) -
             if key in VERIFIER_SERVICE_KEYS:
                 raise RequestError(f"{field}.{key}: set by the service, not by a request",
                                    field=f"{field}.{key}")
-        _reject_paths(spec, field)
+        members = spec.get("members")
+        if name == "ensemble" and isinstance(members, list):  # each member must be offered too
+            for index, member in enumerate(members):
+                _check_verifier(member, f"{field}.members.{index}", offered)
+        # an API judge's base URL was checked against the operator's endpoints instead
+        rest = {k: v for k, v in spec.items()
+                if not (k == "members" and name == "ensemble")
+                and not (k == "base_url" and name == API_JUDGE)}
+        _reject_paths(rest, field)
+
+
+def _verifier_specs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every verifier mapping a request body holds, with its field, ensemble members included
+    (strings and malformed values are left to Job's validation)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(spec: Any, field: str) -> None:
+        if isinstance(spec, dict):
+            found.append((field, spec))
+            members = spec.get("members")
+            if isinstance(members, list):
+                for index, member in enumerate(members):
+                    walk(member, f"{field}.members.{index}")
+
+    walk(data.get("verifier"), "verifier")
+    evals = data.get("eval_verifiers")
+    if isinstance(evals, list):
+        for index, spec in enumerate(evals):
+            walk(spec, f"eval_verifiers.{index}")
+    return found
+
+
+def _place_api_judge(spec: dict[str, Any], field: str, config: ServiceConfig) -> None:
+    """An ``openai`` judge may call only an endpoint the operator configured, with the key the
+    operator named for it; the request's base URL is then no path, so it leaves the spec
+    before the path check and comes back after it (see :func:`_check_verifier`)."""
+    if spec.get("name") != API_JUDGE:
+        return
+    for key in API_JUDGE_SERVICE_KEYS & set(spec):
+        raise RequestError(f"{field}.{key}: set by the service, not by a request",
+                           field=f"{field}.{key}")
+    from diffsearch.verifiers.openai_judge import DEFAULT_BASE_URL
+
+    base_url = spec.get("base_url", DEFAULT_BASE_URL)
+    if base_url not in config.judge_endpoints:
+        allowed = ", ".join(sorted(config.judge_endpoints)) or "none"
+        raise RequestError(f"{field}.base_url: {str(base_url)[:80]!r} is not a judge endpoint "
+                           f"of this service; allowed: {allowed}", field=f"{field}.base_url")
+    spec.update(base_url=base_url, api_key_env=config.judge_endpoints[base_url],
+                allow_network=True)
 
 
 def _reject_paths(value: Any, field: str) -> None:
