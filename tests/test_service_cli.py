@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
+from test_service_harness import wait_until_serving
 
 from diffsearch.cli_serve import is_loopback, serve
 
@@ -80,16 +80,7 @@ def test_serves_with_a_token_file_and_limits_from_the_environment(tmp_path: Path
         env=env, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "diffsearch serve did not come up"
-            time.sleep(0.2)
+        wait_until_serving(process, base)
         assert httpx.get(f"{base}/v1/info").status_code == 401
         assert httpx.get(f"{base}/v1/info", headers={
             "Authorization": "Bearer ignored-when-a-file-is-given"}).status_code == 401

@@ -7,6 +7,7 @@ driven over real HTTP, with searches running on the model-free fake runtime in t
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -140,3 +141,19 @@ def wait_for(http: httpx.Client, search_id: str, *statuses: str, timeout: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"search {search_id} stayed {body['status']}: {body}")
         time.sleep(0.05)
+
+
+def wait_until_serving(process: subprocess.Popen[str], base_url: str,
+                       seconds: float = 60) -> None:
+    """Poll ``/v1/health`` of a ``diffsearch serve`` subprocess until it answers (health needs
+    no token); fail with the server's stderr if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base_url}/v1/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, "diffsearch serve did not come up"
+        time.sleep(0.2)

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from test_service_harness import TOKEN, FakeBackend, client, fake_config, read_events, serve
+from test_service_harness import (
+    TOKEN,
+    FakeBackend,
+    client,
+    fake_config,
+    read_events,
+    serve,
+    wait_until_serving,
+)
 
 from diffsearch import run_folder
 from diffsearch.engine import ProgressEvent
@@ -61,18 +69,9 @@ def serve_process(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], httpx
          "--verifier", "shapes-clip", "--log-level", "warning"],
         env=env, stderr=subprocess.PIPE, text=True)
     try:
+        wait_until_serving(process, f"http://127.0.0.1:{port}")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/v1/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                assert time.monotonic() < deadline, "diffsearch serve did not come up"
-                time.sleep(0.2)
             yield process, http
     finally:
         if process.poll() is None:
