@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.strategies import options
-from diffsearch.strategies.common import RoundStrategy
+from diffsearch.strategies.common import RoundStrategy, count_within_budget
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
@@ -23,14 +23,10 @@ class BestOfN(RoundStrategy):
 
     def __init__(self, *, n: int | None = None, **common: Any) -> None:
         super().__init__(**common)
-        affordable = self.budget_nfe // self.num_steps
-        if affordable < 1:
-            raise ValueError(f"budget of {self.budget_nfe} NFE buys no sample of "
-                             f"{self.num_steps} steps")
-        if n is not None and n > affordable:
-            raise options.OptionError("n", f"{n} samples need {n * self.num_steps} NFE, over "
-                                           f"the budget of {self.budget_nfe}")
-        self.n = affordable if n is None else n
+        self.n = count_within_budget(
+            n, budget_nfe=self.budget_nfe, cost=self.num_steps, plural="samples",
+            none_affordable=f"budget of {self.budget_nfe} NFE buys no sample of "
+                            f"{self.num_steps} steps")
 
     def _next_round(self) -> list[Task]:
         return [self._task(start=0, end=self.num_steps, score_on=ScoreOn.FINAL)

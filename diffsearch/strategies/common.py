@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from diffsearch.seeding import derive_seed
+from diffsearch.strategies import options
 from diffsearch.strategies.base import Strategy
 from diffsearch.tasks import Outcome, Perturbation, ScoreOn, Task
 
@@ -58,6 +59,20 @@ def kept(share: float, n: int) -> int:
     """How many of ``n`` survive keeping the top ``share``: rounded up, at least one (the
     rounding to 9 digits stops 0.4 * 10 = 4.000000000000001 from becoming 5)."""
     return max(1, math.ceil(round(share * n, 9)))
+
+
+def count_within_budget(n: int | None, *, budget_nfe: int, cost: int, plural: str,
+                        none_affordable: str) -> int:
+    """How many independent units (samples, paths, clips) of ``cost`` NFE each a strategy runs:
+    its option ``n`` when given, checked against the budget, else as many as the budget buys.
+    ``none_affordable`` is the error when the budget buys not even one."""
+    affordable = budget_nfe // cost
+    if affordable < 1:
+        raise ValueError(none_affordable)
+    if n is not None and n > affordable:
+        raise options.OptionError("n", f"{n} {plural} need {n * cost} NFE, over the budget of "
+                                       f"{budget_nfe}")
+    return affordable if n is None else n
 
 
 class RoundStrategy(Strategy):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffsearch.strategies import options
-from diffsearch.strategies.common import RoundStrategy, ranked
+from diffsearch.strategies.common import RoundStrategy, count_within_budget, ranked
 from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
 
@@ -69,14 +69,10 @@ class Paths(RoundStrategy):
         self.levels = levels(self.start_step, self.renoise_steps, self.denoise_steps, t)
         per_path = (self.start_step + (len(self.levels) - 1) * self.branches * self.denoise_steps
                     + t - self.levels[-1])
-        affordable = self.budget_nfe // per_path
-        if affordable < 1:
-            raise ValueError(f"budget of {self.budget_nfe} NFE cannot pay for one path "
-                             f"({per_path} NFE)")
-        if n is not None and n > affordable:
-            raise options.OptionError("n", f"{n} paths need {n * per_path} NFE, over the "
-                                           f"budget of {self.budget_nfe}")
-        self.n = affordable if n is None else n
+        self.n = count_within_budget(
+            n, budget_nfe=self.budget_nfe, cost=per_path, plural="paths",
+            none_affordable=f"budget of {self.budget_nfe} NFE cannot pay for one path "
+                            f"({per_path} NFE)")
         self._kept: list[int] = []
         """Candidates holding the kept paths, at ``levels[round - 1]``."""
 

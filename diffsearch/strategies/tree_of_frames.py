@@ -31,7 +31,7 @@ from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.seeding import derive_seed
 from diffsearch.strategies import options
 from diffsearch.strategies.base import Strategy
-from diffsearch.strategies.common import best_of, kept, ranked
+from diffsearch.strategies.common import best_of, count_within_budget, kept, ranked
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
 DEFAULT_STRENGTH = 0.75
@@ -238,14 +238,10 @@ class LinearClips(_FrameChainStrategy):
                  **common: Any) -> None:
         super().__init__(num_frames=num_frames, strength=strength, **common)
         per_clip = self.chain.clip_nfe(self.num_steps)
-        affordable = self.budget_nfe // per_clip
-        if affordable < 1:
-            raise ValueError(f"budget of {self.budget_nfe} NFE buys no clip of "
-                             f"{self.chain.num_frames} frames ({per_clip} NFE each)")
-        if n is not None and n > affordable:
-            raise options.OptionError("n", f"{n} clips need {n * per_clip} NFE, over the "
-                                           f"budget of {self.budget_nfe}")
-        self.n = affordable if n is None else n
+        self.n = count_within_budget(
+            n, budget_nfe=self.budget_nfe, cost=per_clip, plural="clips",
+            none_affordable=f"budget of {self.budget_nfe} NFE buys no clip of "
+                            f"{self.chain.num_frames} frames ({per_clip} NFE each)")
 
     def ask(self) -> list[Task]:
         if self._done:
