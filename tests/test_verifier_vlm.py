@@ -1,4 +1,5 @@
-"""The ``vlm`` verifier on tiny random Qwen2-VL and Idefics3 folders written by the test.
+"""The ``vlm`` verifier on tiny random Qwen2-VL, Idefics3 and LLaVA-OneVision folders written
+by the test.
 
 Random weights give meaningless scores, so these tests check the plumbing that real judges rely
 on: which token is "Yes", one BOS, the next-token reading against a plain forward pass, batch
@@ -30,7 +31,7 @@ from diffsearch.verifiers._rubric import (
 )
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
 from diffsearch.verifiers.registry import available_verifiers, create_verifier
-from diffsearch.verifiers.vlm import VlmVerifier
+from diffsearch.verifiers.vlm import VlmVerifier, answer_text
 
 ASPECTS = ["prompt_accuracy", "visual_quality", "creativity", "overall"]
 
@@ -46,15 +47,29 @@ def judges(folders: dict[str, Path]) -> dict[str, VlmVerifier]:
     return {arch: VlmVerifier(model=str(folder), chunk=2) for arch, folder in folders.items()}
 
 
-@pytest.fixture(scope="module")
-def rubric_judge(folders: dict[str, Path]) -> VlmVerifier:
-    return VlmVerifier(model=str(folders["qwen2-vl"]), mode="rubric", chunk=2, max_new_tokens=6)
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def rubric_judge(request: pytest.FixtureRequest, folders: dict[str, Path]) -> VlmVerifier:
+    return VlmVerifier(model=str(folders[request.param]), mode="rubric", chunk=2,
+                       max_new_tokens=6)
 
 
-@pytest.mark.parametrize(("arch", "answer"), [("qwen2-vl", "Yes"), ("idefics3", " Yes")])
+@pytest.mark.parametrize(("arch", "answer"), [("qwen2-vl", "Yes"), ("idefics3", " Yes"),
+                                              ("llava-onevision", "Yes")])
 def test_the_answer_token_is_the_first_token_of_the_templates_yes(
         judges: dict[str, VlmVerifier], arch: str, answer: str) -> None:
     assert judges[arch].describe()["answer_token"] == answer
+
+
+def test_the_answer_follows_a_generation_prompt_that_differs_only_in_whitespace() -> None:
+    turn = "<|im_start|>user <image>\nx<|im_end|><|im_start|>assistant"
+    # LLaVA-OneVision: the prompt ends "assistant\n", its assistant turn "assistant \nYes"
+    assert answer_text(turn + "\n", turn + " \nYes<|im_end|>") == "Yes<|im_end|>"
+    assert answer_text(turn + "\n", turn + "\nYes<|im_end|>\n") == "Yes<|im_end|>\n"
+    assert answer_text("Assistant:", "Assistant: Yes<end>") == " Yes<end>"
+    # the turn differs in more than whitespace: no answer position is guessed
+    assert answer_text(turn + "\n", turn + " said\nYes") is None
+    assert answer_text(turn + "\n", turn + "Yes") is None
+    assert answer_text(turn + ":", turn + " Yes") is None
 
 
 def test_the_prompt_holds_one_bos_although_template_and_tokenizer_both_add_one(
@@ -230,6 +245,27 @@ def test_sampled_replies_are_seeded_per_row(folders: dict[str, Path],
     alone = torch.cat([first.score(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
     assert torch.equal(alone, together)  # a row's draws do not depend on its batch-mates
     assert not torch.equal(judge(1).score(images, PROMPTS), together)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_rubric_replies_keep_order_and_equal_rows_judged_alone(
+        folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Real greedy decoding (image features, left padding, the cache); each reply is scored by
+    its text, so equal scores mean the same reply."""
+    replies: list[str] = []
+
+    def by_text(reply: str, aspects: list[str]) -> dict[str, float]:
+        replies.append(reply)
+        return {name: float(sum(map(ord, reply)) % 11) for name in aspects}
+
+    monkeypatch.setattr(vlm_module, "parse_rubric", by_text)
+    judge = VlmVerifier(model=str(folders[arch]), mode="rubric", chunk=2, max_new_tokens=5)
+    images = pixel_batch(3, seed=12)
+    together = judge.score(images, PROMPTS)
+    assert len(set(replies)) > 1  # the replies depend on the image and prompt
+    alone = torch.cat([judge.score(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
+    assert torch.equal(alone, together)
+    assert torch.equal(judge.score(images.flip(0), PROMPTS[::-1]), together.flip(0))
 
 
 def test_greedy_rubric_ignores_the_checkpoints_sampling_defaults(

@@ -1,17 +1,23 @@
-"""Tiny random-weight vision-language models of two architectures, written to disk as real
+"""Tiny random-weight vision-language models of three architectures, written to disk as real
 transformers folders (model, tokenizer, image processor, processor with its chat template), so
 the ``vlm`` verifier loads them by path exactly as it loads a published checkpoint.
 
 Everything is built here, offline: a byte-level BPE tokenizer (exact decode round trip, so a
 reply the test makes the model "generate" decodes back to the same text) with each family's chat
-special tokens, merges that make "Yes" and " Yes" single tokens (the two spellings the two chat
+special tokens, merges that make "Yes" and " Yes" single tokens (the two spellings the chat
 templates put first in an answer), and each image processor from its own class.
 
 - ``qwen2-vl``: Qwen2-VL (Qwen2 decoder with M-RoPE, a windowless ViT with 2x2 patch merging);
   the answer follows ``<|im_start|>assistant\\n``, so it begins with "Yes".
-- ``idefics3``: Idefics3 (a Llama decoder, a SigLIP ViT with pixel shuffle, image tiling); its
-  template begins with ``<|begin_of_text|>`` and the tokenizer adds a BOS too (the double-BOS
-  trap), and the answer follows ``Assistant:``, so it begins with " Yes".
+- ``idefics3``: Idefics3, the architecture of SmolVLM (a Llama decoder, a SigLIP ViT with pixel
+  shuffle, image tiling); its template begins with ``<|begin_of_text|>`` and the tokenizer adds
+  a BOS too (the double-BOS trap), and the answer follows ``Assistant:``, so it begins with
+  " Yes".
+- ``llava-onevision``: LLaVA-OneVision (a Qwen2 decoder, a SigLIP ViT, "anyres" tiling: a 32 x 32
+  image becomes a base view and four tiles, with a learned newline embedding after each row of
+  tile features); its template writes an assistant turn as ``<|im_start|>assistant \\nYes``
+  but its generation prompt ends ``<|im_start|>assistant\\n``, so the assistant turn does not
+  extend the prompt, and the answer begins with "Yes".
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import torch
 from verifier_fixtures import _byte_symbols
 
-ARCHITECTURES = ("qwen2-vl", "idefics3")
+ARCHITECTURES = ("qwen2-vl", "idefics3", "llava-onevision")
 
 _YES_MERGES = [("Ġ", "Y"), ("ĠY", "e"), ("ĠYe", "s"), ("Y", "e"), ("Ye", "s")]
 """BPE merges (highest priority first) that make "ĠYes" (" Yes") and "Yes" single tokens."""
@@ -44,6 +50,26 @@ IDEFICS3_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 """Idefics3's published chat template (the one SmolVLM also uses)."""
+
+LLAVA_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\\n' + content['text'] }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}"
+    "{% endif %}{{'<|im_end|>'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""LLaVA-OneVision's published chat template (llava-hf/llava-onevision-qwen2-*-hf)."""
 
 
 def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str) -> object:
@@ -144,9 +170,49 @@ def _write_idefics3(folder: Path, seed: int) -> None:
                       chat_template=IDEFICS3_TEMPLATE).save_pretrained(folder)
 
 
+def _write_llava_onevision(folder: Path, seed: int) -> None:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = _tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    view, patch = 16, 8  # a 16 x 16 view is 2 x 2 patches: 4 image features per view
+    pinpoints = [[view, view], [view, 2 * view], [2 * view, view], [2 * view, 2 * view]]
+    aspect_ratio = "anyres_max_4"
+    config = LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": view, "patch_size": patch,
+                       "vision_use_head": False},
+        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 32,
+                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     "initializer_range": 0.5, "bos_token_id": None,
+                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+        vision_aspect_ratio=aspect_ratio,
+    )
+    _random(LlavaOnevisionForConditionalGeneration, config, seed).save_pretrained(folder)
+    size = {"height": view, "width": view}
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tokenizer,
+        num_image_tokens=(view // patch) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio=aspect_ratio, chat_template=LLAVA_ONEVISION_TEMPLATE,
+    ).save_pretrained(folder)
+
+
 def write_tiny_vlm(folder: Path, architecture: str, seed: int) -> Path:
     """A tiny random ``architecture`` (one of :data:`ARCHITECTURES`) model folder."""
-    writers = {"qwen2-vl": _write_qwen2_vl, "idefics3": _write_idefics3}
+    writers = {"qwen2-vl": _write_qwen2_vl, "idefics3": _write_idefics3,
+               "llava-onevision": _write_llava_onevision}
     folder.mkdir(parents=True, exist_ok=True)
     writers[architecture](folder, seed)
     return folder

@@ -15,16 +15,19 @@ replies and combines their scores (``combine: mean | majority``); it costs k jud
 is what ``calls_per_score`` reports.
 
 Pitfalls handled here, all measured: the answer's first token is found by rendering an
-assistant turn (Qwen answers "Yes", Idefics3 " Yes"); the processor's chat template is applied
-with tokenisation so no second BOS is added; rows are left-padded (image token counts differ
-by model and image shape, and Idefics3 tiles images) and everything the processor returns is
-passed on; float images become uint8 PIL images first (processors rescale by 1/255 again);
-a fresh greedy configuration replaces the checkpoint's sampling defaults.
+assistant turn (Qwen answers "Yes", Idefics3 " Yes", LLaVA-OneVision "Yes" although its
+assistant turn and generation prompt disagree in whitespace, see :func:`answer_text`); the
+processor's chat template is applied with tokenisation so no second BOS is added; rows are
+left-padded (image token counts differ by model and image shape, and Idefics3 and
+LLaVA-OneVision tile images) and everything the processor returns is passed on; float images
+become uint8 PIL images first (processors rescale by 1/255 again); a fresh greedy configuration
+replaces the checkpoint's sampling defaults.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -68,6 +71,28 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     (given floats they would rescale by 1/255 a second time)."""
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(row.permute(1, 2, 0).cpu().numpy(), "RGB") for row in pixels]
+
+
+def answer_text(asked: str, answered: str) -> str | None:
+    """What follows the generation prompt ``asked`` when the model answers as the template's
+    assistant turn (``answered``, the conversation with the answer appended) writes it; None
+    when the two do not fit together.
+
+    Mostly the assistant turn extends the generation prompt and the answer is the rest.
+    LLaVA-OneVision's does not: its turns open with ``<|im_start|>assistant `` and the text
+    follows on a new line, while its generation prompt is ``<|im_start|>assistant\\n``. When
+    the two differ only in the whitespace before the answer, the prompt's whitespace already
+    separates it, so the answer follows with none of its own (as the model was trained:
+    ``assistant\\nYes``).
+    """
+    if answered.startswith(asked):
+        return answered[len(asked):]
+    common = len(os.path.commonprefix([asked, answered]))
+    asked_rest, answered_rest = asked[common:], answered[common:]
+    answer = answered_rest.lstrip()
+    if asked_rest.isspace() and answer != answered_rest and answer.startswith(ANSWER):
+        return answer
+    return None
 
 
 def _row_seed(seed: int, sample: int, image: Image.Image, prompt: str) -> int:
@@ -169,17 +194,20 @@ class VlmVerifier(Verifier):
 
     def _answer_token(self) -> int:
         """The id of the first token of the answer "Yes" as the chat template writes it (Qwen
-        "Yes", Idefics3 " Yes"): the first token after the generation prompt."""
+        "Yes", Idefics3 " Yes", LLaVA-OneVision "Yes"): the first token after the generation
+        prompt."""
         render = self.processor.apply_chat_template
         asked = render(self._conversation("x", None), add_generation_prompt=True, tokenize=False)
         answered = render(self._conversation("x", None, ANSWER), tokenize=False)
+        continuation = answer_text(asked, answered)
         prompt_ids = self.tokenizer(asked, add_special_tokens=False)["input_ids"]
-        full_ids = self.tokenizer(answered, add_special_tokens=False)["input_ids"]
-        if not answered.startswith(asked) or full_ids[:len(prompt_ids)] != prompt_ids \
+        full_ids = self.tokenizer(asked + (continuation or ""),
+                                  add_special_tokens=False)["input_ids"]
+        if continuation is None or full_ids[:len(prompt_ids)] != prompt_ids \
                 or len(full_ids) == len(prompt_ids):
             raise VerifierError(f"vlm: cannot find where the answer starts in {self.model_name!r}"
-                                f"'s chat template (the assistant turn does not extend the "
-                                f"generation prompt)")
+                                f"'s chat template (the assistant turn neither extends the "
+                                f"generation prompt nor differs from it only in whitespace)")
         return int(full_ids[len(prompt_ids)])
 
     def _inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
