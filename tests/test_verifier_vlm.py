@@ -250,22 +250,23 @@ def test_sampled_replies_are_seeded_per_row(folders: dict[str, Path],
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_rubric_replies_keep_order_and_equal_rows_judged_alone(
         folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
-    """Real greedy decoding (image features, left padding, the cache); each reply is scored by
-    its text, so equal scores mean the same reply."""
-    replies: list[str] = []
+    """Real greedy decoding (image features, left padding, the cache); each distinct reply
+    gets its own score (the order it was first seen in), so equal scores mean equal replies."""
+    seen: dict[str, int] = {}
 
     def by_text(reply: str, aspects: list[str]) -> dict[str, float]:
-        replies.append(reply)
-        return {name: float(sum(map(ord, reply)) % 11) for name in aspects}
+        return dict.fromkeys(aspects, float(seen.setdefault(reply, len(seen))))
 
     monkeypatch.setattr(vlm_module, "parse_rubric", by_text)
     judge = VlmVerifier(model=str(folders[arch]), mode="rubric", chunk=2, max_new_tokens=5)
     images = pixel_batch(3, seed=12)
     together = judge.score(images, PROMPTS)
-    assert len(set(replies)) > 1  # the replies depend on the image and prompt
+    replies = len(seen)
+    assert replies > 1  # the replies depend on the image and prompt
     alone = torch.cat([judge.score(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
     assert torch.equal(alone, together)
     assert torch.equal(judge.score(images.flip(0), PROMPTS[::-1]), together.flip(0))
+    assert len(seen) == replies  # no reply changed with its batch-mates or place
 
 
 def test_greedy_rubric_ignores_the_checkpoints_sampling_defaults(
