@@ -14,10 +14,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
 
 from diffsearch.errors import JobError
+from diffsearch.pipelines.sources import NEEDS_CUDA, Attention, Offload, names_non_cuda_device
 
 VerifierSpec = str | dict[str, Any]
 """A verifier name, or ``{"name": ..., **options}`` (options go to the verifier's constructor)."""
@@ -93,6 +102,24 @@ class Job(BaseModel):
     """Rows per model forward pass (None: the adapter's default). Part of the results' identity."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     device: str | None = None
+    # The accelerator options below change the float rounding of every candidate, so they are
+    # part of the results' identity like dtype: a resume with other kernels would mix numerics.
+    compile: bool = False
+    """torch.compile the denoiser network (its first pass compiles). Inductor fuses and reorders
+    float operations, so results differ in the last bits from eager PyTorch."""
+    attention: Attention = "auto"
+    """``auto``: xformers on CUDA when installed, else PyTorch SDPA; ``sdpa``; ``xformers``
+    (refused when it is not installed). The kernels round differently; ``auto`` depends on what
+    the worker has installed, so name one to keep results the same on every machine."""
+    offload: Offload = "none"
+    """``model`` or ``sequential`` CPU offload for models larger than the GPU (needs CUDA).
+    The same kernels run on the same weights, but that it changes no bit is not yet measured
+    on a GPU, so it counts as numerics until it is."""
+    vae_tiling: bool = False
+    """Decode large images in overlapping tiles (less VAE memory); pixels near the seams
+    change, and with them the scores."""
+    vae_slicing: bool = False
+    """Decode one image at a time (less VAE memory); a batch of one rounds differently."""
 
     # ---- execution only ---------------------------------------------------------------------
     batch_size: int = Field(default=8, ge=1, le=4096)
@@ -109,6 +136,22 @@ class Job(BaseModel):
             if not prompt.strip():
                 raise ValueError(f"prompt {index} is empty")
         return prompts
+
+    @field_validator("offload")
+    @classmethod
+    def _offload_needs_cuda(cls, offload: str, info: ValidationInfo) -> str:
+        device = info.data.get("device")
+        if offload != "none" and names_non_cuda_device(device):
+            raise ValueError(f"{NEEDS_CUDA}; device is {device!r}")
+        return offload
+
+    @field_validator("attention")
+    @classmethod
+    def _xformers_needs_cuda(cls, attention: str, info: ValidationInfo) -> str:
+        device = info.data.get("device")
+        if attention == "xformers" and names_non_cuda_device(device):
+            raise ValueError(f"xformers {NEEDS_CUDA}; device is {device!r}")
+        return attention
 
     @field_validator("budget")
     @classmethod

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from diffsearch import run_folder
 from diffsearch.errors import DiffsearchError, JobError, StoreError
 from diffsearch.job import Job, VerifierSpec
-from diffsearch.pipelines.sources import plan_model
+from diffsearch.pipelines.sources import plan_model, xformers_missing
 
 if TYPE_CHECKING:
     from diffsearch.strategies.base import Strategy
@@ -40,6 +40,13 @@ def check_model(job: Job) -> int | None:
         return None
     return plan_model(job.model, num_steps=job.num_steps, guidance_scale=job.guidance_scale,
                       allow_download=job.allow_download).num_steps
+
+
+def check_attention(job: Job) -> None:
+    """``attention: xformers`` needs xformers installed: found without importing it, so a job
+    that asks for it on a machine without it fails here and not in every worker's load."""
+    if job.attention == "xformers" and (problem := xformers_missing()):
+        raise JobError(f"attention: {problem}")
 
 
 def check_verifiers(job: Job, strategy: Strategy | None = None) -> None:
@@ -95,6 +102,7 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
 
 def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     """Every cheap check, cheapest first; returns :func:`check_model`'s number of steps."""
+    check_attention(job)
     num_steps = check_model(job)
     strategy = None if num_steps is None else check_strategies(job, num_steps)
     check_verifiers(job, strategy)

@@ -52,7 +52,9 @@ class DiffusersDenoiser(Denoiser):
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
         self.latent_shape = latent_shape
-        self.device = network.device
+        self.device = pipe._execution_device
+        """Where tensors go: the network's device, or under CPU offload the GPU the hooks
+        move each model to (its parameters then rest on the CPU or on "meta")."""
         self.dtype = network.dtype
         self._prompts: OrderedDict[str, Conditioning] = OrderedDict()
         self._prompts_lock = threading.Lock()  # Dask workers may run tasks in threads

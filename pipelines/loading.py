@@ -10,24 +10,32 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, get_args
 
 import torch
 
 from diffsearch.pipelines.base import Denoiser
 from diffsearch.pipelines.sources import (
     DOWNLOAD_HINT,
+    NEEDS_CUDA,
+    Attention,
     Family,
     ModelLoadError,
     ModelNotFoundError,
     ModelSource,
+    Offload,
     plan_model,
+    xformers_missing,
 )
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+"""What ``compile`` hands torch.compile: torch's own default code generator. A test may swap in
+a backend that records the captured graphs, since inductor takes a minute to build C++ kernels
+for even a tiny UNet on a CPU."""
 
 
 def load_denoiser(
@@ -39,26 +47,41 @@ def load_denoiser(
     dtype: str | None = None,
     compute_batch: int | None = None,
     allow_download: bool = False,
+    compile: bool = False,
+    attention: Attention = "auto",
+    offload: Offload = "none",
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
 ) -> Denoiser:
     """Load ``model`` ("shapes", a pipeline folder, or a Hugging Face id) as a Denoiser.
 
     Unset sampling options come from the model's ``diffsearch_defaults.json`` if it has one,
     else from the family's diffusers defaults. ``device`` None means CUDA when available;
     ``dtype`` None means float16 (SD, SDXL) or bfloat16 (SD3, FLUX) on CUDA, float32 on CPU.
+
+    For large models and fast GPUs: ``compile`` runs ``torch.compile`` on the denoiser network
+    (its first forward pass compiles); ``attention`` picks the kernels (:data:`Attention`);
+    ``offload`` keeps weights in CPU memory (:data:`Offload`); ``vae_tiling`` decodes images in
+    overlapping tiles and ``vae_slicing`` one image at a time, to bound the VAE's memory.
+    Options a device cannot run are refused before any weights are read.
     """
     plan = plan_model(model, num_steps=num_steps, guidance_scale=guidance_scale,
                       allow_download=allow_download)
     source, family = plan.source, plan.family
     torch_device = _device(device)
     torch_dtype = _dtype(dtype, family, torch_device)
+    _check_accelerator_options(torch_device, attention, offload)
     pipe = _from_pretrained(source, family, torch_dtype)
-    pipe.to(torch_device)
+    if offload == "none":
+        pipe.to(torch_device)
     if family.name == "sdxl" and torch_dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers upcasts too)
-    _choose_attention(pipe, torch_device)
+    _choose_attention(pipe, torch_device, attention)
+    _offload(pipe, offload, torch_device)
+    _bound_vae_memory(pipe.vae, tiling=vae_tiling, slicing=vae_slicing)
     module, _, cls = family.adapter.partition(":")
     adapter = getattr(importlib.import_module(module), cls)
-    return adapter(
+    denoiser = adapter(
         pipe,
         num_steps=plan.num_steps,
         guidance_scale=plan.guidance_scale,
@@ -68,6 +91,9 @@ def load_denoiser(
         **{key: source.defaults[key] for key in family.adapter_options
            if key in source.defaults},
     )
+    if compile:
+        _compile(denoiser.network)
+    return denoiser
 
 
 # ---- options ----------------------------------------------------------------------------------
@@ -135,16 +161,71 @@ def _from_pretrained(source: ModelSource, family: Family, dtype: torch.dtype) ->
     return pipe
 
 
-def _choose_attention(pipe: Any, device: torch.device) -> None:
-    """xformers' memory-efficient attention on CUDA when installed, else PyTorch SDPA (the
-    diffusers default). xformers is an optional extra: any failure falls back to SDPA."""
-    if device.type != "cuda":
+def _check_accelerator_options(device: torch.device, attention: str, offload: str) -> None:
+    """Refuse what ``device`` cannot run while nothing is loaded yet (the job refuses a device
+    it names; here "auto" has been resolved)."""
+    if attention not in get_args(Attention):
+        raise ModelLoadError(f"attention {attention!r} is not one of "
+                             f"{', '.join(get_args(Attention))}")
+    if offload not in get_args(Offload):
+        raise ModelLoadError(f"offload {offload!r} is not one of {', '.join(get_args(Offload))}")
+    if offload != "none" and device.type != "cuda":
+        raise ModelLoadError(f"offload: {NEEDS_CUDA}; the model would load on {device}")
+    if attention == "xformers":
+        if device.type != "cuda":
+            raise ModelLoadError(f"attention: xformers {NEEDS_CUDA}; the model would load on "
+                                 f"{device}")
+        if problem := xformers_missing():
+            raise ModelLoadError(f"attention: {problem}")
+
+
+def _choose_attention(pipe: Any, device: torch.device, attention: Attention = "auto") -> None:
+    """Set the attention kernels (:data:`Attention`). A freshly loaded pipeline already runs
+    diffusers' SDPA processors, so ``sdpa`` keeps them. ``auto`` tries xformers on CUDA and keeps
+    SDPA on any failure (it is an optional extra); an explicit ``xformers`` that fails is an
+    error instead, since the user asked for it."""
+    if attention == "sdpa" or device.type != "cuda":
         return
     try:
         import xformers  # noqa: F401
 
         pipe.enable_xformers_memory_efficient_attention()
     except Exception as error:  # not installed, or built for another torch/CUDA
+        if attention == "xformers":
+            raise ModelLoadError(f"attention: xformers could not be enabled "
+                                 f"({type(error).__name__}: {error})") from None
         log.info("xformers not used (%s: %s); using PyTorch SDPA", type(error).__name__, error)
     else:
         log.info("using xformers memory-efficient attention")
+
+
+def _offload(pipe: Any, offload: Offload, device: torch.device) -> None:
+    """Install diffusers' CPU offload hooks (:data:`Offload`), computing on ``device``.
+
+    The adapters put their tensors on the pipeline's execution device, which these hooks
+    define, not on the network's parameters' device (CPU, or "meta" between layer moves).
+    """
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+def _bound_vae_memory(vae: Any, *, tiling: bool, slicing: bool) -> None:
+    """Tiling decodes a large image in overlapping tiles, blended at the seams (the pixels near
+    them change); slicing decodes one image of a chunk at a time (the same image, rounded as a
+    batch of one). Both trade speed for VAE memory."""
+    for wanted, method, field in ((tiling, "enable_tiling", "vae_tiling"),
+                                  (slicing, "enable_slicing", "vae_slicing")):
+        if not wanted:
+            continue
+        if not hasattr(vae, method):
+            raise ModelLoadError(f"{field}: the model's VAE ({type(vae).__name__}) has no "
+                                 f"{method.removeprefix('enable_')}")
+        getattr(vae, method)()
+
+
+def _compile(network: torch.nn.Module) -> None:
+    """torch.compile the network in place (it stays the pipeline's module, under any offload
+    hooks). Every pass has the one shape of ``compute_batch`` rows, so it compiles once."""
+    network.compile(backend=COMPILE_BACKEND)

@@ -11,10 +11,12 @@ local cache only, so a job never stalls on the network by surprise.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from diffsearch.errors import DiffsearchError
 
@@ -213,3 +215,28 @@ def plan_model(model: str, *, num_steps: int | None = None, guidance_scale: floa
 
 def _first(*values: float | None) -> float:
     return next(v for v in values if v is not None)
+
+
+# ---- accelerator options: checked from their names, before any weights load --------------------
+Attention = Literal["auto", "sdpa", "xformers"]
+"""Attention kernels: ``auto`` is xformers on CUDA when it is installed, else PyTorch SDPA;
+``sdpa`` keeps diffusers' default processors (``scaled_dot_product_attention``); ``xformers``
+is xformers' memory-efficient attention or an error."""
+Offload = Literal["none", "model", "sequential"]
+"""Weights kept in CPU memory and moved to the GPU as needed: ``model`` moves one whole model
+(text encoder, denoiser, VAE) at a time, ``sequential`` one layer at a time."""
+NEEDS_CUDA = "needs a CUDA device"
+
+
+def names_non_cuda_device(device: str | None) -> bool:
+    """Whether ``device`` names a device other than CUDA. None and "auto" may turn out to be CUDA:
+    the loader checks those once it has resolved them."""
+    return device not in (None, "auto") and device.split(":")[0] != "cuda"
+
+
+def xformers_missing() -> str | None:
+    """Why ``attention: xformers`` cannot load here, or None. Looked up without importing it
+    (xformers imports torch), so the driver can refuse the job before anything slow."""
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed (pip install 'diffsearch[xformers]'); or use sdpa"
+    return None
