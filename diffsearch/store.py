@@ -1,51 +1,96 @@
-"""The run store: one Zarr v3 group per run, on disk (or any path every worker can reach).
+"""The run store (format 3): every finished candidate of a run as one row of flat tables.
 
 Layout::
 
-    store.zarr/                 attrs: format, job (the validated job), result_key, latent_shape
-      p00000/                   attrs: prompt, errors {candidate: message}, verifiers {cand: name}
-        latent  (N, C, H, W)    the state each candidate reached (at ``step``); one chunk per
-                                candidate, so concurrent writers never share a chunk
-        final   (N, C, H, W)    the clean latent of every candidate scored on its final image
-        done, step, start, parent, source, seed, nfe, rows, verifier_calls, eta, score_on,
-        perturb_kind, perturb_strength, perturb_to, reward      one value per candidate
-        scores/<verifier>       one float64 per candidate (NaN: not scored)
+    store.zarr/               attrs: format, job, result_key, latent_shape, num_steps, prompts
+      writer.lock             flock'ed by the one process writing the store
+      state  (R, *latent)     float32, each row's state at its task's ``end``
+      final  (R, *latent)     float32, the rolled-out clean latent of rows whose task ended
+                              before the last step; other rows' final IS their state and is
+                              not stored again (their inner chunks stay unwritten)
+      columns/                attrs: the code tables verifier_names, error_messages,
+                              score_labels
+        done, prompt, candidate, step, start, parent, source, seed, nfe, rows,
+        verifier_calls, eta, score_on, perturb_kind, perturb_strength, perturb_to, reward,
+        verifier, error       one value per row, chunks of COLUMN_CHUNK rows
+      scores/<i>              float64 per row for score_labels[i] (NaN: not scored)
 
-Workers only write latent chunks. Only the driver writes metadata and resizes arrays, and it
-writes ``done`` last: a candidate is finished exactly when ``done`` is set, so a run killed at
-any moment resumes by recomputing the unfinished ones (zarr's local store replaces chunk files
-atomically, so a kill never leaves a torn chunk). Together with the task records the store is
-enough to rebuild any candidate bit for bit.
+Why this shape: a batch job of 10,000 prompts runs on NFS or Lustre, where every file costs.
+Rows of every prompt share files (``state``/``final`` are sharded: one file per SHARD_ROWS rows,
+inner chunks of one row, uncompressed because latents do not compress and raw bytes keep row
+reads cheap), so files grow with candidates / SHARD_ROWS, not with prompts x arrays.
+
+The driver is the only writer: workers return latents to it and only read, by row
+(:func:`read_latent_rows`), so no two processes ever write one file. The writer keeps every
+column in memory (read once per column at open) and answers lookups from there, which is what
+makes resuming 10,000 prompts take seconds; it buffers new rows and writes them lazily
+(:meth:`RunStore.flush`), latents first and ``done`` last. Zarr's local store writes each file
+to a temporary one and renames it, so a kill at any moment leaves whole files: a row is finished
+exactly when ``done`` is set, and a resumed run recomputes the rest (rows not done are ignored
+and the trailing ones reused). Together with the task records the store is enough to rebuild
+any candidate bit for bit.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from diffsearch.errors import StoreError
 from diffsearch.tasks import Outcome, Perturbation, PerturbKind, ScoreOn, Task
 
-FORMAT_VERSION = 2
-"""2: a ``rows`` array (rows computed per candidate); format 1 stores had none."""
-_META_CHUNK = 1024
-_INITIAL_CAPACITY = 64
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 3
+"""3: flat tables with one row per candidate, written by the driver alone. Format 2 kept one
+Zarr group per prompt (about 96 files per prompt), written by the workers; format 1 had no
+``rows`` array."""
+
+SHARD_ROWS = 256
+"""Rows per shard file of ``state`` and ``final``: even when both arrays fill, a file holds 128
+candidates' latents (the target is at most one file per 64), while a shard of SDXL latents
+(256 KiB a row) stays at 64 MiB."""
+COLUMN_CHUNK = 16384
+"""Rows per chunk file of each column: a few files per column even at 10,000 prompts."""
+FLUSH_SECONDS = 5.0
+""":meth:`RunStore.record` writes pending rows once the oldest has waited this long. Rows not
+yet written are lost to a kill and recomputed on resume, so this bounds the loss to what was
+recorded in a few seconds; every early write rewrites the shard being filled (up to 64 MiB for
+SDXL), so writing much more often would spend disk bandwidth for little."""
+LOCK_FILE = "writer.lock"
+
+_KEYS = {"name": "default", "separator": "."}
+"""Chunk files sit directly in their array's folder (``c.3.0.0.0``), not in a folder per
+dimension: every folder is one more file system entry."""
 _PERTURB_CODES = {kind: code for code, kind in enumerate(PerturbKind)}
 _SCORE_CODES = {kind: code for code, kind in enumerate(ScoreOn)}
+_FINAL = _SCORE_CODES[ScoreOn.FINAL]
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+"""What flock raises on file systems without locks (Lustre mounted without ``flock``)."""
 
-# name -> (dtype, fill value): the per-candidate metadata arrays.
-_META: dict[str, tuple[str, Any]] = {
+# name -> (dtype, fill value) of the per-row columns; ``done`` is written last.
+_COLUMNS: dict[str, tuple[str, Any]] = {
     "done": ("bool", False),
+    "prompt": ("int32", -1),
+    "candidate": ("int32", -1),
     "step": ("int32", -1),
     "start": ("int32", -1),
-    "parent": ("int64", -1),
-    "source": ("int64", -1),
+    "parent": ("int32", -1),
+    "source": ("int32", -1),
     "seed": ("int64", 0),
     "nfe": ("int32", 0),
     "rows": ("int32", 0),
@@ -55,12 +100,22 @@ _META: dict[str, tuple[str, Any]] = {
     "perturb_kind": ("int8", -1),
     "perturb_strength": ("float64", 0.0),
     "perturb_to": ("int32", -1),
-    "reward": ("float64", np.nan),
+    "reward": ("float64", math.nan),
+    "verifier": ("int16", -1),
+    "error": ("int32", -1),
 }
+_CODE_TABLES = ("verifier_names", "error_messages", "score_labels")
 
 
-def prompt_group_name(prompt_index: int) -> str:
-    return f"p{prompt_index:05d}"
+@dataclass(frozen=True)
+class LatentRef:
+    """Where a finished candidate's latent is, for a worker to read: its row and the step that
+    latent is at. Small and picklable, so it travels in work units instead of the latent."""
+
+    row: int
+    step: int
+    final: bool = False
+    """Read the ``final`` array (the rolled-out clean latent) instead of ``state``."""
 
 
 @dataclass(frozen=True)
@@ -77,129 +132,340 @@ class CandidateRecord:
     verifier_calls: int
     error: str | None
     has_final: bool
+    """It was scored on its final image (and did not fail): it has an image to show."""
     rows: int = 0
     """Rows the model computed for it (:attr:`diffsearch.tasks.Outcome.rows`)."""
 
 
-class RunStore:
-    """Access to one run's store, from the driver or from a worker."""
+class _Codes:
+    """A code table: each distinct string gets the next integer; rows store the integer."""
 
-    def __init__(self, root: zarr.Group, path: Path) -> None:
-        self._root = root
+    def __init__(self, values: Sequence[str]) -> None:
+        self.values = list(values)
+        self._codes = {value: code for code, value in enumerate(self.values)}
+        self.grown = False
+        """New values since the table was last written."""
+
+    def code(self, value: str | None) -> int:
+        if value is None:
+            return -1
+        if value not in self._codes:
+            self._codes[value] = len(self.values)
+            self.values.append(value)
+            self.grown = True
+        return self._codes[value]
+
+    def value(self, code: int) -> str | None:
+        return None if code < 0 else self.values[code]
+
+
+class _Table:
+    """Every column (and score) of the store in memory, as growable arrays: lookups, records
+    and resumes read these, never Zarr."""
+
+    def __init__(self, columns: dict[str, np.ndarray], scores: list[np.ndarray],
+                 rows: int) -> None:
+        self.rows = rows
+        self._capacity = max(rows, 64)
+        self._columns = {name: self._sized(values, _COLUMNS[name][1])
+                         for name, values in columns.items()}
+        self._scores = [self._sized(values, math.nan) for values in scores]
+
+    def _sized(self, values: np.ndarray, fill: Any) -> np.ndarray:
+        out = np.full(self._capacity, fill, dtype=values.dtype)
+        out[:self.rows] = values[:self.rows]
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        return self._columns[name][:self.rows]
+
+    def score(self, index: int) -> np.ndarray:
+        return self._scores[index][:self.rows]
+
+    @property
+    def score_count(self) -> int:
+        return len(self._scores)
+
+    def append(self, values: dict[str, list[Any]], scores: dict[int, list[float]]) -> int:
+        """Add rows (``values`` per column, ``scores`` per label index); returns the first."""
+        first, count = self.rows, len(values["done"])
+        if first + count > self._capacity:
+            self._capacity = max(2 * self._capacity, first + count)
+            self._columns = {name: self._sized(array, _COLUMNS[name][1])
+                             for name, array in self._columns.items()}
+            self._scores = [self._sized(array, math.nan) for array in self._scores]
+        while len(self._scores) <= max(scores, default=-1):
+            self._scores.append(np.full(self._capacity, math.nan))
+        for name, column in values.items():
+            self._columns[name][first:first + count] = column
+        for index, column in scores.items():
+            self._scores[index][first:first + count] = column
+        self.rows += count
+        return first
+
+    def padded(self, values: np.ndarray, fill: Any, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of a column, fill values past the last row (whole chunks to write)."""
+        out = np.full(hi - lo, fill, dtype=values.dtype)
+        stop = min(hi, self.rows)
+        out[:max(0, stop - lo)] = values[lo:stop]
+        return out
+
+
+@dataclass
+class _Arrays:
+    """The writer's handles on the store's arrays (Zarr reads an array's metadata when it
+    opens one; resizing through the handle keeps it current)."""
+
+    root: zarr.Group
+    latents: dict[str, zarr.Array]
+    columns: dict[str, zarr.Array]
+    scores: list[zarr.Array]
+    """By label index (``score_labels``)."""
+
+
+@dataclass
+class _Pending:
+    """Latents recorded but not written yet, for consecutive rows."""
+
+    states: np.ndarray
+    finals: np.ndarray | None
+    """NaN where a row has no final of its own; None when no row has one."""
+
+
+class RunStore:
+    """One run's store. Opened writable by the driver (the only writer, holding the lock) or
+    read-only by ``show``, results and anything else that only reads."""
+
+    def __init__(self, path: Path, disk: _Arrays, attrs: dict[str, Any], table: _Table,
+                 codes: dict[str, _Codes], lock: int | None) -> None:
         self.path = path
+        self._disk = disk
+        self._attrs = attrs
+        self._table = table
+        self._codes = codes
+        self._lock = lock
+        self._rows_of: dict[int, dict[int, int]] = {}
+        """prompt -> candidate -> row, for finished candidates (recorded ones included)."""
+        done = table.column("done")
+        finished = np.flatnonzero(done)
+        prompts, candidates = table.column("prompt"), table.column("candidate")
+        for p, c, row in zip(prompts[finished].tolist(), candidates[finished].tolist(),
+                             finished.tolist()):
+            self._rows_of.setdefault(p, {})[c] = row
+        self._written = table.rows
+        """Rows below this are on disk; the rest are pending."""
+        self._pending: list[_Pending] = []
+        self._pending_since: float | None = None
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
     def create(
         cls, path: Path, *, job: dict[str, Any], result_key: str,
-        latent_shape: Sequence[int], num_steps: int,
+        latent_shape: Sequence[int], num_steps: int, prompts: Sequence[str],
     ) -> RunStore:
+        """A new store at ``path``, opened for writing. It is built in a folder beside
+        ``path`` and renamed into place, so a kill during creation leaves no half store."""
+        if path.exists():
+            raise StoreError(f"{path} already holds a run; pass --resume to continue it")
+        building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
         try:
-            root = zarr.open_group(store=str(path), mode="w-")
-        except (FileExistsError, zarr.errors.ContainsGroupError):
-            raise StoreError(f"{path} already holds a run; pass --resume to continue it") from None
+            _remove_abandoned_builds(path)
+            building.mkdir(parents=True)
+            lock = _acquire_lock(building)
         except OSError as error:
-            raise StoreError(f"cannot create the store at {path}: {error.strerror}") from None
-        root.attrs.update({
-            "format": FORMAT_VERSION, "job": job, "result_key": result_key,
-            "latent_shape": list(latent_shape), "num_steps": num_steps,
-        })
-        return cls(root, path)
+            raise StoreError(f"cannot create the store at {path}: "
+                             f"{error.strerror or error}") from None
+        try:
+            _lay_out(building, {
+                "format": FORMAT_VERSION, "job": job, "result_key": result_key,
+                "latent_shape": list(latent_shape), "num_steps": num_steps,
+                "prompts": list(prompts),
+            })
+            os.rename(building, path)
+        except OSError as error:
+            os.close(lock)
+            shutil.rmtree(building, ignore_errors=True)
+            if path.exists():
+                raise StoreError(f"{path} already holds a run; pass --resume to continue it"
+                                 ) from None
+            raise StoreError(f"cannot create the store at {path}: "
+                             f"{error.strerror or error}") from None
+        return cls._load(path, _root_attrs(path), lock)
 
     @classmethod
     def open(cls, path: Path, *, writable: bool = True) -> RunStore:
+        """An existing store. ``writable``: take the writer lock (a second writer is refused)
+        and clear temporary files a killed writer left; readers never lock."""
         if not path.exists():
             raise StoreError(f"no run store at {path}")
+        attrs = _root_attrs(path)
+        lock = None
+        if writable:
+            try:
+                lock = _acquire_lock(path)
+            except OSError as error:
+                raise StoreError(f"cannot open {path} for writing: "
+                                 f"{error.strerror or error}") from None
+            _remove_partial_files(path)
         try:
-            root = zarr.open_group(store=str(path), mode="r+" if writable else "r")
-            version = root.attrs["format"]
-        except Exception as error:  # zarr raises many types for damaged metadata
-            raise StoreError(f"{path} is not a readable diffsearch store ({error})") from None
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path} has store format {version}; this diffsearch reads "
-                             f"format {FORMAT_VERSION}")
-        return cls(root, path)
+            return cls._load(path, attrs, lock)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
 
+    @classmethod
+    def _load(cls, path: Path, attrs: dict[str, Any], lock: int | None) -> RunStore:
+        """Read every column once. ``done`` is read first: a row done by then had its other
+        columns and latents written before, so a reader never sees a half-written row."""
+        try:
+            root = zarr.open_group(store=str(path), mode="r" if lock is None else "r+")
+            done_array = root["columns/done"]
+            done = np.asarray(done_array[:])  # type: ignore[index]
+            tables = root["columns"].attrs.asdict()
+            codes = {name: _Codes(tables[name]) for name in _CODE_TABLES}
+            disk = _Arrays(
+                root=root, latents={name: root[name] for name in ("state", "final")},
+                columns={name: done_array if name == "done" else root[f"columns/{name}"]
+                         for name in _COLUMNS},
+                scores=[root[f"scores/{i}"] for i in range(len(codes["score_labels"].values))])
+            values = {name: np.asarray(array[:]) for name, array in disk.columns.items()
+                      if name != "done"}
+            scores = [np.asarray(array[:]) for array in disk.scores]
+            for key in ("latent_shape", "num_steps", "prompts"):
+                attrs[key]  # noqa: B018  (a store without them is damaged)
+        except Exception as error:  # zarr raises many types for damaged data
+            raise StoreError(f"{path} is not a readable diffsearch store "
+                             f"({type(error).__name__}: {error})") from None
+        finished = np.flatnonzero(done)
+        rows = int(finished[-1]) + 1 if finished.size else 0
+        if any(len(column) < rows for column in [*values.values(), *scores]):
+            raise StoreError(f"{path} is not a readable diffsearch store (its columns have "
+                             f"fewer rows than its done column)")
+        table = _Table({"done": done, **values}, scores, rows)
+        return cls(path, disk, attrs, table, codes, lock)
+
+    def close(self) -> None:
+        """Write what is pending and release the writer lock. Idempotent."""
+        if self._lock is None:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- what the run is ----------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self._root.attrs)
+        """The run's attributes: format, job, result_key, latent_shape, num_steps, prompts."""
+        return dict(self._attrs)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self._root.attrs["latent_shape"])
+        return tuple(self._attrs["latent_shape"])
 
-    # ---- prompts -----------------------------------------------------------------------------
-    def _group(self, prompt_index: int) -> zarr.Group:
-        try:
-            return self._root[prompt_group_name(prompt_index)]  # type: ignore[return-value]
-        except KeyError:
-            raise StoreError(f"{self.path}: prompt {prompt_index} has no data") from None
+    @property
+    def num_steps(self) -> int:
+        return int(self._attrs["num_steps"])
+
+    def prompt_text(self, prompt_index: int) -> str:
+        self._check_prompt(prompt_index)
+        return str(self._attrs["prompts"][prompt_index])
+
+    def prompt_indices(self) -> list[int]:
+        """The prompts with at least one finished candidate."""
+        return sorted(self._rows_of)
 
     def has_prompt(self, prompt_index: int) -> bool:
-        return prompt_group_name(prompt_index) in self._root
+        """Whether the prompt has at least one finished candidate."""
+        return prompt_index in self._rows_of
 
-    def ensure_prompt(self, prompt_index: int, prompt: str) -> None:
-        """Create a prompt's arrays (driver only). Idempotent, so resumes call it freely."""
-        if self.has_prompt(prompt_index):
+    def _check_prompt(self, prompt_index: int) -> None:
+        count = len(self._attrs["prompts"])
+        if not 0 <= prompt_index < count:
+            raise StoreError(f"{self.path}: no prompt {prompt_index} (the run has {count})")
+
+    # ---- writing (the driver) -----------------------------------------------------------------
+    def record(self, tasks: Sequence[Task], outcomes: Sequence[Outcome], states: np.ndarray,
+               finals: np.ndarray | None = None) -> None:
+        """Record finished tasks (of any prompts, one row each) with their latents.
+
+        ``states``: (n, *latent_shape), each task's state at ``task.end`` (a CPU torch tensor
+        works too). ``finals``: the same shape, read only for rows whose task is scored on its
+        final image and ends before the last step (the rolled-out clean latent: a task ending at
+        the last step has its state as final); other rows are ignored, and it may be None when
+        no row needs one. The rows are visible to lookups at once and written lazily (see
+        :data:`FLUSH_SECONDS`). Recording a candidate already finished raises StoreError.
+        """
+        self._check_writable()
+        count = len(tasks)
+        if count == 0:
             return
-        group = self._root.create_group(prompt_group_name(prompt_index))
-        group.attrs.update({"prompt": prompt, "errors": {}, "verifiers": {}})
-        shape = (_INITIAL_CAPACITY, *self.latent_shape)
-        for name in ("latent", "final"):
-            group.create_array(name, shape=shape, chunks=(1, *self.latent_shape),
-                               dtype="float32", fill_value=np.nan)
-        for name, (dtype, fill) in _META.items():
-            group.create_array(name, shape=(_INITIAL_CAPACITY,), chunks=(_META_CHUNK,),
-                               dtype=dtype, fill_value=fill)
-        group.create_group("scores")
+        if len(outcomes) != count:
+            raise ValueError(f"record got {count} tasks but {len(outcomes)} outcomes")
+        block = self._latent_block(states, count, "states")
+        own_final = [self._has_own_final(t.score_on, t.end) for t in tasks]
+        final_block = None
+        if any(own_final):
+            if finals is None:
+                task = tasks[own_final.index(True)]
+                raise ValueError(f"candidate {task.candidate} of prompt {task.prompt_index} "
+                                 f"ends at step {task.end} and is scored on its final image, "
+                                 f"but record got no finals")
+            given = self._latent_block(finals, count, "finals")
+            final_block = np.full_like(block, math.nan)
+            final_block[own_final] = given[own_final]
+        self._check_new(tasks, outcomes)
+        first = self._table.append(*self._row_values(tasks, outcomes))
+        for offset, task in enumerate(tasks):
+            self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
+        self._pending.append(_Pending(block, final_block))
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        filled_shard = self._table.rows // SHARD_ROWS > self._written // SHARD_ROWS
+        if filled_shard or time.monotonic() - self._pending_since >= FLUSH_SECONDS:
+            self.flush()
 
-    def capacity(self, prompt_index: int) -> int:
-        return self._group(prompt_index)["done"].shape[0]  # type: ignore[index]
+    def _latent_block(self, values: np.ndarray, count: int, name: str) -> np.ndarray:
+        block = np.array(values, dtype=np.float32)  # a copy: the caller may reuse its buffer
+        expected = (count, *self.latent_shape)
+        if block.shape != expected:
+            raise ValueError(f"record: {name} has shape {block.shape}, expected {expected}")
+        return block
 
-    def ensure_capacity(self, prompt_index: int, candidates: int) -> None:
-        """Grow a prompt's arrays to hold ``candidates`` (driver only, before submitting)."""
-        group = self._group(prompt_index)
-        current = group["done"].shape[0]  # type: ignore[index]
-        if candidates <= current:
-            return
-        new = max(candidates, 2 * current)
-        for _, array in group.arrays():
-            array.resize((new, *array.shape[1:]))
-        for _, array in group["scores"].arrays():  # type: ignore[union-attr]
-            array.resize((new,))
+    def _check_new(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
+        seen: set[tuple[int, int]] = set()
+        for task, outcome in zip(tasks, outcomes):
+            key = (task.prompt_index, task.candidate)
+            if (outcome.prompt_index, outcome.candidate) != key:
+                raise ValueError(f"record: outcome of candidate {outcome.candidate} of prompt "
+                                 f"{outcome.prompt_index} paired with the task of candidate "
+                                 f"{task.candidate} of prompt {task.prompt_index}")
+            self._check_prompt(task.prompt_index)
+            if key in seen or task.candidate in self._rows_of.get(task.prompt_index, {}):
+                raise StoreError(f"{self.path}: candidate {task.candidate} of prompt "
+                                 f"{task.prompt_index} is already recorded")
+            seen.add(key)
 
-    # ---- latents (workers) ----------------------------------------------------------------------
-    def write_latents(self, prompt_index: int, candidates: Sequence[int], latents: torch.Tensor,
-                      *, final: bool = False) -> None:
-        array = self._group(prompt_index)["final" if final else "latent"]
-        values = latents.detach().to("cpu", torch.float32).numpy()
-        for row, candidate in enumerate(candidates):
-            array[candidate] = values[row]  # type: ignore[index]
-
-    def read_latents(self, prompt_index: int, candidates: Sequence[int], *,
-                     final: bool = False) -> torch.Tensor:
-        array = self._group(prompt_index)["final" if final else "latent"]
-        rows = [np.asarray(array[candidate]) for candidate in candidates]  # type: ignore[index]
-        return torch.from_numpy(np.stack(rows))
-
-    def read_steps(self, prompt_index: int, candidates: Sequence[int]) -> list[int]:
-        steps = self._group(prompt_index)["step"]
-        return [int(steps[c]) for c in candidates]  # type: ignore[index]
-
-    # ---- metadata (driver) ----------------------------------------------------------------------
-    def record(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
-        """Write the metadata of finished tasks of one prompt; ``done`` goes last."""
-        if not tasks:
-            return
-        prompt_index = tasks[0].prompt_index
-        group = self._group(prompt_index)
-        self.ensure_capacity(prompt_index, max(t.candidate for t in tasks) + 1)
-        index = np.array([t.candidate for t in tasks])
-        columns: dict[str, list[Any]] = {
+    def _row_values(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]
+                    ) -> tuple[dict[str, list[Any]], dict[int, list[float]]]:
+        """The new rows' column values, and their scores by label index."""
+        verifiers, errors = self._codes["verifier_names"], self._codes["error_messages"]
+        values: dict[str, list[Any]] = {
+            "done": [True] * len(tasks),
+            "prompt": [t.prompt_index for t in tasks],
+            "candidate": [t.candidate for t in tasks],
             "step": [t.end for t in tasks],
             "start": [t.start for t in tasks],
-            "parent": [-1 if t.parent is None else t.parent for t in tasks],
-            "source": [-1 if t.source_candidate is None else t.source_candidate for t in tasks],
+            "parent": [_or_minus_one(t.parent) for t in tasks],
+            "source": [_or_minus_one(t.source_candidate) for t in tasks],
             "seed": [t.seed for t in tasks],
             "nfe": [o.nfe for o in outcomes],
             "rows": [o.rows for o in outcomes],
@@ -211,106 +477,324 @@ class RunStore:
             "perturb_strength": [t.perturbation.strength if t.perturbation else 0.0
                                  for t in tasks],
             "perturb_to": [_to_step(t.perturbation) for t in tasks],
-            "reward": [np.nan if o.reward is None else o.reward for o in outcomes],
+            "reward": [math.nan if o.reward is None else o.reward for o in outcomes],
+            "verifier": [verifiers.code(t.verifier) for t in tasks],
+            "error": [errors.code(o.error) for o in outcomes],
         }
-        for name, values in columns.items():
-            group[name].set_coordinate_selection(index, np.asarray(values))  # type: ignore
-        labels = sorted({label for o in outcomes for label in o.scores})
-        for label in labels:
-            array = self._score_array(group, label)
-            array.set_coordinate_selection(
-                index, np.array([o.scores.get(label, np.nan) for o in outcomes]))
-        errors = {str(o.candidate): o.error for o in outcomes if o.error}
-        verifiers = {str(t.candidate): t.verifier for t in tasks if t.verifier}
-        if errors or verifiers:
-            group.attrs.update({
-                "errors": {**group.attrs["errors"], **errors},
-                "verifiers": {**group.attrs["verifiers"], **verifiers},
-            })
-        group["done"].set_coordinate_selection(index, np.ones(len(tasks), dtype=bool))  # type: ignore
+        labels = self._codes["score_labels"]
+        scores: dict[int, list[float]] = {}
+        for label in dict.fromkeys(label for o in outcomes for label in o.scores):
+            scores[labels.code(label)] = [o.scores.get(label, math.nan) for o in outcomes]
+        return values, scores
 
-    def _score_array(self, group: zarr.Group, label: str) -> zarr.Array:
-        scores = group["scores"]
-        if label not in scores:  # type: ignore[operator]
-            return scores.create_array(  # type: ignore[union-attr]
-                label, shape=(group["done"].shape[0],), chunks=(_META_CHUNK,),  # type: ignore
-                dtype="float64", fill_value=np.nan)
-        return scores[label]  # type: ignore[index,return-value]
+    def flush(self) -> None:
+        """Write the pending rows: latents first, then the columns and code tables, ``done``
+        last, so a kill at any point leaves them either finished or ignored."""
+        if not self._pending:
+            return
+        first, stop = self._written, self._table.rows
+        try:
+            self._grow_on_disk(stop)
+            self._disk.latents["state"][first:stop] = np.concatenate(
+                [p.states for p in self._pending])
+            if any(p.finals is not None for p in self._pending):
+                self._disk.latents["final"][first:stop] = np.concatenate(
+                    [p.finals if p.finals is not None else np.full_like(p.states, math.nan)
+                     for p in self._pending])
+            for name, (_, fill) in _COLUMNS.items():
+                if name != "done":
+                    self._write_rows(self._disk.columns[name], self._table.column(name), fill,
+                                     first, stop)
+            for index in range(self._table.score_count):
+                self._write_rows(self._score_array(index), self._table.score(index), math.nan,
+                                 first, stop)
+            if any(table.grown for table in self._codes.values()):
+                self._disk.root["columns"].attrs.update(
+                    {name: table.values for name, table in self._codes.items()})
+                for table in self._codes.values():
+                    table.grown = False
+            self._write_rows(self._disk.columns["done"], self._table.column("done"), False,
+                             first, stop)
+        except OSError as error:
+            raise StoreError(f"cannot write the store at {self.path}: "
+                             f"{error.strerror or error}") from None
+        self._written = stop
+        self._pending.clear()
+        self._pending_since = None
 
+    def _grow_on_disk(self, rows: int) -> None:
+        """Resize the arrays (metadata only) to whole shards and chunks holding ``rows``."""
+        latent_rows = -(-rows // SHARD_ROWS) * SHARD_ROWS
+        for array in self._disk.latents.values():
+            if array.shape[0] < latent_rows:
+                array.resize((latent_rows, *self.latent_shape))
+        column_rows = -(-rows // COLUMN_CHUNK) * COLUMN_CHUNK
+        scores = [self._score_array(i) for i in range(self._table.score_count)]
+        for array in [*self._disk.columns.values(), *scores]:
+            if array.shape[0] < column_rows:
+                array.resize((column_rows,))
+
+    def _score_array(self, index: int) -> zarr.Array:
+        """The array of score label ``index``, created when the label first appears (replacing
+        one that a killed writer created but never named in the code table)."""
+        if index == len(self._disk.scores):
+            self._disk.scores.append(self._disk.root["scores"].create_array(  # type: ignore
+                str(index), shape=self._disk.columns["done"].shape, chunks=(COLUMN_CHUNK,),
+                dtype="float64", fill_value=math.nan, chunk_key_encoding=_KEYS,
+                overwrite=True))
+        return self._disk.scores[index]
+
+    def _write_rows(self, array: zarr.Array, values: np.ndarray, fill: Any, first: int,
+                    stop: int) -> None:
+        """Write rows ``first:stop`` of a column as whole chunks from memory, so Zarr never
+        reads a chunk back to merge into it."""
+        lo = first // COLUMN_CHUNK * COLUMN_CHUNK
+        hi = min(-(-stop // COLUMN_CHUNK) * COLUMN_CHUNK, array.shape[0])
+        array[lo:hi] = self._table.padded(values, fill, lo, hi)
+
+    def _check_writable(self) -> None:
+        if self._lock is None:
+            raise RuntimeError(f"{self.path} is not open for writing (read-only or closed)")
+
+    # ---- reading ---------------------------------------------------------------------------
     def lookup(self, task: Task) -> Outcome | None:
-        """The stored outcome of ``task`` if it finished in an earlier run (resume by replay).
+        """The recorded outcome of ``task`` if its candidate finished (resume by replay).
 
         A finished candidate whose recorded task differs from ``task`` means the strategy did not
         replay the same decisions: refusing is safer than mixing two runs.
         """
-        if not self.has_prompt(task.prompt_index):
+        row = self._rows_of.get(task.prompt_index, {}).get(task.candidate)
+        if row is None:
             return None
-        group = self._group(task.prompt_index)
-        if task.candidate >= group["done"].shape[0] or not group["done"][task.candidate]:  # type: ignore
-            return None
-        c = task.candidate
-        stored = {name: group[name][c] for name in _META}  # type: ignore[index]
+        table = self._table
         expected = {
             "step": task.end, "start": task.start, "seed": task.seed,
-            "parent": -1 if task.parent is None else task.parent,
-            "source": -1 if task.source_candidate is None else task.source_candidate,
+            "parent": _or_minus_one(task.parent), "source": _or_minus_one(task.source_candidate),
             "score_on": _SCORE_CODES[task.score_on],
         }
-        differing = [name for name, value in expected.items() if stored[name] != value]
+        differing = [name for name, value in expected.items()
+                     if table.column(name)[row] != value]
         if differing:
             raise StoreError(
-                f"{self.path}: stored candidate {c} of prompt {task.prompt_index} differs from "
-                f"the replayed task in {', '.join(differing)}; the run cannot be resumed safely")
-        record = self._candidate(group, c, stored)
-        return Outcome(prompt_index=task.prompt_index, candidate=c, step=record.step,
-                       reward=record.reward, scores=record.scores, nfe=record.nfe,
-                       rows=record.rows, verifier_calls=record.verifier_calls, error=record.error)
+                f"{self.path}: stored candidate {task.candidate} of prompt {task.prompt_index} "
+                f"differs from the replayed task in {', '.join(differing)}; the run cannot be "
+                f"resumed safely")
+        record = self._records([row])[0]
+        return Outcome(prompt_index=task.prompt_index, candidate=task.candidate,
+                       step=record.step, reward=record.reward, scores=record.scores,
+                       nfe=record.nfe, rows=record.rows, verifier_calls=record.verifier_calls,
+                       error=record.error)
 
-    # ---- reading back -------------------------------------------------------------------------
-    def prompt_text(self, prompt_index: int) -> str:
-        return str(self._group(prompt_index).attrs["prompt"])
-
-    def prompt_indices(self) -> list[int]:
-        return sorted(int(name[1:]) for name, _ in self._root.groups())
+    def parents(self, prompt_index: int) -> dict[int, int | None]:
+        """Parent links of a prompt's finished candidates (frame chains walk them)."""
+        parents = self._table.column("parent")
+        return {c: None if parents[row] < 0 else int(parents[row])
+                for c, row in sorted(self._rows_of.get(prompt_index, {}).items())}
 
     def finished_candidates(self, prompt_index: int) -> list[CandidateRecord]:
-        """Every finished candidate of a prompt; each metadata array is read once."""
-        group = self._group(prompt_index)
-        done = np.asarray(group["done"][:])  # type: ignore[index]
-        columns = {name: np.asarray(group[name][:]) for name in _META}  # type: ignore[index]
-        score_columns = {label: np.asarray(array[:])
-                         for label, array in group["scores"].arrays()}  # type: ignore[union-attr]
+        """A prompt's finished candidates, by candidate number (none yet: an empty list)."""
+        self._check_prompt(prompt_index)
+        by_candidate = self._rows_of.get(prompt_index, {})
+        return self._records([by_candidate[c] for c in sorted(by_candidate)])
+
+    def all_finished(self) -> dict[int, list[CandidateRecord]]:
+        """Every prompt's finished candidates in one pass (what results and ``show`` read)."""
+        order = sorted(self._rows_of)
+        rows = [row for p in order for _, row in sorted(self._rows_of[p].items())]
+        records = iter(self._records(rows))
+        return {p: [next(records) for _ in self._rows_of[p]] for p in order}
+
+    def _records(self, rows: list[int]) -> list[CandidateRecord]:
+        """The records of ``rows``, each column gathered once."""
+        index = np.asarray(rows, dtype=np.int64)
+        get = {name: self._table.column(name)[index].tolist() for name in (
+            "candidate", "step", "parent", "seed", "reward", "nfe", "rows", "verifier_calls",
+            "score_on", "error")}
+        labels = self._codes["score_labels"].values
+        scores = [self._table.score(i)[index].tolist() for i in range(len(labels))]
+        errors = self._codes["error_messages"]
         records = []
-        for c in np.flatnonzero(done):
-            stored = {name: values[c] for name, values in columns.items()}
-            scores = {label: float(values[c]) for label, values in score_columns.items()}
-            records.append(self._candidate(group, int(c), stored, scores))
+        for i in range(len(rows)):
+            error = errors.value(get["error"][i])
+            reward = get["reward"][i]
+            records.append(CandidateRecord(
+                candidate=get["candidate"][i], step=get["step"][i],
+                parent=None if get["parent"][i] < 0 else get["parent"][i],
+                seed=get["seed"][i], reward=None if math.isnan(reward) else reward,
+                scores={label: column[i] for label, column in zip(labels, scores)
+                        if not math.isnan(column[i])},
+                nfe=get["nfe"][i], rows=get["rows"][i], verifier_calls=get["verifier_calls"][i],
+                error=error, has_final=get["score_on"][i] == _FINAL and error is None,
+            ))
         return records
 
-    def read_parents(self, prompt_index: int) -> dict[int, int | None]:
-        """Parent links of a prompt's finished candidates: two array reads, for the clip
-        assembly that walks them on every batch of a frame chain."""
-        group = self._group(prompt_index)
-        done = np.asarray(group["done"][:])  # type: ignore[index]
-        parents = np.asarray(group["parent"][:])  # type: ignore[index]
-        return {int(c): None if parents[c] < 0 else int(parents[c]) for c in np.flatnonzero(done)}
+    # ---- latents ------------------------------------------------------------------------------
+    def latent_ref(self, prompt_index: int, candidate: int, *, final: bool = False
+                   ) -> LatentRef:
+        """Where a finished candidate's latent is on disk, for a worker to read (a pending row
+        is written first). ``final``: its final latent, which is its state when its task ended
+        at the last step."""
+        row = self._rows_of.get(prompt_index, {}).get(candidate)
+        if row is None:
+            raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} "
+                             f"is not finished")
+        if row >= self._written:
+            self.flush()
+        step = int(self._table.column("step")[row])
+        if not final or step == self.num_steps:
+            return LatentRef(row=row, step=step)
+        if self._has_own_final(int(self._table.column("score_on")[row]), step):
+            return LatentRef(row=row, step=self.num_steps, final=True)
+        raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} has no "
+                         f"final latent (its task stopped at step {step} and was not rolled "
+                         f"out)")
 
-    def _candidate(self, group: zarr.Group, c: int, stored: dict[str, Any],
-                   all_scores: dict[str, float] | None = None) -> CandidateRecord:
-        if all_scores is None:
-            all_scores = {label: float(array[c])
-                          for label, array in group["scores"].arrays()}  # type: ignore[union-attr]
-        scores = {label: value for label, value in all_scores.items() if not np.isnan(value)}
-        reward = float(stored["reward"])
-        error = group.attrs["errors"].get(str(c))
-        return CandidateRecord(
-            candidate=c, step=int(stored["step"]),
-            parent=None if stored["parent"] < 0 else int(stored["parent"]),
-            seed=int(stored["seed"]), reward=None if np.isnan(reward) else reward,
-            scores=scores, nfe=int(stored["nfe"]), rows=int(stored["rows"]),
-            verifier_calls=int(stored["verifier_calls"]), error=error,
-            has_final=stored["score_on"] == _SCORE_CODES[ScoreOn.FINAL] and error is None,
-        )
+    def read_latents(self, prompt_index: int, candidates: Sequence[int], *,
+                     final: bool = False) -> torch.Tensor:
+        """Candidates' latents, (len(candidates), *latent_shape) float32 (see latent_ref)."""
+        refs = [self.latent_ref(prompt_index, c, final=final) for c in candidates]
+        return read_latent_rows(self.path, refs)
+
+    def _has_own_final(self, score_on: ScoreOn | int, end: int) -> bool:
+        """Whether a task's final latent differs from its state: scored on the final image
+        and stopped before the last step, so the worker rolled it out."""
+        code = score_on if isinstance(score_on, int) else _SCORE_CODES[score_on]
+        return code == _FINAL and end < self.num_steps
+
+
+class _LatentArrays:
+    """One store's ``state`` and ``final`` arrays as a worker reads them. Zarr caches an
+    array's metadata (its shape) but not its chunks, so a handle is reopened when the array's
+    metadata file changed (the driver grew it); rows written since are read as they are."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._arrays: dict[str, tuple[tuple[int, int, int], zarr.Array]] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            stat = os.stat(self.path / name / "zarr.json")
+        except FileNotFoundError:
+            raise StoreError(f"no run store at {self.path}") from None
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._arrays.get(name)
+        if cached is None or cached[0] != signature:
+            cached = (signature, zarr.open_array(store=str(self.path), path=name, mode="r"))
+            self._arrays[name] = cached
+        return cached[1]
+
+    def read(self, refs: Sequence[LatentRef]) -> torch.Tensor:
+        state = self.array("state")
+        out = np.empty((len(refs), *state.shape[1:]), dtype=np.float32)
+        for name in ("state", "final"):
+            positions = [i for i, ref in enumerate(refs) if ref.final == (name == "final")]
+            if not positions:
+                continue
+            array = state if name == "state" else self.array(name)
+            rows = np.array([refs[i].row for i in positions])
+            if rows.min() < 0 or rows.max() >= array.shape[0]:
+                raise IndexError(f"{self.path}: row {int(rows.max())} of {name} is not "
+                                 f"written (refs must come from RunStore.latent_ref)")
+            unique, inverse = np.unique(rows, return_inverse=True)
+            out[positions] = array.get_orthogonal_selection((unique,))[inverse]
+        import torch  # here: reading the store's tables (show, results) needs no torch
+
+        return torch.from_numpy(out)
+
+
+_READERS: dict[str, _LatentArrays] = {}
+
+
+def read_latent_rows(store_path: str | Path, refs: Sequence[LatentRef]) -> torch.Tensor:
+    """The latents at ``refs``, (len(refs), *latent_shape) float32 in order: what a worker
+    reads for its tasks' sources. Opens only the latent arrays (not the root attributes, which
+    hold every prompt), once per store path in this process."""
+    key = os.path.abspath(store_path)
+    reader = _READERS.get(key)
+    if reader is None:
+        reader = _READERS[key] = _LatentArrays(Path(key))
+    return reader.read(refs)
+
+
+# ---- on disk ------------------------------------------------------------------------------------
+def _lay_out(path: Path, attrs: dict[str, Any]) -> None:
+    """Create the empty arrays of a new store at ``path``."""
+    root = zarr.open_group(store=str(path), mode="a")  # holds only the lock file yet
+    latent_shape = tuple(attrs["latent_shape"])
+    for name in ("state", "final"):
+        root.create_array(
+            name, shape=(0, *latent_shape), chunks=(1, *latent_shape),
+            shards=(SHARD_ROWS, *latent_shape), dtype="float32", fill_value=math.nan,
+            compressors=None, chunk_key_encoding=_KEYS)
+    columns = root.create_group("columns")
+    for name, (dtype, fill) in _COLUMNS.items():
+        columns.create_array(name, shape=(0,), chunks=(COLUMN_CHUNK,), dtype=dtype,
+                             fill_value=fill, chunk_key_encoding=_KEYS)
+    columns.attrs.update({name: [] for name in _CODE_TABLES})
+    root.create_group("scores")
+    root.attrs.update(attrs)
+
+
+def _root_attrs(path: Path) -> dict[str, Any]:
+    """The root attributes, once the store's format is the one this diffsearch reads."""
+    try:
+        attrs = zarr.open_group(store=str(path), mode="r").attrs.asdict()
+    except Exception as error:  # zarr raises many types for damaged metadata
+        raise StoreError(f"{path} is not a readable diffsearch store "
+                         f"({type(error).__name__}: {error})") from None
+    version = attrs.get("format")
+    if version is None:
+        raise StoreError(f"{path} is not a diffsearch store (no store format in its "
+                         f"attributes)")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version < FORMAT_VERSION:
+            raise StoreError(f"{path} has store format {version} (written by an older "
+                             f"diffsearch); this diffsearch reads format {FORMAT_VERSION}: "
+                             f"run into a new folder")
+        raise StoreError(f"{path} has store format {version}; this diffsearch reads format "
+                         f"{FORMAT_VERSION}: upgrade diffsearch to read it")
+    return attrs
+
+
+def _acquire_lock(path: Path) -> int:
+    """Take the writer lock of the store folder ``path`` (held until the fd is closed)."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{path} is being written by another diffsearch process") from None
+    except OSError as error:
+        if error.errno not in _NO_LOCKS:
+            os.close(fd)
+            raise
+        warnings.warn(f"{path}: this file system has no file locks, so nothing stops a "
+                      f"second diffsearch process from writing the store too", stacklevel=3)
+    return fd
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Delete the temporary files of writes a killed writer never renamed into place."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                Path(folder, name).unlink(missing_ok=True)
+
+
+def _remove_abandoned_builds(path: Path) -> None:
+    """Delete stores a killed :meth:`RunStore.create` left half built beside ``path`` (one
+    still being built holds its lock and is left alone)."""
+    for building in path.parent.glob(f".{path.name}.creating-*"):
+        try:
+            lock = _acquire_lock(building)
+        except (StoreError, OSError):
+            continue
+        shutil.rmtree(building, ignore_errors=True)
+        os.close(lock)
+
+
+def _or_minus_one(value: int | None) -> int:
+    return -1 if value is None else value
 
 
 def _to_step(perturbation: Perturbation | None) -> int:
