@@ -19,6 +19,7 @@ from diffsearch.service.config import Limits, ServiceConfig
 
 TOKEN_ENV = "DIFFSEARCH_TOKEN"
 _DEFAULTS = Limits()
+_CONFIG_DEFAULTS = ServiceConfig(data_dir=Path())
 
 
 def is_loopback(host: str) -> bool:
@@ -116,6 +117,15 @@ def _limit(name: str, help_text: str) -> click.Option:
 @_limit("max_queue", "Most searches waiting to start.")
 @_limit("max_image_side", "Largest ?size= an image download may be shrunk to.")
 @_limit("max_body_bytes", "Largest request body.")
+@_limit("max_event_streams", "Most event streams (SSE clients) open at once per search.")
+@click.option("--max-records", type=click.IntRange(min=1), default=_CONFIG_DEFAULTS.max_records,
+              show_default=True, envvar="DIFFSEARCH_MAX_RECORDS", show_envvar=True,
+              help="Searches kept in memory once nothing runs in them (older ones are read "
+                   "back from the data dir when asked for).")
+@click.option("--max-events", type=click.IntRange(min=1), default=_CONFIG_DEFAULTS.max_events,
+              show_default=True, envvar="DIFFSEARCH_MAX_EVENTS", show_envvar=True,
+              help="Events each search's log keeps in memory (a client that needs an older one "
+                   "gets a snapshot of the search).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
@@ -124,7 +134,8 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
           workers: int | None, scheduler: str | None, threads: int, concurrency: int,
           batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
-          max_image_side: int, max_body_bytes: int, log_level: str) -> None:
+          max_image_side: int, max_body_bytes: int, max_event_streams: int,
+          max_records: int, max_events: int, log_level: str) -> None:
     """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
     import uvicorn
 
@@ -148,10 +159,11 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
         verifiers=tuple(verifiers) or None, judge_endpoints=parse_judge_endpoints(judge_endpoints),
         limits=Limits(max_budget_nfe=max_budget_nfe, max_prompts=max_prompts,
                       max_prompt_chars=max_prompt_chars, max_queue=max_queue,
-                      max_image_side=max_image_side, max_body_bytes=max_body_bytes),
+                      max_image_side=max_image_side, max_body_bytes=max_body_bytes,
+                      max_event_streams=max_event_streams),
         executor=executor,  # type: ignore[arg-type]
         workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency,
-        batch_size=batch_size)
+        batch_size=batch_size, max_records=max_records, max_events=max_events)
     app = create_app(config)
     click.echo(f"diffsearch: serving on http://{host}:{port}/ (auth: "
                f"{'bearer token' if token else 'none, loopback only'}; runs in {data_dir})",

@@ -93,3 +93,21 @@ def test_serves_with_a_token_file_and_limits_from_the_environment(tmp_path: Path
     assert process.returncode == 0, stderr
     assert f"serving on http://127.0.0.1:{port}/ (auth: bearer token" in stderr
     assert (tmp_path / "data" / "runs").is_dir()
+
+
+def test_memory_bounds_reach_the_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from diffsearch.service import app
+
+    made = []
+    monkeypatch.setattr(app, "create_app", lambda config: made.append(config) or object())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    result = run_serve("--data-dir", str(tmp_path), "--max-records", "5", "--max-events", "7",
+                       env={"DIFFSEARCH_MAX_EVENT_STREAMS": "3"})
+    assert result.exit_code == 0, result.output
+    config = made[0]
+    assert (config.max_records, config.max_events, config.limits.max_event_streams) == (5, 7, 3)
+    for option in ("--max-records", "--max-events", "--max-event-streams"):
+        refused = run_serve("--data-dir", str(tmp_path), option, "0")
+        assert refused.exit_code == 2 and option in refused.output

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from diffsearch.job import Job
 from diffsearch.runtime import (
@@ -86,7 +87,14 @@ def fake_config(tmp_path: Path, threads: int = 1, **limits: int) -> ServiceConfi
 @contextmanager
 def serve(config: ServiceConfig, backend: LocalBackend | None = None) -> Iterator[str]:
     """Run the service on a free loopback port; yield its base URL."""
-    app = create_app(config, backend or FakeBackend())
+    with serve_app(create_app(config, backend or FakeBackend())) as url:
+        yield url
+
+
+@contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """Run an app made by ``create_app`` on a free loopback port; yield its base URL (for tests
+    that look at ``app.state.manager`` too)."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)

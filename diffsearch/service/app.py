@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -36,6 +37,7 @@ from diffsearch.job import Job
 from diffsearch.service import schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig
+from diffsearch.service.events import StreamSlots, TooManyStreams
 from diffsearch.service.requests import (
     SERVICE_FIELDS,
     RequestError,
@@ -53,6 +55,7 @@ from diffsearch.service.searches import (
     SearchRecord,
     Status,
     image_url,
+    snapshot,
     summary_fields,
 )
 from diffsearch.strategies.registry import strategy_names
@@ -89,10 +92,12 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
     backend = backend or make_backend(config)
     verifiers = offered_verifiers(config)
     static = resources.files("diffsearch.service") / "static"
+    streams = StreamSlots(config.limits.max_event_streams)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = SearchManager(backend, config.data_dir, max_queue=config.limits.max_queue,
+                                max_records=config.max_records, max_events=config.max_events,
                                 loop=asyncio.get_running_loop())
         manager.start()
         app.state.manager = manager
@@ -179,7 +184,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         """Cancel a search: a queued one at once, a running one after its batch in flight."""
         record = find(search_id, request)
         try:
-            manager_of(request).cancel(record)
+            record = manager_of(request).cancel(record)
         except NotCancellable as error:
             raise RequestError(str(error), status=409) from None
         return _detail(record, manager_of(request))
@@ -196,7 +201,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         continues its run folder: finished candidates are read back, never computed again."""
         record = find(search_id, request)
         try:
-            manager_of(request).resume(record)
+            record = manager_of(request).resume(record)
         except NotResumable as error:
             raise RequestError(str(error), status=409) from None
         except QueueFull as error:
@@ -205,22 +210,36 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
 
     @router.get("/searches/{search_id}/events",
                 responses={200: {"content": {"text/event-stream": {}},
-                                 "description": "Server-sent events: status, progress."}})
+                                 "description": "Server-sent events: snapshot, status, "
+                                                "progress."},
+                           429: {"model": schemas.ErrorResponse,
+                                 "description": "The search has max_event_streams streams "
+                                                "open already."}})
     async def events(search_id: str, request: Request,
                      last_event_id: int = Header(-1, ge=-1)) -> StreamingResponse:
-        """Progress as server-sent events, from the first (or after ``Last-Event-ID``) to the
-        end: ``status`` {status, error} and ``progress`` {nfe_done, nfe_total, prompt_index,
-        candidates: [...], best}. The stream closes after the final status."""
+        """Progress as server-sent events, from the first kept (or after ``Last-Event-ID``) to
+        the end: ``status`` {status, error} and ``progress`` {nfe_done, nfe_total,
+        prompt_index, candidates: [...], best}. The newest max_events are kept: a client that
+        needs an older event, or sends an id from before a restart, first gets ``snapshot``
+        {status, error, nfe_done, nfe_total, best: [per prompt]}, the state now. The stream
+        closes after the final status."""
         record = find(search_id, request)
+        try:
+            release = streams.take(record.id)
+        except TooManyStreams as error:
+            raise RequestError(str(error), limit="max_event_streams", status=429) from None
 
         async def stream() -> AsyncIterator[str]:
-            async for event in record.events.follow(last_event_id):
-                if event is None:
-                    yield ": keep-alive\n\n"
-                else:
-                    yield event.sse()
+            try:
+                async for event in record.events.follow(last_event_id,
+                                                        lambda: snapshot(record)):
+                    yield ": keep-alive\n\n" if event is None else event.sse()
+            finally:
+                release()
 
+        # the background task releases the slot too, should the stream never start
         return StreamingResponse(stream(), media_type="text/event-stream",
+                                 background=BackgroundTask(release),
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 

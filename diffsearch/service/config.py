@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from diffsearch.service.events import DEFAULT_MAX_EVENTS
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -29,6 +31,9 @@ class Limits:
     the generated size: it is the model's, and the operator picks the models."""
     max_body_bytes: int = 64 * 1024
     """Size of a request body."""
+    max_event_streams: int = 8
+    """Event streams (SSE clients) open at once per search; one more is answered 429. Each holds
+    a connection and a follower for as long as its search runs."""
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -59,3 +64,10 @@ class ServiceConfig:
     """Searches run at the same time (the in-process executor allows 1)."""
     batch_size: int = 8
     """Candidates per work unit: also how often progress arrives (one event per unit)."""
+    max_records: int = 256
+    """Searches kept in memory once nothing runs in them (done, failed, cancelled, interrupted),
+    the most recently used; an older one is read back from its record file when asked for.
+    Queued and running searches are always in memory (at most max_queue + concurrency)."""
+    max_events: int = DEFAULT_MAX_EVENTS
+    """Events each search's log keeps in memory, the newest (one per finished work batch, plus
+    status changes); a client that needs an older one gets a ``snapshot`` event instead."""

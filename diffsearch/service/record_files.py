@@ -46,13 +46,21 @@ class RecordFiles:
         """Every readable record, oldest id first. An unreadable one is logged and skipped: one
         damaged file must not keep the service from starting."""
         for search_id in self.ids():
-            path = self.folder / f"{search_id}.json"
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                log.warning("skipping the search record %s: %s", path, error)
-                continue
-            if not isinstance(data, dict):
-                log.warning("skipping the search record %s: not a JSON object", path)
-                continue
-            yield data
+            data = self.load_one(search_id)
+            if data is not None:
+                yield data
+
+    def load_one(self, search_id: str) -> dict[str, Any] | None:
+        """One search's record; None when it has none, or an unreadable one (logged)."""
+        path = self.folder / f"{search_id}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("skipping the search record %s: %s", path, error)
+            return None
+        if not isinstance(data, dict):
+            log.warning("skipping the search record %s: not a JSON object", path)
+            return None
+        return data

@@ -14,15 +14,22 @@ status changes and at most every :data:`PROGRESS_SAVE_SECONDS` while it runs, an
 start. A search that was running when the service stopped comes back ``interrupted`` and
 :meth:`SearchManager.resume` queues it again with ``resume=True``: the engine replays the
 store, so no finished candidate is computed twice. Queued ones are queued again, in order.
+
+Memory stays bounded however long the service runs: queued and running searches are held, and
+of the others (nothing runs in them) the ``max_records`` most recently used; an older one is read
+back from its record file when a request names it, with a fresh event log that goes on from the
+saved event id (see :mod:`~diffsearch.service.events`, which also caps each log).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -46,6 +53,9 @@ RECORD_FORMAT = 1
 PROGRESS_SAVE_SECONDS = 2.0
 """While a search runs its record is saved at most this often (status changes always are): a
 restart shows progress at most this old, and a run with many small batches costs few writes."""
+
+SEARCH_ID = re.compile(r"s[0-9]+")
+"""What search ids look like (``s000001``): a name that is not one never reaches the disk."""
 
 STOPPED = "the service stopped while this search ran; POST /v1/searches/{id}/resume continues it"
 
@@ -220,13 +230,15 @@ class SearchRecord:
                 "history": {str(i): [list(point) for point in points]
                             for i, points in self.history.items()},
                 "result": None if self.result is None else self.result.model_dump(mode="json"),
+                "events_next": self.events.next_id,
             }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], files: RecordFiles, events: EventLog
-                  ) -> SearchRecord:
-        """A saved record (:meth:`to_json`); raises KeyError, TypeError or ValueError (which
-        pydantic's ValidationError is) for one this version cannot read."""
+    def from_json(cls, data: dict[str, Any], files: RecordFiles,
+                  new_log: Callable[[int], EventLog]) -> SearchRecord:
+        """A saved record (:meth:`to_json`), its event log made by ``new_log(first id)``; raises
+        KeyError, TypeError or ValueError (which pydantic's ValidationError is) for one this
+        version cannot read. (Records saved before event ids were kept start at id 0.)"""
         if data.get("format") != RECORD_FORMAT:
             raise ValueError(f"record format {data.get('format')!r}, this diffsearch reads "
                              f"{RECORD_FORMAT}")
@@ -234,7 +246,8 @@ class SearchRecord:
         return cls(
             id=str(data["id"]), job=Job.model_validate(data["job"]),
             model_name=str(data["model_name"]), run_dir=files.data_dir / data["run_dir"],
-            events=events, files=files, created_at=data["created_at"],
+            events=new_log(int(data.get("events_next", 0))), files=files,
+            created_at=data["created_at"],
             queued_at=data["queued_at"], status=Status(data["status"]),
             started_at=data["started_at"], finished_at=data["finished_at"],
             error=data["error"], resume=bool(data["resume"]),
@@ -247,15 +260,20 @@ class SearchRecord:
 
 
 class SearchManager:
-    def __init__(self, backend: Backend, data_dir: Path, *, max_queue: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, backend: Backend, data_dir: Path, *, max_queue: int, max_records: int,
+                 max_events: int, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
         self.runs_dir = data_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.files = RecordFiles(data_dir)
         self.max_queue = max_queue
+        self.max_records = max_records
+        self.max_events = max_events
         self.loop = loop
-        self._records: dict[str, SearchRecord] = {}
+        self._active: dict[str, SearchRecord] = {}
+        """Queued and running searches: always in memory."""
+        self._idle: OrderedDict[str, SearchRecord] = OrderedDict()
+        """The others, least recently used first; at most ``max_records``."""
         self._queue: deque[SearchRecord] = deque()
         self._changed = threading.Condition()
         self._stopping = False
@@ -265,27 +283,62 @@ class SearchManager:
                                           daemon=True) for i in range(backend.concurrency)]
         self._load()
 
+    def _new_log(self, first_id: int = 0) -> EventLog:
+        return EventLog(self.loop, max_events=self.max_events, first_id=first_id)
+
     def _load(self) -> None:
         """Every saved search, as the service left it; running ones become interrupted, queued
-        ones wait again in the order they were waiting."""
+        ones wait again in the order they were waiting. Of the rest only the newest
+        ``max_records`` stay in memory."""
         waiting = []
         for data in self.files.load():
-            try:
-                record = SearchRecord.from_json(data, self.files, EventLog(self.loop))
-            except (KeyError, TypeError, ValueError) as error:
-                log.warning("skipping the saved search %s: %s", data.get("id"), error)
+            record = self._revive(data)
+            if record is None:
                 continue
-            if record.status is Status.RUNNING:
-                record.status, record.error = Status.INTERRUPTED, STOPPED.format(id=record.id)
-                record.save()
-            record.events.append("status", {"status": record.status.value,
-                                            "error": record.error})
-            if not record.status.active:
-                record.events.close()
-            elif record.status is Status.QUEUED:
+            if record.status is Status.QUEUED:
                 waiting.append(record)
-            self._records[record.id] = record
+                self._active[record.id] = record
+            else:
+                self._hold_idle(record)
         self._queue.extend(sorted(waiting, key=lambda r: r.queued_at))
+
+    def _revive(self, data: dict[str, Any]) -> SearchRecord | None:
+        """A saved record back in service (None, logged, for one this version cannot read): a
+        running one is now interrupted; its event log starts with its status."""
+        try:
+            record = SearchRecord.from_json(data, self.files, self._new_log)
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("skipping the saved search %s: %s", data.get("id"), error)
+            return None
+        if record.status is Status.RUNNING:
+            record.status, record.error = Status.INTERRUPTED, STOPPED.format(id=record.id)
+            record.save()
+        record.events.append("status", {"status": record.status.value, "error": record.error})
+        if not record.status.active:
+            record.events.close()
+        return record
+
+    def _read_back(self, search_id: str) -> SearchRecord | None:
+        """A search no longer in memory, from its record file (None: there is none)."""
+        if not SEARCH_ID.fullmatch(search_id):
+            return None
+        data = self.files.load_one(search_id)
+        return None if data is None else self._revive(data)
+
+    def _hold_idle(self, record: SearchRecord) -> None:
+        """Keep a search nothing runs in as the most recently used; forget the least recently
+        used beyond ``max_records`` (their record files have their final state)."""
+        self._idle[record.id] = record
+        self._idle.move_to_end(record.id)
+        while len(self._idle) > self.max_records:
+            self._idle.popitem(last=False)
+
+    def _settle(self, record: SearchRecord) -> None:
+        """A search stopped running (or waiting): it may now leave memory."""
+        with self._changed:
+            if self._active.get(record.id) is record:
+                del self._active[record.id]
+            self._hold_idle(record)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -299,7 +352,7 @@ class SearchManager:
             for record in self._queue:
                 record.events.close()
             self._queue.clear()
-            for record in self._records.values():
+            for record in self._active.values():
                 record.cancel.set()
             self._changed.notify_all()
         for thread in self._threads:
@@ -312,18 +365,21 @@ class SearchManager:
             search_id = f"s{self._next:06d}"
             self._next += 1
             record = SearchRecord(id=search_id, job=job, model_name=model_name,
-                                  run_dir=self.runs_dir / search_id, events=EventLog(self.loop),
+                                  run_dir=self.runs_dir / search_id, events=self._new_log(),
                                   files=self.files)
             record.events.append("status", {"status": Status.QUEUED.value, "error": None})
-            self._records[search_id] = record
+            self._active[search_id] = record
             record.save()
             self._queue.append(record)
             self._changed.notify()
         return record
 
-    def resume(self, record: SearchRecord) -> None:
-        """Queue an interrupted search, or a cancelled one that finished some work, again."""
+    def resume(self, record: SearchRecord) -> SearchRecord:
+        """Queue an interrupted search, or a cancelled one that finished some work, again; the
+        answer is the search as the service now holds it (``record`` may have been read back
+        again from its file since the caller got it)."""
         with self._changed:
+            record = self._get(record.id) or record
             status = record.status
             has_work = (record.run_dir / run_folder.STORE).exists()
             if status is Status.CANCELLED and not has_work:
@@ -334,8 +390,11 @@ class SearchManager:
                                    f"search, or a cancelled one with finished work, resumes")
             self._check_room()
             record.queue_again()
+            self._idle.pop(record.id, None)
+            self._active[record.id] = record
             self._queue.append(record)
             self._changed.notify()
+        return record
 
     def _check_room(self) -> None:
         if self._stopping:
@@ -345,10 +404,34 @@ class SearchManager:
                             f"service queues (max_queue); retry later")
 
     def get(self, search_id: str) -> SearchRecord | None:
-        return self._records.get(search_id)
+        with self._changed:
+            return self._get(search_id)
+
+    def _get(self, search_id: str) -> SearchRecord | None:
+        """The search, from memory or read back from its file (the lock is held)."""
+        record = self._active.get(search_id)
+        if record is None and search_id in self._idle:
+            record = self._idle[search_id]
+            self._idle.move_to_end(search_id)
+        if record is None:
+            record = self._read_back(search_id)
+            if record is not None:
+                self._hold_idle(record)
+        return record
 
     def all(self) -> list[SearchRecord]:
-        return list(self._records.values())
+        """Every search with a record file, oldest first; those no longer in memory are read
+        for the answer without being kept."""
+        with self._changed:
+            ids = self.files.ids()
+            held = {**self._idle, **self._active}
+        found = (held.get(search_id) or self._read_back(search_id) for search_id in ids)
+        return [record for record in found if record is not None]
+
+    def in_memory(self) -> list[str]:
+        """The ids of the searches held in memory (queued and running ones first)."""
+        with self._changed:
+            return [*self._active, *self._idle]
 
     def queue_position(self, record: SearchRecord) -> int | None:
         """0 for the next to start; None when not waiting."""
@@ -358,8 +441,11 @@ class SearchManager:
             except ValueError:
                 return None
 
-    def cancel(self, record: SearchRecord) -> None:
+    def cancel(self, record: SearchRecord) -> SearchRecord:
+        """Cancel a queued or running search; the answer is the search as the service now holds
+        it (see :meth:`resume`)."""
         with self._changed:
+            record = self._get(record.id) or record
             if record.status is Status.INTERRUPTED:
                 raise NotCancellable(f"search {record.id} is interrupted: nothing runs")
             if record.status.finished:
@@ -367,8 +453,10 @@ class SearchManager:
             if record in self._queue:
                 self._queue.remove(record)
                 record.set_status(Status.CANCELLED)
-                return
-            record.cancel.set()  # the runner marks it cancelled when the engine stops
+                self._settle(record)
+            else:
+                record.cancel.set()  # the runner marks it cancelled when the engine stops
+        return record
 
     # ---- the runners --------------------------------------------------------------------------
     def _work(self) -> None:
@@ -403,6 +491,7 @@ class SearchManager:
         else:
             record.set_status(Status.DONE, result=result)
         finally:
+            self._settle(record)
             if executor is not None:
                 try:
                     executor.close()
@@ -440,3 +529,15 @@ def summary_fields(record: SearchRecord) -> dict[str, Any]:
             "history": {k: list(v) for k, v in record.history.items()},
             "result": record.result,
         }
+
+
+def snapshot(record: SearchRecord) -> dict[str, Any]:
+    """The data of a ``snapshot`` event: what a client following the search would know from
+    the events it missed (status, progress, each prompt's best so far, as a progress event
+    gives it), taken now."""
+    state = summary_fields(record)
+    best = [state["best"].get(i) for i in range(len(record.job.prompts))]
+    return {"status": state["status"].value, "error": state["error"],
+            "nfe_done": state["nfe_done"], "nfe_total": state["nfe_total"],
+            "best": [None if b is None else {"candidate": b.candidate, "score": b.score,
+                                             "nfe": b.nfe} for b in best]}
