@@ -282,9 +282,11 @@ class RunStore:
                 "prompts": list(prompts),
             })
             os.rename(building, path)
-        except OSError as error:
+        except BaseException as error:
             os.close(lock)
             shutil.rmtree(building, ignore_errors=True)
+            if not isinstance(error, OSError):
+                raise
             if path.exists():
                 raise StoreError(f"{path} already holds a run; pass --resume to continue it"
                                  ) from None
@@ -587,6 +589,7 @@ class RunStore:
 
     def parents(self, prompt_index: int) -> dict[int, int | None]:
         """Parent links of a prompt's finished candidates (frame chains walk them)."""
+        self._check_prompt(prompt_index)
         parents = self._table.column("parent")
         return {c: None if parents[row] < 0 else int(parents[row])
                 for c, row in sorted(self._rows_of.get(prompt_index, {}).items())}
