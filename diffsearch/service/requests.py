@@ -14,6 +14,7 @@ step count (a budget that pays for the options) run once the model is known
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,17 @@ PATH_FIELDS = frozenset({"prompts_file"})
 
 VERIFIER_SERVICE_KEYS = frozenset({"device"})
 """Verifier spec keys the service decides (a verifier runs where the model runs)."""
+
+NAME_PATTERN = r"^([^/\\\x00~.][^/\\\x00]*)?$"
+"""What every string in strategy and verifier options (and every key) must match: no ``/``,
+``\\`` or NUL, and no leading ``~`` or ``.``, so that nothing in a request can name a file. The
+OpenAPI document states this pattern on those fields (one rule, checked and documented)."""
+_NAME = re.compile(NAME_PATTERN)
+
+NOT_BLANK = (r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f"
+             r"\u3000]")
+"""A character that Python's ``str.strip()`` keeps: a prompt needs one (Job refuses blank ones).
+Spelled out for the schema's pattern, since ECMA's ``\\S`` (which JSON Schema means) differs."""
 
 
 class RequestError(Exception):
@@ -88,6 +100,8 @@ def _check_text(value: Any, field: str) -> None:
 
 API_JUDGE = "openai"
 """The verifier that calls out over the network: only to the operator's judge endpoints."""
+ENSEMBLE = "ensemble"
+"""The verifier whose ``members`` are verifier specs (each checked like the job's own)."""
 API_JUDGE_SERVICE_KEYS = frozenset({"api_key_env", "allow_network", "cache_dir"})
 """Its options the service sets itself: which key is sent, the network opt-in, the disk."""
 
@@ -155,16 +169,24 @@ def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
     limits, offered = config.limits, sorted(verifier_names)
     properties["prompts"].update(maxItems=limits.max_prompts, items={
         "type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars,
-        "pattern": r"\S"})
+        "pattern": NOT_BLANK})
     properties["model"].update(enum=sorted(config.models), default=default_model(config))
-    definitions["StrategySpec"]["properties"]["name"]["enum"] = strategy_names()
-    verifier = {"anyOf": [
-        {"type": "string", "enum": offered},
-        {"type": "object", "required": ["name"], "additionalProperties": True,
-         "properties": {"name": {"type": "string", "enum": offered}}}]}
-    properties["verifier"] = {**verifier, "default": default_verifier(offered),
+    strategy = definitions["StrategySpec"]
+    strategy["properties"]["name"]["enum"] = strategy_names()
+    strategy.update(propertyNames={"pattern": NAME_PATTERN}, additionalProperties=_OPTION,
+                    description=(
+                        "A strategy's name and its options (the other keys). Every string in the "
+                        "options, and every key, must match the pattern: no '/', '\\' or NUL, "
+                        "no leading '~' or '.' (a request names no files). Verifiers named in "
+                        "options (TTSnap's verifiers, Tree-of-Frames' image_verifier) must be "
+                        "offered ones. Each option's type and range are the strategy's; those "
+                        "that need the model (a budget that pays for them) are checked on "
+                        "submission."))
+    definitions["OptionValue"] = _option_value_schema()
+    definitions["ServedVerifier"] = _verifier_schema(offered, config)
+    properties["verifier"] = {"allOf": [_SERVED_VERIFIER], "default": default_verifier(offered),
                               "title": "Verifier"}
-    properties["eval_verifiers"]["items"] = verifier
+    properties["eval_verifiers"]["items"] = _SERVED_VERIFIER
     properties["budget"]["anyOf"] = [
         {"type": "integer", "minimum": 1, "maximum": limits.max_budget_nfe},
         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*x\s*$"}]
@@ -172,6 +194,58 @@ def request_schema(config: ServiceConfig, verifier_names: Iterable[str]
         "A job file's fields; the service sets where and how the work runs. Limits that need "
         "the model (an Nx budget's NFEs, strategy options) are checked on submission."))
     return schema, definitions
+
+
+_OPTION = {"$ref": "#/components/schemas/OptionValue"}
+_SERVED_VERIFIER = {"$ref": "#/components/schemas/ServedVerifier"}
+
+
+def _option_value_schema() -> dict[str, Any]:
+    """An option's value, to any depth: strings (and keys) match :data:`NAME_PATTERN`."""
+    return {"title": "OptionValue", "description": (
+        "A strategy or verifier option's value: a number, boolean, null, a string matching the "
+        "pattern (no '/', '\\' or NUL, no leading '~' or '.'), or a list or object of these, "
+        "with keys matching the pattern too."), "anyOf": [
+        {"type": "string", "pattern": NAME_PATTERN}, {"type": "number"}, {"type": "boolean"},
+        {"type": "null"}, {"type": "array", "items": _OPTION},
+        {"type": "object", "propertyNames": {"pattern": NAME_PATTERN},
+         "additionalProperties": _OPTION}]}
+
+
+def _verifier_schema(offered: list[str], config: ServiceConfig) -> dict[str, Any]:
+    """A verifier a request may name: an offered name, or ``{"name": ..., **options}`` with
+    option strings matching :data:`NAME_PATTERN` and without the keys the service sets. An
+    ensemble's members are such verifiers; an API judge's ``base_url`` is one of the operator's
+    endpoints (and it is offered as an object only when there is one)."""
+    def spec(names: list[str], required: list[str], **properties: Any) -> dict[str, Any]:
+        refused = dict.fromkeys(VERIFIER_SERVICE_KEYS, False)  # false: the key may not appear
+        return {"type": "object", "required": required,
+                "properties": {"name": {"type": "string", "enum": names}, **properties,
+                               **refused},
+                "propertyNames": {"pattern": NAME_PATTERN}, "additionalProperties": _OPTION}
+
+    objects = []
+    plain = [name for name in offered if name not in (ENSEMBLE, API_JUDGE)]
+    if plain:
+        objects.append(spec(plain, ["name"]))
+    if ENSEMBLE in offered:
+        objects.append(spec([ENSEMBLE], ["name", "members"], members={
+            "type": "array", "minItems": 1, "items": _SERVED_VERIFIER}))
+    if API_JUDGE in offered and config.judge_endpoints:
+        from diffsearch.verifiers.openai_judge import DEFAULT_BASE_URL
+
+        endpoints = sorted(config.judge_endpoints)
+        required = ["name"] if DEFAULT_BASE_URL in endpoints else ["name", "base_url"]
+        objects.append(spec([API_JUDGE], required,
+                            base_url={"type": "string", "enum": endpoints},
+                            **dict.fromkeys(API_JUDGE_SERVICE_KEYS, False)))
+    # an ensemble needs its members and an API judge its endpoint: neither is a bare name
+    names = [{"type": "string", "enum": plain}] if plain else []
+    return {"title": "ServedVerifier", "description": (
+        "A verifier this service offers: its name, or {name, ...options}. Option strings and "
+        "keys match the pattern; device is the service's (and an openai judge's api_key_env, "
+        "allow_network and cache_dir)."),
+        "anyOf": [*names, *objects]}
 
 
 def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig,
@@ -235,12 +309,12 @@ def _check_verifier(spec: str | dict[str, Any], field: str, offered: set[str]) -
                 raise RequestError(f"{field}.{key}: set by the service, not by a request",
                                    field=f"{field}.{key}")
         members = spec.get("members")
-        if name == "ensemble" and isinstance(members, list):  # each member must be offered too
+        if name == ENSEMBLE and isinstance(members, list):  # each member must be offered too
             for index, member in enumerate(members):
                 _check_verifier(member, f"{field}.members.{index}", offered)
         # an API judge's base URL was checked against the operator's endpoints instead
         rest = {k: v for k, v in spec.items()
-                if not (k == "members" and name == "ensemble")
+                if not (k == "members" and name == ENSEMBLE)
                 and not (k == "base_url" and name == API_JUDGE)}
         _reject_paths(rest, field)
 
@@ -287,9 +361,10 @@ def _place_api_judge(spec: dict[str, Any], field: str, config: ServiceConfig) ->
 
 
 def _reject_paths(value: Any, field: str) -> None:
-    """Refuse any string that could name a file: nothing in a request may reach the disk."""
+    """Refuse any string that could name a file (:data:`NAME_PATTERN`): nothing in a request may
+    reach the disk."""
     if isinstance(value, str):
-        if "/" in value or "\\" in value or value.startswith(("~", ".")) or "\x00" in value:
+        if not _NAME.fullmatch(value):
             raise RequestError(f"{field}: {value[:80]!r} looks like a path; the service accepts "
                                f"names and numbers here, not paths", field=field)
     elif isinstance(value, dict):
