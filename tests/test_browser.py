@@ -1,15 +1,17 @@
 """The page in a real headless Chromium (Debian's package, driven by Playwright): type the token
-and a prompt, watch the candidates arrive, check the best image is shown and downloadable."""
+and a prompt, watch the candidates arrive, check the best image is shown and downloadable; and
+resume a search that a stopped service interrupted."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_service_harness import TOKEN, FakeBackend, client, fake_config, serve
+from test_service_harness import FAKE_REQUEST, TOKEN, FakeBackend, client, fake_config, serve
 
 CHROMIUM_ENV = "DIFFSEARCH_CHROMIUM"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
@@ -84,6 +86,54 @@ def test_submit_on_the_page_and_see_the_best_image(tmp_path: Path) -> None:
         browser.close()
     assert not errors, errors
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_resume_an_interrupted_search_on_the_page(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = find_chromium()
+    # threads=7: a runtime spec of its own (a slow fake: 0.05 s per denoise call, one candidate
+    # of 10 steps per work unit), so stopping the service lands mid-search
+    config = replace(fake_config(tmp_path, threads=7), batch_size=1)
+    with serve(config, FakeBackend(delay=0.05)) as url, client(url) as http:
+        finished = http.post("/v1/searches", json={**FAKE_REQUEST, "budget": "1x"}).json()["id"]
+        stopped = http.post("/v1/searches", json=FAKE_REQUEST).json()["id"]  # 4 candidates
+        deadline = time.monotonic() + 60
+        while http.get(f"/v1/searches/{stopped}").json()["progress"]["nfe_done"] < 10:
+            assert time.monotonic() < deadline, "the search never got going"
+            time.sleep(0.02)
+
+    with serve(config, FakeBackend(delay=0.0)) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.fill("#token", TOKEN)
+        page.click("#token-form button")
+        expect(page.locator("#auth-state")).to_have_text("token accepted")
+
+        page.click(f"#search-list li:has-text('{finished}')")
+        expect(page.locator("#status")).to_have_text("done")
+        expect(page.locator("#cancel")).to_be_disabled()
+        expect(page.locator("#resume")).to_be_hidden()
+
+        page.click(f"#search-list li:has-text('{stopped}')")
+        expect(page.locator("#status")).to_have_text("interrupted")
+        expect(page.locator("#search-error")).to_contain_text("resume")
+        expect(page.locator("#cancel")).to_be_disabled()  # nothing runs
+        expect(page.locator("#resume")).to_be_visible()
+
+        page.click("#resume")
+        expect(page.locator("#status")).to_have_text("done", timeout=60_000)
+        expect(page.locator("#resume")).to_be_hidden()
+        expect(page.locator("#cancel")).to_be_disabled()
+        expect(page.locator(".tile")).to_have_count(4)  # each candidate once, replayed or new
+        expect(page.locator("#nfe")).to_have_text("40 / 40 NFE")
+        expect(page.locator(".download")).to_be_visible()
+        expect(page.locator(f"#search-list li:has-text('{stopped}')")).to_contain_text("done")
+        browser.close()
+    assert not errors, errors
 
 
 def _best_candidate(url: str) -> int:

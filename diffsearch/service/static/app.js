@@ -6,8 +6,9 @@
 const TOKEN_KEY = "diffsearch-token";
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b"];
+const ACTIVE = ["queued", "running"];  // what Cancel acts on; the stream ends on any other status
 let info = null;          // /v1/info
-let watching = null;      // {id, abort, prompts: [{...}], nfeTotal}
+let watching = null;      // {id, abort, prompts: [{...}], nfeTotal, started}
 
 function headers(extra = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -97,6 +98,21 @@ $("cancel").addEventListener("click", async () => {
   }
 });
 
+$("resume").addEventListener("click", async () => {
+  if (!watching) return;
+  const { id } = watching;
+  $("resume").disabled = true;
+  try {
+    await api(`/v1/searches/${id}/resume`, { method: "POST" });
+    refreshList();
+    await watch(id);  // its stream ended when it stopped: follow it again
+  } catch (error) {
+    $("search-error").textContent = error.message;
+  } finally {
+    $("resume").disabled = false;
+  }
+});
+
 async function refreshList() {
   const { searches } = await (await api("/v1/searches")).json();
   $("search-list").replaceChildren(...searches.slice().reverse().map((search) => {
@@ -111,7 +127,8 @@ async function refreshList() {
 async function watch(id) {
   if (watching) watching.abort.abort();
   const detail = await (await api(`/v1/searches/${id}`)).json();
-  watching = { id, abort: new AbortController(), prompts: [], nfeTotal: null };
+  watching = { id, abort: new AbortController(), prompts: [], nfeTotal: null,
+               started: detail.started_at !== null };
   $("watch").hidden = false;
   $("search-id").textContent = id;
   $("search-error").textContent = "";
@@ -124,7 +141,7 @@ async function watch(id) {
     container.append(node);
     watching.prompts.push({ node, tiles: new Map(), points: [], scores: [], best: null, nfe: 0 });
   });
-  showStatus(detail.status, detail.error);
+  showStatus(watching, detail.status, detail.error);
   follow(watching).catch((error) => {
     if (error.name !== "AbortError") $("search-error").textContent = error.message;
   });
@@ -155,27 +172,47 @@ async function follow(state) {
 
 async function handle(state, kind, data) {
   if (kind === "status") {
-    showStatus(data.status, data.error);
-    if (["done", "failed", "cancelled"].includes(data.status)) await finish(state, data.status);
+    if (data.status === "running") state.started = true;
+    showStatus(state, data.status, data.error);
+    if (!ACTIVE.includes(data.status)) await finish(state, data.status);
+    return;
+  }
+  if (kind === "snapshot") {  // events before the kept ones were dropped: where they led
+    if (data.status === "running") state.started = true;
+    showStatus(state, data.status, data.error);
+    showProgress(state, data.nfe_done, data.nfe_total);
+    for (const [index, best] of data.best.entries()) {
+      if (!best) continue;
+      await offerBest(state, index, best);
+      drawPlot(state, state.prompts[index]);
+    }
     return;
   }
   if (kind !== "progress") return;
-  state.nfeTotal = data.nfe_total;
-  $("progress").max = data.nfe_total;
-  $("progress").value = data.nfe_done;
-  $("nfe").textContent = `${data.nfe_done} / ${data.nfe_total} NFE`;
+  showProgress(state, data.nfe_done, data.nfe_total);
   const prompt = state.prompts[data.prompt_index];
   prompt.nfe = data.nfe_done;
   for (const candidate of data.candidates) {
     addTile(state.prompts[candidate.prompt_index], candidate);
     if (candidate.reward !== null) prompt.scores.push([data.nfe_done, candidate.reward]);
   }
-  if (data.best && (!prompt.best || data.best.candidate !== prompt.best.candidate)) {
-    prompt.best = data.best;
-    prompt.points.push([data.best.nfe, data.best.score]);
-    await showBest(state, data.prompt_index);
-  }
+  if (data.best) await offerBest(state, data.prompt_index, data.best);
   drawPlot(state, prompt);
+}
+
+function showProgress(state, nfeDone, nfeTotal) {
+  state.nfeTotal = nfeTotal;
+  $("progress").max = nfeTotal;
+  $("progress").value = nfeDone;
+  $("nfe").textContent = `${nfeDone} / ${nfeTotal} NFE`;
+}
+
+async function offerBest(state, index, best) {
+  const prompt = state.prompts[index];
+  if (prompt.best && best.candidate === prompt.best.candidate) return;
+  prompt.best = best;
+  prompt.points.push([best.nfe, best.score]);
+  await showBest(state, index);
 }
 
 function addTile(prompt, candidate) {
@@ -227,11 +264,14 @@ async function finish(state, status) {
   }
 }
 
-function showStatus(status, error) {
+function showStatus(state, status, error) {
   const badge = $("status");
   badge.textContent = status;
   badge.className = `badge ${status}`;
-  $("cancel").disabled = ["done", "failed", "cancelled"].includes(status);
+  $("cancel").disabled = !ACTIVE.includes(status);
+  // an interrupted search resumes, and so does a cancelled one that had started (the server
+  // refuses, saying why, one that has nothing to go on from)
+  $("resume").hidden = !(status === "interrupted" || (status === "cancelled" && state.started));
   if (error) $("search-error").textContent = error;
 }
 
