@@ -23,8 +23,11 @@ reads cheap), so files grow with candidates / SHARD_ROWS, not with prompts x arr
 The driver is the only writer: workers return latents to it and only read, by row
 (:func:`read_latent_rows`), so no two processes ever write one file. The writer keeps every
 column in memory (read once per column at open) and answers lookups from there, which is what
-makes resuming 10,000 prompts take seconds; it buffers new rows and writes them lazily
-(:meth:`RunStore.flush`), latents first and ``done`` last. Zarr's local store writes each file
+makes resuming 10,000 prompts take seconds. A background thread writes recorded rows at once,
+latents first and ``done`` last, so the driver never waits on the disk (only a worker's need
+for a row not yet written, or :meth:`RunStore.flush`, waits); rows recorded while a write is
+under way go out together in the next one, so a slow disk means fewer, larger writes rather
+than a queue. Zarr's local store writes each file
 to a temporary one and renames it, so a kill at any moment leaves whole files: a row is finished
 exactly when ``done`` is set, and a resumed run recomputes the rest (rows not done are ignored
 and the trailing ones reused). Together with the task records the store is enough to rebuild
@@ -38,7 +41,7 @@ import fcntl
 import math
 import os
 import shutil
-import time
+import threading
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -66,11 +69,6 @@ candidates' latents (the target is at most one file per 64), while a shard of SD
 (256 KiB a row) stays at 64 MiB."""
 COLUMN_CHUNK = 16384
 """Rows per chunk file of each column: a few files per column even at 10,000 prompts."""
-FLUSH_SECONDS = 5.0
-""":meth:`RunStore.record` writes pending rows once the oldest has waited this long. Rows not
-yet written are lost to a kill and recomputed on resume, so this bounds the loss to what was
-recorded in a few seconds; every early write rewrites the shard being filled (up to 64 MiB for
-SDXL), so writing much more often would spend disk bandwidth for little."""
 LOCK_FILE = "writer.lock"
 
 _KEYS = {"name": "default", "separator": "."}
@@ -232,6 +230,22 @@ class _Pending:
     """NaN where a row has no final of its own; None when no row has one."""
 
 
+@dataclass
+class _Write:
+    """Rows ``first:stop`` as the writer thread writes them: their latents, and every column
+    and score as whole chunks from ``chunk_start`` (copies, so the table may grow meanwhile)."""
+
+    first: int
+    stop: int
+    chunk_start: int
+    states: np.ndarray
+    finals: np.ndarray | None
+    columns: dict[str, np.ndarray]
+    scores: list[np.ndarray]
+    codes: dict[str, list[str]] | None
+    """The code tables, when one grew since the last write."""
+
+
 class RunStore:
     """One run's store. Opened writable by the driver (the only writer, holding the lock) or
     read-only by ``show``, results and anything else that only reads."""
@@ -255,7 +269,12 @@ class RunStore:
         self._written = table.rows
         """Rows below this are on disk; the rest are pending."""
         self._pending: list[_Pending] = []
-        self._pending_since: float | None = None
+        self._changed = threading.Condition()
+        """Guards the table, the pending rows and ``_written`` between the driver and the
+        writer thread; notified when rows are recorded or written."""
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        self._closing = False
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
@@ -348,12 +367,18 @@ class RunStore:
         return cls(path, disk, attrs, table, codes, lock)
 
     def close(self) -> None:
-        """Write what is pending and release the writer lock. Idempotent."""
+        """Write what is pending, stop the writer thread and release the writer lock.
+        Idempotent."""
         if self._lock is None:
             return
         try:
             self.flush()
         finally:
+            with self._changed:
+                self._closing = True
+                self._changed.notify_all()
+            if self._writer is not None:
+                self._writer.join()
             os.close(self._lock)
             self._lock = None
 
@@ -425,15 +450,17 @@ class RunStore:
             final_block = np.full_like(block, math.nan)
             final_block[own_final] = given[own_final]
         self._check_new(tasks, outcomes)
-        first = self._table.append(*self._row_values(tasks, outcomes))
-        for offset, task in enumerate(tasks):
-            self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
-        self._pending.append(_Pending(block, final_block))
-        if self._pending_since is None:
-            self._pending_since = time.monotonic()
-        filled_shard = self._table.rows // SHARD_ROWS > self._written // SHARD_ROWS
-        if filled_shard or time.monotonic() - self._pending_since >= FLUSH_SECONDS:
-            self.flush()
+        self._raise_writer_error()
+        with self._changed:  # the code tables grow here too: the writer copies them
+            first = self._table.append(*self._row_values(tasks, outcomes))
+            for offset, task in enumerate(tasks):
+                self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
+            self._pending.append(_Pending(block, final_block))
+            self._changed.notify_all()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name=f"store-writer {self.path.name}")
+            self._writer.start()
 
     def _latent_block(self, values: np.ndarray, count: int, name: str) -> np.ndarray:
         block = np.array(values, dtype=np.float32)  # a copy: the caller may reuse its buffer
@@ -490,48 +517,95 @@ class RunStore:
         return values, scores
 
     def flush(self) -> None:
-        """Write the pending rows: latents first, then the columns and code tables, ``done``
-        last, so a kill at any point leaves them either finished or ignored."""
-        if not self._pending:
-            return
-        first, stop = self._written, self._table.rows
-        try:
-            self._grow_on_disk(stop)
-            self._disk.latents["state"][first:stop] = np.concatenate(
-                [p.states for p in self._pending])
-            if any(p.finals is not None for p in self._pending):
-                self._disk.latents["final"][first:stop] = np.concatenate(
-                    [p.finals if p.finals is not None else np.full_like(p.states, math.nan)
-                     for p in self._pending])
-            for name, (_, fill) in _COLUMNS.items():
-                if name != "done":
-                    self._write_rows(self._disk.columns[name], self._table.column(name), fill,
-                                     first, stop)
-            for index in range(self._table.score_count):
-                self._write_rows(self._score_array(index), self._table.score(index), math.nan,
-                                 first, stop)
-            if any(table.grown for table in self._codes.values()):
-                self._disk.root["columns"].attrs.update(
-                    {name: table.values for name, table in self._codes.items()})
-                for table in self._codes.values():
-                    table.grown = False
-            self._write_rows(self._disk.columns["done"], self._table.column("done"), False,
-                             first, stop)
-        except OSError as error:
-            raise StoreError(f"cannot write the store at {self.path}: "
-                             f"{error.strerror or error}") from None
-        self._written = stop
-        self._pending.clear()
-        self._pending_since = None
+        """Wait until every recorded row is on disk (raises what the writer thread hit)."""
+        self._wait_written(self._table.rows)
 
-    def _grow_on_disk(self, rows: int) -> None:
+    def _wait_written(self, rows: int) -> None:
+        with self._changed:
+            while self._written < rows and self._writer_error is None:
+                self._changed.wait()
+        self._raise_writer_error()
+
+    def _raise_writer_error(self) -> None:
+        error = self._writer_error
+        if error is None:
+            return
+        if isinstance(error, OSError):
+            raise StoreError(f"cannot write the store at {self.path}: "
+                             f"{error.strerror or error}") from error
+        raise StoreError(f"writing the store at {self.path} failed: "
+                         f"{type(error).__name__}: {error}") from error
+
+    # ---- the writer thread --------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        """Write pending rows as they come: each write takes every row recorded so far."""
+        while True:
+            with self._changed:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                write = self._take_pending()
+            try:
+                self._write(write)
+            except BaseException as error:  # reported to the driver at its next call
+                with self._changed:
+                    self._writer_error = error
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._written = write.stop
+                self._changed.notify_all()
+
+    def _take_pending(self) -> _Write:
+        """The pending rows as one write, copied out of the table (the driver goes on
+        appending while it is written). Called with ``_changed`` held."""
+        first, stop = self._written, self._table.rows
+        lo = first // COLUMN_CHUNK * COLUMN_CHUNK
+        hi = -(-stop // COLUMN_CHUNK) * COLUMN_CHUNK
+        columns = {name: self._table.padded(self._table.column(name), fill, lo, hi)
+                   for name, (_, fill) in _COLUMNS.items()}
+        scores = [self._table.padded(self._table.score(i), math.nan, lo, hi)
+                  for i in range(self._table.score_count)]
+        states = np.concatenate([p.states for p in self._pending])
+        finals = None
+        if any(p.finals is not None for p in self._pending):
+            finals = np.concatenate([p.finals if p.finals is not None
+                                     else np.full_like(p.states, math.nan)
+                                     for p in self._pending])
+        codes = None
+        if any(table.grown for table in self._codes.values()):
+            codes = {name: list(table.values) for name, table in self._codes.items()}
+            for table in self._codes.values():
+                table.grown = False
+        self._pending = []
+        return _Write(first=first, stop=stop, chunk_start=lo, states=states, finals=finals,
+                      columns=columns, scores=scores, codes=codes)
+
+    def _write(self, write: _Write) -> None:
+        """Latents first, then the columns and code tables, ``done`` last, so a kill at any
+        point leaves the rows either finished or ignored."""
+        self._grow_on_disk(write.stop, len(write.scores))
+        self._disk.latents["state"][write.first:write.stop] = write.states
+        if write.finals is not None:
+            self._disk.latents["final"][write.first:write.stop] = write.finals
+        for name, values in write.columns.items():
+            if name != "done":
+                self._write_chunks(self._disk.columns[name], values, write.chunk_start)
+        for index, values in enumerate(write.scores):
+            self._write_chunks(self._score_array(index), values, write.chunk_start)
+        if write.codes is not None:
+            self._disk.root["columns"].attrs.update(write.codes)
+        self._write_chunks(self._disk.columns["done"], write.columns["done"], write.chunk_start)
+
+    def _grow_on_disk(self, rows: int, score_count: int) -> None:
         """Resize the arrays (metadata only) to whole shards and chunks holding ``rows``."""
         latent_rows = -(-rows // SHARD_ROWS) * SHARD_ROWS
         for array in self._disk.latents.values():
             if array.shape[0] < latent_rows:
                 array.resize((latent_rows, *self.latent_shape))
         column_rows = -(-rows // COLUMN_CHUNK) * COLUMN_CHUNK
-        scores = [self._score_array(i) for i in range(self._table.score_count)]
+        scores = [self._score_array(i) for i in range(score_count)]
         for array in [*self._disk.columns.values(), *scores]:
             if array.shape[0] < column_rows:
                 array.resize((column_rows,))
@@ -546,13 +620,12 @@ class RunStore:
                 overwrite=True))
         return self._disk.scores[index]
 
-    def _write_rows(self, array: zarr.Array, values: np.ndarray, fill: Any, first: int,
-                    stop: int) -> None:
-        """Write rows ``first:stop`` of a column as whole chunks from memory, so Zarr never
-        reads a chunk back to merge into it."""
-        lo = first // COLUMN_CHUNK * COLUMN_CHUNK
-        hi = min(-(-stop // COLUMN_CHUNK) * COLUMN_CHUNK, array.shape[0])
-        array[lo:hi] = self._table.padded(values, fill, lo, hi)
+    @staticmethod
+    def _write_chunks(array: zarr.Array, values: np.ndarray, chunk_start: int) -> None:
+        """Write whole chunks from memory (``values`` starts at a chunk boundary and is
+        padded), so Zarr never reads a chunk back to merge into it."""
+        stop = min(chunk_start + len(values), array.shape[0])
+        array[chunk_start:stop] = values[:stop - chunk_start]
 
     def _check_writable(self) -> None:
         if self._lock is None:
@@ -642,7 +715,7 @@ class RunStore:
             raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} "
                              f"is not finished")
         if row >= self._written:
-            self.flush()
+            self._wait_written(row + 1)
         step = int(self._table.column("step")[row])
         if not final or step == self.num_steps:
             return LatentRef(row=row, step=step)
