@@ -31,9 +31,8 @@ from diffsearch.errors import JobError
 from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.job import Job, VerifierSpec, job_from_mapping
 from diffsearch.results import PromptResult, RunResult
-from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
+from diffsearch.runtime import ModelInfo, RuntimeSpec, UnitResult, WorkBatch
 from diffsearch.store import CandidateRecord
-from diffsearch.tasks import Outcome
 
 RUNS_DIR_ENV = "DIFFSEARCH_RUNS"
 """Where :func:`search` puts run folders when ``out`` is not given (default: the temp dir)."""
@@ -75,7 +74,7 @@ class _CancellableExecutor(Executor):
         self._check()
         self.inner.submit(batch)
 
-    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+    def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
         for item in self.inner.as_completed():
             self._check()
             yield item
@@ -135,11 +134,14 @@ class BestCandidate:
     lineage: tuple[int, ...]
     """Candidate ids from the best back to its first ancestor: ``(best, parent, ...)``. Length 1
     for strategies without parents (best-of-N)."""
-    image_path: Path
+    image_path: Path | None
+    """None when the job said ``images: none``."""
 
     @property
     def image(self) -> Image.Image:
         """The best image, read from the run folder (a copy: no file handle stays open)."""
+        if self.image_path is None:
+            raise ValueError("this search ran with images='none': no image was written")
         with Image.open(self.image_path) as image:
             return image.copy()
 
@@ -197,7 +199,8 @@ def _prompt_result(run_dir: Path, prompt: PromptResult) -> PromptSearchResult:
         best = BestCandidate(
             candidate=record.candidate, seed=record.seed, score=record.reward,
             scores=dict(record.scores), lineage=lineage(prompt.candidates, record.candidate),
-            image_path=run_dir / run_folder.best_image(prompt.prompt_index))
+            image_path=None if prompt.images == "none"
+            else run_dir / run_folder.best_image(prompt.prompt_index))
     return PromptSearchResult(index=prompt.prompt_index, prompt=prompt.prompt, nfe=prompt.nfe,
                               best=best, candidates=tuple(prompt.candidates))
 

@@ -9,9 +9,11 @@ because the model-loading plugin travels from the client.
 Each worker loads the job's model and verifiers once, in a worker plugin, and keeps them for every
 task; a worker that is restarted (after a crash or a kill) gets the plugin again from the
 scheduler. A task is ``run_batch(spec, batch)``: a pure function of small records (ids, seeds,
-store keys) that writes latents straight to the Zarr store and returns small outcomes. So the
-scheduler never carries tensors, and when a worker is lost the scheduler simply runs its tasks
-again elsewhere, with the same seeds and therefore the same bits.
+where its source latents are in the Zarr store) that reads its sources from the store and
+returns its outcomes and new latents, which the client fetches from the worker directly. So
+the scheduler never carries tensors, only the driver writes the store, and when a worker is
+lost the scheduler simply runs its tasks again elsewhere, with the same seeds and therefore
+the same bits.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ from diffsearch.executor import Executor
 from diffsearch.runtime import (
     ModelInfo,
     RuntimeSpec,
+    UnitResult,
     WorkBatch,
     describe_model,
     get_runtime,
     run_batch,
 )
-from diffsearch.tasks import Outcome
 
 SLOTS_REFRESH_S = 5.0
 """How often :meth:`DaskExecutor.concurrency` asks the scheduler again (workers may join)."""
@@ -233,8 +235,11 @@ class DaskExecutor(Executor):
     def submit(self, batch: WorkBatch) -> None:
         if self._spec is None:
             raise RuntimeError("start() the executor first")
-        first = batch.tasks[0]
-        key = f"denoise-p{first.prompt_index}-c{first.candidate}-{uuid.uuid4().hex}"
+        if batch.tasks:
+            first = batch.tasks[0]
+            key = f"denoise-p{first.prompt_index}-c{first.candidate}-{uuid.uuid4().hex}"
+        else:
+            key = f"render-{uuid.uuid4().hex}"
         future = self.client.submit(run_batch, self._spec, batch, key=key, pure=False,
                                     retries=self.retries, resources=self._resources)
         self._pending[future.key] = (future, batch)
@@ -256,25 +261,26 @@ class DaskExecutor(Executor):
             self._slots = (now, max(1, slots))
         return self._slots[1]
 
-    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+    def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
         if self._finished is None:
             raise RuntimeError("start() the executor first")
         for future in self._finished:
             _, batch = self._pending.pop(future.key)
             try:
-                outcomes = future.result()
+                result = future.result()
             except KilledWorker as error:
                 raise ClusterError(
                     f"batch {future.key}: {error.allowed_failures + 1} workers died while "
                     f"running it (last {error.last_worker.address}), often from running out of "
                     f"memory; use fewer workers or a smaller batch_size, then --resume") from None
-            yield batch, outcomes
+            yield batch, result
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Cancel what is still queued, write the profile, release the client and own cluster.
 
-        Finished candidates are already marked done in the store, so an interrupted run resumes.
+        The driver records finished candidates in the store as they come back (and flushes it
+        when the run stops), so an interrupted run resumes.
         """
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from diffsearch import run_folder
 from diffsearch.errors import StoreError
 from diffsearch.executor import Executor
+from diffsearch.image_output import ImageOutput
 from diffsearch.job import Job
 from diffsearch.preflight import preflight
 from diffsearch.results import PromptResult, RunResult, collect_results
-from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch
-from diffsearch.store import RunStore
+from diffsearch.runtime import ClipFrames, ImageWanted, ModelInfo, Render, RuntimeSpec, WorkBatch
+from diffsearch.store import LatentRef, RunStore
 from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import best_of
 from diffsearch.strategies.registry import build_strategies
@@ -53,6 +54,9 @@ class ProgressEvent:
     """The best answer so far for ``prompt_index``: the strategy's ``best()`` with the answers
     of its round in flight that are back (so it is ``best()`` once that round is told). Scores
     of x0 estimates or of per-task verifiers are on other scales and never count."""
+    images: tuple[int, ...] = ()
+    """Candidates of ``outcomes`` whose own image the run folder gets (``images: all``); it is
+    being written as the event is sent (:mod:`diffsearch.image_output`)."""
 
     @property
     def best_reward(self) -> float | None:
@@ -167,8 +171,17 @@ class Engine:
         if num_steps is not None and model.num_steps != num_steps:
             raise RuntimeError(f"the loaded model runs {model.num_steps} steps, its config said "
                                f"{num_steps}: the pre-run checks read the model differently")
-        store = open_store(self.run_dir, self.job, model)
         states = self._build_strategies(model.num_steps, model.nfe_per_step)
+        images = ImageOutput(self.run_dir, self.job.images)
+        try:
+            with open_store(self.run_dir, self.job, model,
+                            [s.strategy.prompt for s in states.values()]) as store:
+                return self._search(store, images, states, model, started)
+        finally:
+            images.close()
+
+    def _search(self, store: RunStore, images: ImageOutput, states: dict[int, _PromptState],
+                model: ModelInfo, started: float) -> RunResult:
         total = sum(s.strategy.budget_nfe for s in states.values())
         bar = tqdm(total=total, unit="NFE", desc="search", disable=not self.progress_bar,
                    dynamic_ncols=True)
@@ -177,18 +190,19 @@ class Engine:
         waited = 0.0
         nfe_done = 0
         pool = WorkPool(self.job.batch_size, model.compute_batch)
+        units = _UnitBuilder(store, states, images, model.num_steps)
         in_flight = 0
 
         def dispatch() -> None:
             """Send the full units, then partial ones for the slots that would idle."""
             nonlocal in_flight
-            units = pool.full_units()
-            free = self.executor.concurrency() - in_flight - len(units)
+            ready = pool.full_units()
+            free = self.executor.concurrency() - in_flight - len(ready)
             if free > 0 and pool:
-                units += pool.partial_units(free)
-            for unit in units:
-                self.executor.submit(self._work_batch(unit, store))
-            in_flight += len(units)
+                ready += pool.partial_units(free)
+            for unit in ready:
+                self.executor.submit(units.work_batch(unit))
+            in_flight += len(ready)
 
         def advance(index: int) -> None:
             nonlocal nfe_done
@@ -198,8 +212,7 @@ class Engine:
                 if not tasks:
                     break
                 self._check_round(state, tasks, model)
-                store.ensure_prompt(index, state.strategy.prompt)
-                store.ensure_capacity(index, max(t.candidate for t in tasks) + 1)
+                units.asked(tasks)
                 replayed = {t.candidate: store.lookup(t) for t in tasks}
                 state.round_tasks = tasks
                 state.received = {c: o for c, o in replayed.items() if o is not None}
@@ -220,19 +233,19 @@ class Engine:
         while True:
             wait_start = time.perf_counter()
             try:
-                batch, outcomes = next(outcomes_iter)
+                batch, result = next(outcomes_iter)
             except StopIteration:
                 break
             waited += time.perf_counter() - wait_start
             in_flight -= 1
-            by_prompt: dict[int, tuple[list[Task], list[Outcome]]] = {}
-            for task, outcome in zip(batch.tasks, outcomes, strict=True):
-                prompt_tasks, prompt_outcomes = by_prompt.setdefault(task.prompt_index, ([], []))
-                prompt_tasks.append(task)
-                prompt_outcomes.append(outcome)
-            for prompt_tasks, prompt_outcomes in by_prompt.values():
-                store.record(prompt_tasks, prompt_outcomes)  # all of it, before any callback
-            for index, (_, prompt_outcomes) in by_prompt.items():
+            recording = time.perf_counter()
+            store.record(batch.tasks, result.outcomes, result.states, result.finals)
+            images.offer(result.images)  # all of it, before any callback
+            stage_seconds["store"] += time.perf_counter() - recording
+            by_prompt: dict[int, list[Outcome]] = {}
+            for outcome in result.outcomes:
+                by_prompt.setdefault(outcome.prompt_index, []).append(outcome)
+            for index, prompt_outcomes in by_prompt.items():
                 state = states[index]
                 for outcome in prompt_outcomes:
                     state.received[outcome.candidate] = outcome
@@ -242,7 +255,11 @@ class Engine:
                         for key, amount in counts.items():
                             usage[label][key] += amount
                 nfe_done += self._account(state, prompt_outcomes, bar)
-                self._report(index, state, tuple(prompt_outcomes), nfe_done, total)
+                if state.best is not None:
+                    images.update_best(index, state.best.candidate)
+                shown = tuple(c for p, c in result.images if p == index) \
+                    if images.wants_all else ()
+                self._report(index, state, tuple(prompt_outcomes), nfe_done, total, shown)
                 if len(state.received) == len(state.round_tasks):
                     state.strategy.tell([state.received[t.candidate] for t in state.round_tasks])
                     advance(index)
@@ -251,17 +268,36 @@ class Engine:
         unfinished = [i for i, s in states.items() if not s.finished]
         if unfinished:
             raise RuntimeError(f"executor stopped with prompts {unfinished} unfinished")
+        self._render_missing(store, images, units, states)
         prompts = [
-            PromptResult.from_store(store, index, state.strategy, state.nfe)
+            PromptResult.from_store(store, index, state.strategy, state.nfe, self.job.images)
             for index, state in states.items()
         ]
         stage_seconds["wait"] = waited
+        store.flush()
+        images.close()
         return collect_results(
             run_dir=self.run_dir, job=self.job, model=model, prompts=prompts,
             wall_seconds=time.perf_counter() - started, stage_seconds=dict(stage_seconds),
             verifier_usage={label: dict(counts) for label, counts in usage.items()},
             executor=self.executor.describe(),
         )
+
+    def _render_missing(self, store: RunStore, images: ImageOutput, units: _UnitBuilder,
+                        states: dict[int, _PromptState]) -> None:
+        """Decode again the images a resumed run lost: its best images that an earlier run was
+        killed before writing, and (``images: all``) candidates' images likewise."""
+        best = {index: s.strategy.best() for index, s in states.items()}
+        stale_best = images.stale_best({i: b.candidate for i, b in best.items() if b})
+        missing = images.missing_candidates(units.final_candidates()) if self.resume else []
+        wanted = list(dict.fromkeys([*stale_best, *missing]))
+        if not wanted:
+            return
+        self.executor.submit(units.render_batch(wanted))
+        for _, result in self.executor.as_completed():
+            images.offer(result.images)
+            for index, candidate in stale_best:
+                images.write_best(index, candidate, result.images[(index, candidate)])
 
     # ---- helpers ------------------------------------------------------------------------------
     def _build_strategies(self, num_steps: int, nfe_per_step: int) -> dict[int, _PromptState]:
@@ -282,9 +318,6 @@ class Engine:
                 f"strategy {state.strategy.name} asked for {planned} NFE in total, over its "
                 f"budget of {state.strategy.budget_nfe}")
 
-    def _work_batch(self, tasks: list[Task], store: RunStore) -> WorkBatch:
-        return WorkBatch(tasks=tuple(tasks), store_path=str(store.path), run_dir=str(self.run_dir))
-
     @staticmethod
     def _account(state: _PromptState, outcomes: list[Outcome], bar: tqdm) -> int:
         nfe = sum(o.nfe for o in outcomes)
@@ -298,11 +331,11 @@ class Engine:
         return nfe
 
     def _report(self, index: int, state: _PromptState, outcomes: tuple[Outcome, ...],
-                nfe_done: int, total: int) -> None:
+                nfe_done: int, total: int, images: tuple[int, ...] = ()) -> None:
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(nfe_done=nfe_done, nfe_total=total,
                                            prompt_index=index, outcomes=outcomes,
-                                           best=state.best))
+                                           best=state.best, images=images))
 
 
 def prepare_run_dir(run_dir: Path, job: Job) -> None:
@@ -319,11 +352,99 @@ def prepare_run_dir(run_dir: Path, job: Job) -> None:
     (run_dir / run_folder.JOB).write_text(job.model_dump_json(indent=2))
 
 
-def open_store(run_dir: Path, job: Job, model: ModelInfo) -> RunStore:
+def open_store(run_dir: Path, job: Job, model: ModelInfo, prompts: list[str]) -> RunStore:
     """The run's store: the existing one when resuming (its job was checked before the run
     started), else a new one."""
     path = run_dir / run_folder.STORE
     if path.exists():
         return RunStore.open(path)
     return RunStore.create(path, job=job.model_dump(mode="json"), result_key=job.result_key(),
-                           latent_shape=model.latent_shape, num_steps=model.num_steps)
+                           latent_shape=model.latent_shape, num_steps=model.num_steps,
+                           prompts=prompts)
+
+
+class _UnitBuilder:
+    """Turns tasks into work units: it tells each unit where its source latents and earlier
+    clip frames are, and which rows' pixels to send back, from what the driver knows (the
+    store's index, the strategies' answers, the best so far)."""
+
+    def __init__(self, store: RunStore, states: dict[int, _PromptState], images: ImageOutput,
+                 num_steps: int) -> None:
+        self.store = store
+        self.states = states
+        self.images = images
+        self.num_steps = num_steps
+        self._clip_candidates: set[tuple[int, int]] = set()
+        self._final_candidates: list[tuple[int, int]] = []
+
+    def asked(self, tasks: list[Task]) -> None:
+        """Note what the run folder will show of each asked task (a clip or an image)."""
+        for task in tasks:
+            key = (task.prompt_index, task.candidate)
+            if task.score_on is ScoreOn.CLIP:
+                self._clip_candidates.add(key)
+            if task.score_on in (ScoreOn.CLIP, ScoreOn.FINAL):
+                self._final_candidates.append(key)
+
+    def final_candidates(self) -> list[tuple[int, int]]:
+        """(prompt, candidate) of every task asked that has a final image or clip."""
+        return self._final_candidates
+
+    def work_batch(self, tasks: list[Task]) -> WorkBatch:
+        store = self.store
+        sources = tuple(None if t.source_candidate is None
+                        else store.latent_ref(t.prompt_index, t.source_candidate) for t in tasks)
+        clips = tuple(self._clip_frames(t) for t in tasks) \
+            if any(t.score_on is ScoreOn.CLIP for t in tasks) else ()
+        wanted = tuple(self._wanted(t) for t in tasks)
+        to_beat = tuple(None if (best := self.states[t.prompt_index].best) is None
+                        else best.reward for t in tasks)
+        return WorkBatch(tasks=tuple(tasks), store_path=str(store.path),
+                         sources=sources if any(sources) else (), clips=clips,
+                         images=wanted if any(w is not ImageWanted.NO for w in wanted) else (),
+                         to_beat=to_beat)
+
+    def render_batch(self, wanted: list[tuple[int, int]]) -> WorkBatch:
+        renders = tuple(Render(prompt_index=index, candidate=candidate,
+                               frames=self._frames(index, candidate))
+                        for index, candidate in wanted)
+        return WorkBatch(tasks=(), store_path=str(self.store.path), renders=renders)
+
+    def _wanted(self, task: Task) -> ImageWanted:
+        if task.score_on not in (ScoreOn.FINAL, ScoreOn.CLIP):
+            return ImageWanted.NO
+        if self.images.wants_all:
+            return ImageWanted.ALWAYS
+        if self.images.wants_best and self.states[task.prompt_index].strategy.is_answer(task):
+            return ImageWanted.IF_BEST
+        return ImageWanted.NO
+
+    def _clip_frames(self, task: Task) -> ClipFrames | None:
+        if task.score_on is not ScoreOn.CLIP:
+            return None
+        chain = _ancestors(self.store.parents(task.prompt_index), task.parent, task.candidate)
+        return ClipFrames(
+            ancestors=tuple(self.store.latent_ref(task.prompt_index, a, final=True)
+                            for a in chain),
+            prompt=self.states[task.prompt_index].strategy.prompt)
+
+    def _frames(self, index: int, candidate: int) -> tuple[LatentRef, ...]:
+        """The latents its image is decoded from: its final latent, after its ancestors' for a
+        frame-chain clip."""
+        chain = []
+        if (index, candidate) in self._clip_candidates:
+            parents = self.store.parents(index)
+            chain = _ancestors(parents, parents[candidate], candidate)
+        return tuple(self.store.latent_ref(index, c, final=True) for c in [*chain, candidate])
+
+
+def _ancestors(parents: dict[int, int | None], parent: int | None, candidate: int) -> list[int]:
+    """The finished ancestors of ``candidate`` whose parent is ``parent``, oldest first."""
+    chain: list[int] = []
+    while parent is not None:
+        if parent not in parents:
+            raise RuntimeError(f"candidate {candidate}: its ancestor {parent} is not finished "
+                               f"in the store, so its clip cannot be assembled")
+        chain.append(parent)
+        parent = parents[parent]
+    return chain[::-1]

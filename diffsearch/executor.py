@@ -1,9 +1,9 @@
 """Executors run work batches somewhere and hand back outcomes as they complete.
 
 The engine only submits :class:`~diffsearch.runtime.WorkBatch` records and iterates
-``as_completed``; it may submit more batches while iterating (a prompt's next round starts as soon
-as its previous one is told back). The in-process executor lives here; the Dask executor in
-``diffsearch.dask_executor``.
+``as_completed`` for their :class:`~diffsearch.runtime.UnitResult`; it may submit more batches
+while iterating (a prompt's next round starts as soon as its previous one is told back). The
+in-process executor lives here; the Dask executor in ``diffsearch.dask_executor``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 
-from diffsearch.runtime import ModelInfo, RuntimeSpec, WorkBatch, describe_model, run_batch
-from diffsearch.tasks import Outcome
+from diffsearch.runtime import (
+    ModelInfo,
+    RuntimeSpec,
+    UnitResult,
+    WorkBatch,
+    describe_model,
+    run_batch,
+)
 
 
 class Executor(ABC):
@@ -28,8 +34,8 @@ class Executor(ABC):
         """Queue a batch. Results come out of :meth:`as_completed`."""
 
     @abstractmethod
-    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
-        """Yield each submitted batch with its outcomes once, including batches submitted while
+    def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
+        """Yield each submitted batch with its result once, including batches submitted while
         iterating; stops when nothing is pending."""
 
     def concurrency(self) -> int:
@@ -65,7 +71,7 @@ class LocalExecutor(Executor):
     def submit(self, batch: WorkBatch) -> None:
         self._pending.append(batch)
 
-    def as_completed(self) -> Iterator[tuple[WorkBatch, list[Outcome]]]:
+    def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
         assert self._spec is not None, "start() the executor first"
         while self._pending:
             batch = self._pending.popleft()

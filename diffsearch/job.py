@@ -128,6 +128,10 @@ class Job(BaseModel):
     workers: int | None = Field(default=None, ge=1, le=1024)
     scheduler: str | None = None
     allow_download: bool = False
+    images: Literal["best", "all", "none"] = "best"
+    """Which images the run folder gets: ``best`` (each prompt's best, kept up to date while the
+    run goes), ``all`` (also every candidate's final image or clip under ``images/``) or
+    ``none``. Encoding happens off the denoiser's path, in the driver."""
 
     @field_validator("prompts")
     @classmethod
@@ -184,7 +188,7 @@ class Job(BaseModel):
 
 
 EXECUTION_FIELDS = {
-    "batch_size", "executor", "workers", "scheduler", "allow_download",
+    "batch_size", "executor", "workers", "scheduler", "allow_download", "images",
 }
 
 

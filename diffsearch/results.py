@@ -7,7 +7,6 @@ exactly what an uninterrupted run reports.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,23 @@ class PromptResult:
     best: CandidateRecord | None
     candidates: list[CandidateRecord]
 
+    images: str = "best"
+    """The job's ``images``: which image paths exist in the run folder."""
+
     @classmethod
-    def from_store(cls, store: RunStore, index: int, strategy: Strategy, nfe: int
-                   ) -> PromptResult:
+    def from_store(cls, store: RunStore, index: int, strategy: Strategy, nfe: int,
+                   images: str) -> PromptResult:
         candidates = store.finished_candidates(index) if store.has_prompt(index) else []
         winner = strategy.best()
         best = next((c for c in candidates if winner and c.candidate == winner.candidate), None)
         return cls(prompt_index=index, prompt=strategy.prompt, nfe=nfe, best=best,
-                   candidates=candidates)
+                   candidates=candidates, images=images)
+
+    def _candidate_image(self, candidate: CandidateRecord) -> str | None:
+        """A candidate's image in the run folder; only ``images: all`` writes them."""
+        if self.images != "all" or not candidate.has_final:
+            return None
+        return run_folder.candidate_image(self.prompt_index, candidate.candidate)
 
     def to_json(self) -> dict[str, Any]:
         best = None
@@ -44,9 +52,9 @@ class PromptResult:
                 "seed": self.best.seed,
                 "score": self.best.reward,
                 "scores": self.best.scores,
-                "image": run_folder.best_image(self.prompt_index),
-                "candidate_image": run_folder.candidate_image(self.prompt_index,
-                                                              self.best.candidate),
+                "image": None if self.images == "none"
+                else run_folder.best_image(self.prompt_index),
+                "candidate_image": self._candidate_image(self.best),
             }
         return {
             "index": self.prompt_index,
@@ -58,8 +66,7 @@ class PromptResult:
                     "candidate": c.candidate, "seed": c.seed, "parent": c.parent,
                     "step": c.step, "reward": c.reward, "scores": c.scores, "nfe": c.nfe,
                     "error": c.error,
-                    "image": run_folder.candidate_image(self.prompt_index, c.candidate)
-                    if c.has_final else None,
+                    "image": self._candidate_image(c),
                 }
                 for c in self.candidates
             ],
@@ -115,13 +122,8 @@ class RunResult:
 def collect_results(*, run_dir: Path, job: Job, model: ModelInfo, prompts: list[PromptResult],
                     wall_seconds: float, stage_seconds: dict[str, float],
                     verifier_usage: dict[str, dict[str, int]], executor: str) -> RunResult:
-    """Copy each prompt's best image to ``best/`` and write ``results.json``."""
-    (run_dir / run_folder.BEST).mkdir(exist_ok=True)
-    for prompt in prompts:
-        if prompt.best is not None:
-            source = run_dir / run_folder.candidate_image(prompt.prompt_index,
-                                                          prompt.best.candidate)
-            shutil.copyfile(source, run_dir / run_folder.best_image(prompt.prompt_index))
+    """Write ``results.json`` (the best images are in ``best/`` already:
+    :class:`~diffsearch.image_output.ImageOutput` keeps them current while the run goes)."""
     result = RunResult(
         run_dir=run_dir,
         nfe=sum(c.nfe for p in prompts for c in p.candidates),

@@ -5,8 +5,10 @@
     RUN/
       job.json            the validated job (written once the pre-run checks pass)
       store.zarr/         every latent, score and lineage (diffsearch.store)
-      images/pPPPPP/      each candidate's final image, cCCCCC.png (clips: cCCCCC.gif)
-      best/pPPPPP.png     the best image per prompt
+      best/pPPPPP.png     the best image per prompt, kept current while the run goes (clips:
+                          its last frame, and the clip as pPPPPP.gif); not with images: none
+      images/pPPPPP/      only with images: all: each candidate's final image, cCCCCC.png
+                          (clips: also cCCCCC.gif)
       results.json        the report, written when the run ends
 
 Paths are relative to the run folder (results.json and the API hand them out that way), so a
@@ -38,5 +40,10 @@ def candidate_clip(prompt_index: int, candidate: int) -> str:
 
 
 def best_image(prompt_index: int) -> str:
-    """A prompt's best image, copied there when the run ends."""
+    """A prompt's best image (the best so far while the run goes)."""
     return f"{BEST}/p{prompt_index:05d}.png"
+
+
+def best_clip(prompt_index: int) -> str:
+    """A frame-chain or video search's best clip, as GIF, beside its best image."""
+    return f"{BEST}/p{prompt_index:05d}.gif"

@@ -8,6 +8,7 @@ from typing import Any
 
 from diffsearch import run_folder
 from diffsearch.errors import StoreError
+from diffsearch.image_output import shown_candidate
 from diffsearch.job import verifier_label
 from diffsearch.store import CandidateRecord, RunStore
 from diffsearch.strategies.common import best_of
@@ -36,13 +37,15 @@ def best_per_prompt(run_dir: Path) -> list[dict[str, Any]]:
     store = RunStore.open(store_path, writable=False)
     guide = verifier_label(store.attrs["job"]["verifier"])
     rows = []
-    for index in store.prompt_indices():
-        best = best_of(stored_answers(store.finished_candidates(index), guide))
+    for index, candidates in sorted(store.all_finished().items()):
+        best = best_of(stored_answers(candidates, guide))
+        image = run_folder.best_image(index)
         rows.append({
             "index": index, "prompt": store.prompt_text(index),
             "score": best.reward if best else None,
             "candidate": best.candidate if best else None,
-            "image": run_folder.candidate_image(index, best.candidate) if best else None,
+            "image": image if best and shown_candidate(run_dir / image) == best.candidate
+            else None,
             "finished": False,
         })
     return rows

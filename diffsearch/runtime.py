@@ -1,35 +1,38 @@
-"""What a worker does: hold a loaded model and verifiers, run batches of tasks, return outcomes.
+"""What a worker does: hold a loaded model and verifiers, run units of tasks, hand back results.
 
 The same code runs in-process (the local executor) and inside Dask workers, so both give the
 same bits. A :class:`WorkerRuntime` is built once per process and spec (models are loaded once
-and kept); a :class:`WorkBatch` carries only ids, seeds and store keys, and an :class:`Outcome`
-only numbers, so nothing large crosses the scheduler: latents go straight to the Zarr store.
+and kept). A :class:`WorkBatch` carries only ids, seeds and where its source latents are; a
+:class:`UnitResult` carries the numbers, the new latents (for the driver, the store's only
+writer) and the few images the driver asked for as raw pixels. Nothing is encoded or written
+here, so the denoiser's process only computes.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 
-from diffsearch import run_folder
-from diffsearch.errors import DiffsearchError
+from diffsearch.clips import assemble_clips
+from diffsearch.image_output import pixels
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
+from diffsearch.scoring import same_shape_groups, score_in_chunks
 from diffsearch.seeding import task_generator
-from diffsearch.store import RunStore
+from diffsearch.store import LatentRef, read_latent_rows
 from diffsearch.tasks import Outcome, ScoreOn, Task
 from diffsearch.verifiers.base import Verifier, VerifierError
 from diffsearch.verifiers.video import VideoVerifier
+
+T = TypeVar("T")
 
 _RUNTIMES: dict[RuntimeSpec, WorkerRuntime] = {}
 
@@ -49,6 +52,11 @@ class RuntimeSpec:
     """The guiding verifier spec, as canonical JSON (dict specs are not hashable)."""
     eval_verifiers: tuple[str, ...] = ()
     allow_download: bool = False
+    compile: bool = False
+    attention: str = "auto"
+    offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
 
     @classmethod
     def from_job(cls, job: Job) -> RuntimeSpec:
@@ -57,7 +65,8 @@ class RuntimeSpec:
             device=job.device, dtype=job.dtype, compute_batch=job.compute_batch,
             threads=job.threads, verifier=_canonical(job.verifier),
             eval_verifiers=tuple(_canonical(v) for v in job.eval_verifiers),
-            allow_download=job.allow_download,
+            allow_download=job.allow_download, compile=job.compile, attention=job.attention,
+            offload=job.offload, vae_tiling=job.vae_tiling, vae_slicing=job.vae_slicing,
         )
 
 
@@ -74,30 +83,91 @@ class ModelInfo:
     """Rows per forward pass: the engine packs work units in multiples of it."""
 
 
+class ImageWanted(str, Enum):
+    """Whether the driver wants a row's pixels back (the job's ``images``, :mod:`diffsearch
+    .image_output`)."""
+
+    NO = "no"
+    IF_BEST = "if_best"
+    """Only if it is its prompt's best answer in the unit and at least as good as the best the
+    driver knew when it sent the unit (``WorkBatch.to_beat``): so a best-of-N unit of 8 prompts
+    returns at most 8 images, and the final best always comes back."""
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True)
+class ClipFrames:
+    """What a task scored on its clip needs besides its own frame."""
+
+    ancestors: tuple[LatentRef, ...]
+    """The earlier frames' clean latents, oldest first (finished before the task was asked)."""
+    prompt: str
+    """The clip prompt the video verifier judges against (``Task.prompt`` is the frame's)."""
+
+
+@dataclass(frozen=True)
+class Render:
+    """Decode a finished candidate again for its image (a resumed run's lost best image)."""
+
+    prompt_index: int
+    candidate: int
+    frames: tuple[LatentRef, ...]
+    """Its final latent; for a frame-chain clip, its ancestors' first (oldest first)."""
+
+
 @dataclass(frozen=True)
 class WorkBatch:
     """A unit of work for one worker: tasks sharing their step range, eta, scoring and verifier.
 
     They may belong to several prompts (each row carries its own conditioning, and each row's
-    result is independent of its batch-mates), except tasks scored on clips: those assemble
-    their clips from one prompt's frame chain, so their batches hold one prompt.
+    result is independent of its batch-mates), except tasks scored on clips: those belong to
+    one prompt's frame chain. Everything a worker needs comes with the batch (where each
+    source latent is and at which step, a clip's earlier frames): workers read latents from the
+    store but never its metadata, and never write to it.
     """
 
     tasks: tuple[Task, ...]
     store_path: str
-    run_dir: str | None = None
-    """The run folder final images are written into (:mod:`diffsearch.run_folder`); None: none
-    are written."""
+    sources: tuple[LatentRef | None, ...] = ()
+    """Per task: where its starting latent is (None: drawn from its seed). Empty: all from
+    noise."""
+    clips: tuple[ClipFrames | None, ...] = ()
+    """Per task scored on its clip: its earlier frames. Empty when none is."""
+    images: tuple[ImageWanted, ...] = ()
+    """Per task: whether to return its pixels. Empty: none."""
+    to_beat: tuple[float | None, ...] = ()
+    """Per task: its prompt's best reward when the unit was sent (for ``IF_BEST``)."""
+    renders: tuple[Render, ...] = ()
+    """Decode-only work; a batch has either tasks or renders."""
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a worker hands back for a work unit. The latents go to the driver, the only writer
+    of the store; they are a few KB to a few MB per unit, sent worker to client directly."""
+
+    outcomes: tuple[Outcome, ...]
+    states: np.ndarray | None = None
+    """(n, *latent_shape) float32: each task's state at its ``end``."""
+    finals: np.ndarray | None = None
+    """(n, *latent_shape) float32: each task's final latent, rolled out from its state. None
+    when the unit's tasks were not rolled out (not scored on their final image, or already at
+    the last step, where the state is the final latent)."""
+    images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    """Pixels (:func:`diffsearch.image_output.pixels`) by (prompt index, candidate)."""
 
 
 @dataclass
 class _Timer:
     stages: dict[str, float] = field(default_factory=dict)
 
-    def add(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - since
-        return now
+    def time(self, stage: str, work: Callable[..., T], *args: object) -> T:
+        """``work(*args)``, its seconds added to ``stage``."""
+        since = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - since
 
 
 def get_runtime(spec: RuntimeSpec) -> WorkerRuntime:
@@ -144,7 +214,8 @@ class WorkerRuntime:
         denoiser = load_denoiser(
             spec.model, num_steps=spec.num_steps, guidance_scale=spec.guidance_scale,
             device=spec.device, dtype=spec.dtype, compute_batch=spec.compute_batch,
-            allow_download=spec.allow_download,
+            allow_download=spec.allow_download, compile=spec.compile, attention=spec.attention,
+            offload=spec.offload, vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing,
         )
         return cls(spec, denoiser, create_verifier)
 
@@ -171,94 +242,165 @@ class WorkerRuntime:
             self._conditionings[prompt] = self.denoiser.encode(prompt)
         return self._conditionings[prompt]
 
-    # ---- one batch ------------------------------------------------------------------------
-    def run(self, batch: WorkBatch) -> list[Outcome]:
-        """Run a batch of tasks that share step range, eta, scoring and verifier; latents,
-        final latents and images go to each task's own prompt in the store and run folder."""
+    # ---- one work unit --------------------------------------------------------------------
+    def run(self, batch: WorkBatch) -> UnitResult:
+        """Run a unit of tasks (or renders); see :class:`WorkBatch`. The stages: starting
+        latents, denoising (and the rollout of tasks scored on final images), decoding what is
+        scored, scoring, and the pixels the driver asked for."""
+        if batch.renders:
+            return self._render(batch)
         tasks = batch.tasks
-        first = tasks[0]
-        by_prompt = _rows_by_prompt(tasks)
-        store = RunStore.open(Path(batch.store_path))
         timer = _Timer()
-        since = time.perf_counter()
-        latents = self._start_latents(tasks, store)
-        since = timer.add("load", since)
+        latents = timer.time("load", self._start_latents, batch)
         conds = [self.conditioning(t.prompt) for t in tasks]
-        generators = [task_generator(t.seed, "steps") for t in tasks] if first.eta > 0 else None
-        result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
-                                       generators=generators)
-        computed = result.rows
-        since = timer.add("denoise", since)
-        _write_latents(store, tasks, by_prompt, result.latents)
-        since = timer.add("store", since)
-        errors: list[str | None] = [_non_finite(row, first.end) for row in result.latents]
-
-        scores: list[dict[str, float]] = [{} for _ in tasks]
-        calls = [0] * len(tasks)
-        if first.score_on is ScoreOn.CLIP:
-            to_score, prompts, labels = self._clips(batch, store, result.latents, timer)
-            since = time.perf_counter()
-        elif first.score_on is not ScoreOn.NONE:
-            if first.score_on is ScoreOn.X0:
-                to_decode = result.x0
-                labels = [self._task_verifier(first)]
-            else:
-                final = result.latents
-                if first.end < self.denoiser.num_steps:
-                    rollout = self.denoiser.denoise(
-                        final, conds, first.end, self.denoiser.num_steps, eta=first.eta,
-                        generators=generators)
-                    final, computed = rollout.latents, computed + rollout.rows
-                    since = timer.add("denoise", since)
-                    errors = [e or _non_finite(row, self.denoiser.num_steps)
-                              for e, row in zip(errors, final)]
-                _write_latents(store, tasks, by_prompt, final, final=True)
-                since = timer.add("store", since)
-                to_decode = final
-            images = self.denoiser.decode(to_decode)
-            since = timer.add("decode", since)
-            whole_clips = images.ndim == 5  # a whole-clip video model (pipelines/video.py)
-            if first.score_on is ScoreOn.FINAL:
-                labels = [self._task_verifier(first),
-                          *self._eval_labels_for(video=whole_clips)]
-                if batch.run_dir:
-                    folder = Path(batch.run_dir)
-                    for index, prompt_rows in by_prompt.items():
-                        candidates = [tasks[r].candidate for r in prompt_rows]
-                        own = images[prompt_rows]
-                        _write_pngs(folder, index, candidates, own[:, -1] if whole_clips else own)
-                        if whole_clips:
-                            _write_gifs(folder, index, candidates, own)
-                    since = timer.add("store", since)
-            to_score, prompts = images, [t.prompt for t in tasks]
-        if first.score_on is not ScoreOn.NONE:
-            ok_rows = [i for i, e in enumerate(errors) if e is None]
-            for rows, inputs in _same_shape_groups(to_score, ok_rows):
-                for label in dict.fromkeys(labels):
-                    values, failures = self._score(label, inputs, [prompts[i] for i in rows])
-                    cost = self.verifiers[label].calls_per_score  # a k-sample judge costs k
-                    for row, value, failure in zip(rows, values, failures):
-                        calls[row] += cost
-                        if failure:
-                            errors[row] = errors[row] or failure
-                        else:
-                            scores[row][label] = value
-            since = timer.add("score", since)
-
+        run = timer.time("denoise", self._denoise, tasks, latents, conds)
+        scored = timer.time("decode", self._to_score, batch, run)
+        scores, calls = timer.time("score", self._score_rows, scored, run.errors)
+        images = self._images_wanted(batch, scored, scores, run.errors)
         share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
-        row_shares = _equal_shares(computed, len(tasks))
+        row_shares = _equal_shares(run.rows, len(tasks))
         spent = self._usage_since_last_unit()
         outcomes = []
         for i, task in enumerate(tasks):
             guide = self._task_verifier(task)
-            reward = scores[i].get(guide) if errors[i] is None else None
+            reward = scores[i].get(guide) if run.errors[i] is None else None
             outcomes.append(Outcome(
                 prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
                 reward=reward, scores=scores[i],
                 nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
-                rows=row_shares[i], verifier_calls=calls[i], error=errors[i], timings=share,
-                usage=spent if i == 0 else {}))
-        return outcomes
+                rows=row_shares[i], verifier_calls=calls[i], error=run.errors[i],
+                timings=share, usage=spent if i == 0 else {}))
+        return UnitResult(outcomes=tuple(outcomes), states=_numpy(run.states),
+                          finals=None if run.finals is None else _numpy(run.finals),
+                          images=images)
+
+    def _start_latents(self, batch: WorkBatch) -> torch.Tensor:
+        """Each task's starting latent: its seed's noise, or its source (then perturbed)."""
+        tasks = batch.tasks
+        sources = batch.sources or (None,) * len(tasks)
+        rows: list[torch.Tensor] = [None] * len(tasks)  # type: ignore[list-item]
+        from_noise = [i for i, ref in enumerate(sources) if ref is None]
+        if from_noise:
+            noise = self.denoiser.initial_noise([tasks[i].seed for i in from_noise])
+            for row, i in enumerate(from_noise):
+                rows[i] = noise[row]
+        from_store = [i for i, ref in enumerate(sources) if ref is not None]
+        if from_store:
+            stored = read_latent_rows(batch.store_path, [sources[i] for i in from_store])
+            for row, i in enumerate(from_store):
+                rows[i] = stored[row]
+        latents = torch.stack(rows)
+        perturbed = [i for i, t in enumerate(tasks) if t.perturbation is not None]
+        if perturbed:
+            latents[perturbed] = apply_perturbations(
+                latents[perturbed],
+                [tasks[i].perturbation for i in perturbed],  # type: ignore[misc]
+                [task_generator(tasks[i].seed, "perturb") for i in perturbed],
+                self.denoiser,
+                [0 if sources[i] is None else sources[i].step for i in perturbed],  # type: ignore[union-attr]
+            )
+        return latents
+
+    def _denoise(self, tasks: Sequence[Task], latents: torch.Tensor,
+                 conds: list[Conditioning]) -> _Denoised:
+        """The unit's steps; tasks scored on their final image are rolled out to the end."""
+        first, last = tasks[0], self.denoiser.num_steps
+        generators = [task_generator(t.seed, "steps") for t in tasks] if first.eta > 0 else None
+        result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
+                                       generators=generators)
+        run = _Denoised(states=result.latents, x0=result.x0, rows=result.rows,
+                        errors=[_non_finite(row, first.end) for row in result.latents])
+        if first.score_on is ScoreOn.FINAL and first.end < last:
+            rollout = self.denoiser.denoise(result.latents, conds, first.end, last,
+                                            eta=first.eta, generators=generators)
+            run.finals, run.rows = rollout.latents, run.rows + rollout.rows
+            run.errors = [e or _non_finite(row, last) for e, row in zip(run.errors, run.finals)]
+        return run
+
+    def _to_score(self, batch: WorkBatch, run: _Denoised) -> _ToScore | None:
+        """Decode what the unit's verifiers judge: x0 estimates, final images, or clips."""
+        first = batch.tasks[0]
+        if first.score_on is ScoreOn.NONE:
+            return None
+        if first.score_on is ScoreOn.CLIP:
+            guide = self._task_verifier(first)
+            if not isinstance(self.verifiers[guide], VideoVerifier):
+                raise VerifierError(f"tasks scored on clips need a video verifier (e.g. "
+                                    f"shapes-video) as the job's verifier; {guide!r} scores "
+                                    f"images")
+            clips = assemble_clips(self.denoiser, batch, run.states)
+            prompts = [plan.prompt for plan in batch.clips]  # type: ignore[union-attr]
+            return _ToScore(clips, prompts, [guide, *self._eval_labels_for(video=True)],
+                            clips)
+        if first.score_on is ScoreOn.X0:
+            images = self.denoiser.decode(run.x0)
+            return _ToScore(images, [t.prompt for t in batch.tasks],
+                            [self._task_verifier(first)], None)
+        images = self.denoiser.decode(run.final_latents)
+        whole_clips = images.ndim == 5  # a whole-clip video model (pipelines/video.py)
+        labels = [self._task_verifier(first), *self._eval_labels_for(video=whole_clips)]
+        return _ToScore(images, [t.prompt for t in batch.tasks], labels, images)
+
+    def _score_rows(self, scored: _ToScore | None, errors: list[str | None]
+                    ) -> tuple[list[dict[str, float]], list[int]]:
+        """Every label's score per row (rows that already failed are not scored); a failing
+        verifier fails its row, with the reason in ``errors``."""
+        n = len(errors)
+        scores: list[dict[str, float]] = [{} for _ in range(n)]
+        calls = [0] * n
+        if scored is None:
+            return scores, calls
+        ok_rows = [i for i, e in enumerate(errors) if e is None]
+        for rows, inputs in same_shape_groups(scored.inputs, ok_rows):
+            for label in dict.fromkeys(scored.labels):
+                verifier = self.verifiers[label]
+                values, failures = score_in_chunks(verifier, label, inputs,
+                                                   [scored.prompts[i] for i in rows],
+                                                   self.denoiser.compute_batch)
+                for row, value, failure in zip(rows, values, failures):
+                    calls[row] += verifier.calls_per_score  # a k-sample judge costs k
+                    if failure:
+                        errors[row] = errors[row] or failure
+                    else:
+                        scores[row][label] = value
+        return scores, calls
+
+    def _images_wanted(self, batch: WorkBatch, scored: _ToScore | None,
+                       scores: list[dict[str, float]], errors: list[str | None]
+                       ) -> dict[tuple[int, int], np.ndarray]:
+        """The pixels the driver asked for (:class:`ImageWanted`)."""
+        if scored is None or scored.shown is None or not batch.images:
+            return {}
+        tasks = batch.tasks
+        chosen: list[int] = []
+        best_by_prompt: dict[int, int] = {}
+        for i, wanted in enumerate(batch.images):
+            if errors[i] is not None or wanted is ImageWanted.NO:
+                continue
+            if wanted is ImageWanted.ALWAYS:
+                chosen.append(i)
+                continue
+            reward = scores[i].get(self._task_verifier(tasks[i]))
+            to_beat = batch.to_beat[i]
+            if reward is None or (to_beat is not None and reward < to_beat):
+                continue
+            held = best_by_prompt.get(tasks[i].prompt_index)
+            if held is None or (-reward, tasks[i].candidate) < (
+                    -scores[held][self._task_verifier(tasks[held])], tasks[held].candidate):
+                best_by_prompt[tasks[i].prompt_index] = i
+        chosen.extend(i for i in best_by_prompt.values() if i not in chosen)
+        return {(tasks[i].prompt_index, tasks[i].candidate): pixels(scored.shown[i])
+                for i in sorted(chosen)}
+
+    def _render(self, batch: WorkBatch) -> UnitResult:
+        """Decode finished candidates again, for their images."""
+        images = {}
+        for render in batch.renders:
+            latents = read_latent_rows(batch.store_path, render.frames)
+            decoded = self.denoiser.decode(latents)
+            shown = decoded[0] if decoded.ndim == 5 or len(render.frames) == 1 else decoded
+            images[(render.prompt_index, render.candidate)] = pixels(shown)
+        return UnitResult(outcomes=(), images=images)
 
     def _usage_since_last_unit(self) -> dict[str, dict[str, int]]:
         """How much each verifier's usage() counters grew since the last unit (only those that
@@ -279,164 +421,42 @@ class WorkerRuntime:
         return [label for label in self._eval_labels
                 if isinstance(self.verifiers[label], VideoVerifier) == video]
 
-    # ---- frame-chain clips (ScoreOn.CLIP) ----------------------------------------------------
-    def _clips(self, batch: WorkBatch, store: RunStore, latents: torch.Tensor, timer: _Timer
-               ) -> tuple[list[torch.Tensor], list[str], list[str]]:
-        """Each task's clip (ancestor frames by ``parent`` links, then its own), decoded
-        (F, 3, H, W), with the clip prompt and the video verifiers' labels to score them.
-
-        Also stores the tasks' clean latents as ``final`` and writes each candidate's frame
-        as PNG and its clip as GIF. Ancestors are finished (their tasks were told back before
-        this one was asked), so their parent links and latents are in the store.
-        """
-        tasks, first = batch.tasks, batch.tasks[0]
-        since = time.perf_counter()
-        if any(t.prompt_index != first.prompt_index for t in tasks):
-            raise ValueError("a batch of tasks scored on clips must hold one prompt's tasks")
-        if first.end != self.denoiser.num_steps:
-            raise ValueError(f"a task scored on its clip must end at the last step "
-                             f"({self.denoiser.num_steps}), not {first.end}")
-        guide = self._task_verifier(first)
-        if not isinstance(self.verifiers[guide], VideoVerifier):
-            raise VerifierError(f"tasks scored on clips need a video verifier (e.g. "
-                                f"shapes-video) as the job's verifier; {guide!r} scores images")
-        index, candidates = first.prompt_index, [t.candidate for t in tasks]
-        store.write_latents(index, candidates, latents, final=True)
-        parents = store.read_parents(index)
-        chains = [_ancestors(parents, t.parent, t.candidate) for t in tasks]
-        since = timer.add("store", since)
-        ancestors = sorted({a for chain in chains for a in chain})
-        decoded = self.denoiser.decode(
-            torch.cat([store.read_latents(index, ancestors), latents]) if ancestors else latents)
-        frame_of = dict(zip(ancestors, decoded))
-        own = decoded[len(ancestors):]
-        clips = [torch.stack([*(frame_of[a] for a in chain), own[row]])
-                 for row, chain in enumerate(chains)]
-        since = timer.add("decode", since)
-        if batch.run_dir:
-            _write_pngs(Path(batch.run_dir), index, candidates, own)
-            _write_gifs(Path(batch.run_dir), index, candidates, clips)
-            timer.add("store", since)
-        prompts = [store.prompt_text(index)] * len(tasks)
-        return clips, prompts, [guide, *self._eval_labels_for(video=True)]
-
     def _task_verifier(self, task: Task) -> str:
         if task.verifier is None:
             return self._guiding_label
         return self._add_verifier(task.verifier)
 
-    def _start_latents(self, tasks: Sequence[Task], store: RunStore) -> torch.Tensor:
-        """Each task's starting latent: its seed's noise, or its source (then perturbed)."""
-        rows: list[torch.Tensor] = [None] * len(tasks)  # type: ignore[list-item]
-        from_noise = [i for i, t in enumerate(tasks) if t.source_candidate is None]
-        if from_noise:
-            noise = self.denoiser.initial_noise([tasks[i].seed for i in from_noise])
-            for row, i in enumerate(from_noise):
-                rows[i] = noise[row]
-        steps_by_row = {i: 0 for i in from_noise}
-        from_store = [i for i, t in enumerate(tasks) if t.source_candidate is not None]
-        for prompt_index, prompt_rows in _rows_by_prompt([tasks[i] for i in from_store]).items():
-            indices = [from_store[r] for r in prompt_rows]
-            sources = [tasks[i].source_candidate for i in indices]
-            stored = store.read_latents(prompt_index, sources)  # type: ignore[arg-type]
-            source_steps = store.read_steps(prompt_index, sources)  # type: ignore[arg-type]
-            for row, i in enumerate(indices):
-                rows[i] = stored[row]
-                steps_by_row[i] = source_steps[row]
-        latents = torch.stack(rows)
-        perturbed = [i for i, t in enumerate(tasks) if t.perturbation is not None]
-        if perturbed:
-            latents[perturbed] = apply_perturbations(
-                latents[perturbed],
-                [tasks[i].perturbation for i in perturbed],  # type: ignore[misc]
-                [task_generator(tasks[i].seed, "perturb") for i in perturbed],
-                self.denoiser,
-                [steps_by_row[i] for i in perturbed],
-            )
-        return latents
 
-    def _score(self, label: str, images: torch.Tensor, prompts: list[str]
-               ) -> tuple[list[float], list[str | None]]:
-        """Score in fixed-size chunks (batch-invariant, like the denoiser); a chunk that raises
-        is retried row by row so one bad candidate fails alone, with its error."""
-        n = images.shape[0]
-        if n == 0:
-            return [], []
-        verifier = self.verifiers[label]
-        size = self.denoiser.compute_batch
-        values: list[float] = []
-        failures: list[str | None] = []
-        for begin in range(0, n, size):
-            chunk, chunk_prompts = images[begin:begin + size], prompts[begin:begin + size]
-            try:
-                values.extend(_score_padded(verifier, chunk, chunk_prompts, size))
-                failures.extend([None] * chunk.shape[0])
-            except Exception:
-                for row in range(chunk.shape[0]):
-                    try:
-                        values.extend(_score_padded(verifier, chunk[row:row + 1],
-                                                    chunk_prompts[row:row + 1], size))
-                        failures.append(None)
-                    except Exception as error:  # a plugin may raise anything
-                        values.append(math.nan)
-                        failures.append(f"verifier {label!r} failed: "
-                                        f"{type(error).__name__}: {error}")
-                        if not isinstance(error, DiffsearchError):  # a bug, not the input
-                            traceback.print_exc()
-        return values, failures
+@dataclass
+class _Denoised:
+    """A unit after denoising: states at ``end``, the x0 estimates, final latents of tasks
+    rolled out to the last step, rows computed and each row's failure so far."""
+
+    states: torch.Tensor
+    x0: torch.Tensor
+    rows: int
+    errors: list[str | None]
+    finals: torch.Tensor | None = None
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """The clean latents: rolled out, or the states of tasks that ended at the last step."""
+        return self.states if self.finals is None else self.finals
 
 
-def _score_padded(verifier: Verifier, images: torch.Tensor, prompts: list[str], size: int
-                  ) -> list[float]:
-    real = images.shape[0]
-    if real < size:
-        images = torch.cat([images, images[-1:].expand(size - real, *images.shape[1:])])
-        prompts = prompts + [prompts[-1]] * (size - real)
-    values = verifier.score(images, prompts).detach().to("cpu", torch.float64)[:real].tolist()
-    for value in values:
-        if not math.isfinite(value):
-            raise ValueError(f"non-finite score {value}")
-    return values
+@dataclass
+class _ToScore:
+    inputs: torch.Tensor | list[torch.Tensor]
+    """Images (N, 3, H, W), whole clips (N, F, 3, H, W) or frame-chain clips (one per row)."""
+    prompts: list[str]
+    labels: list[str]
+    """The verifiers that judge them: the guide first, then evaluation verifiers."""
+    shown: torch.Tensor | list[torch.Tensor] | None
+    """What the run folder shows of each row (its image or clip); None for x0 estimates."""
 
 
-def _same_shape_groups(inputs: torch.Tensor | list[torch.Tensor], rows: list[int]
-                       ) -> list[tuple[list[int], torch.Tensor]]:
-    """``rows`` of ``inputs`` as stacked batches: one for an image tensor, one per clip length
-    for a list of clips (a verifier scores a rectangular batch)."""
-    if isinstance(inputs, torch.Tensor):
-        return [(rows, inputs[rows])] if rows else []
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for row in rows:
-        groups.setdefault(tuple(inputs[row].shape), []).append(row)
-    return [(group, torch.stack([inputs[r] for r in group])) for group in groups.values()]
-
-
-def _ancestors(parents: dict[int, int | None], parent: int | None, candidate: int) -> list[int]:
-    """The finished ancestors of ``candidate`` whose parent is ``parent``, oldest first."""
-    chain: list[int] = []
-    while parent is not None:
-        if parent not in parents:
-            raise RuntimeError(f"candidate {candidate}: its ancestor {parent} is not finished "
-                               f"in the store, so its clip cannot be assembled")
-        chain.append(parent)
-        parent = parents[parent]
-    return chain[::-1]
-
-
-def _rows_by_prompt(tasks: Sequence[Task]) -> dict[int, list[int]]:
-    """The rows of ``tasks`` by prompt index, in order: each prompt's part of a batch."""
-    groups: dict[int, list[int]] = {}
-    for row, task in enumerate(tasks):
-        groups.setdefault(task.prompt_index, []).append(row)
-    return groups
-
-
-def _write_latents(store: RunStore, tasks: Sequence[Task], by_prompt: dict[int, list[int]],
-                   latents: torch.Tensor, *, final: bool = False) -> None:
-    """Each task's row of ``latents`` into its own prompt's array."""
-    for prompt_index, rows in by_prompt.items():
-        store.write_latents(prompt_index, [tasks[r].candidate for r in rows], latents[rows],
-                            final=final)
+def _numpy(latents: torch.Tensor) -> np.ndarray:
+    return latents.detach().to("cpu", torch.float32).numpy()
 
 
 def _equal_shares(total: int, parts: int) -> list[int]:
@@ -451,34 +471,11 @@ def _non_finite(latent: torch.Tensor, step: int) -> str | None:
     return f"non-finite values (NaN/inf) in the latent at step {step}"
 
 
-def _write_pngs(run_dir: Path, prompt_index: int, candidates: Sequence[int],
-                images: torch.Tensor) -> None:
-    (run_dir / run_folder.prompt_images(prompt_index)).mkdir(parents=True, exist_ok=True)
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for candidate, image in zip(candidates, pixels):
-        Image.fromarray(np.ascontiguousarray(image)).save(
-            run_dir / run_folder.candidate_image(prompt_index, candidate))
-
-
-GIF_FRAME_MS = 400
-"""How long each frame of a written clip is shown."""
-
-
-def _write_gifs(run_dir: Path, prompt_index: int, candidates: Sequence[int],
-                clips: Sequence[torch.Tensor]) -> None:
-    (run_dir / run_folder.prompt_images(prompt_index)).mkdir(parents=True, exist_ok=True)
-    for candidate, clip in zip(candidates, clips):
-        pixels = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in pixels]
-        frames[0].save(run_dir / run_folder.candidate_clip(prompt_index, candidate), save_all=True,
-                       append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
-
-
 def _canonical(spec: VerifierSpec) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
-def run_batch(spec: RuntimeSpec, batch: WorkBatch) -> list[Outcome]:
+def run_batch(spec: RuntimeSpec, batch: WorkBatch) -> UnitResult:
     """Entry point for executors: run ``batch`` with this process's runtime for ``spec``."""
     return get_runtime(spec).run(batch)
 

@@ -47,7 +47,7 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 def latents(run_dir: Path, prompts: int, candidates: int) -> list[np.ndarray]:
-    store = RunStore.open(run_dir / "store.zarr")
+    store = RunStore.open(run_dir / "store.zarr", writable=False)
     return [store.read_latents(p, range(candidates), final=final).numpy()
             for p in range(prompts) for final in (False, True)]
 
@@ -141,7 +141,8 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path: Path,
                       worker_plugins=fake_plugins(job, delay=0.3)) as executor:
         with pytest.raises(KeyboardInterrupt):
             run_job(job, tmp_path / "dask", executor=executor, on_progress=interrupt)
-        finished = len(RunStore.open(tmp_path / "dask" / "store.zarr").finished_candidates(0))
+        finished = len(RunStore.open(tmp_path / "dask" / "store.zarr", writable=False)
+                       .finished_candidates(0))
         assert 0 < finished < 12
         # the same executor runs the resumed job: the stopped run's batches were dropped
         result = run_job(job, tmp_path / "dask", executor=executor, resume=True)

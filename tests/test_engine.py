@@ -20,7 +20,8 @@ from fake_denoiser import FakeDenoiser
 
 
 def test_best_of_n_end_to_end(tmp_path: Path) -> None:
-    job = fake_job(prompts=["a red circle on the left", "two blue squares"], budget="6x")
+    job = fake_job(prompts=["a red circle on the left", "two blue squares"], budget="6x",
+                   images="all")
     result, denoiser = run_fake(job, tmp_path / "run")
 
     data = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -53,8 +54,8 @@ def test_same_job_same_bits_whatever_the_batch_size(tmp_path: Path) -> None:
     for name in "bcd":
         assert comparable(runs[name], "job", "result_key") == reference
         assert png_bytes(runs[name]) == png_bytes(runs["a"])
-    latents = {name: RunStore.open(path / "store.zarr").read_latents(0, range(8), final=True)
-               for name, path in runs.items()}
+    latents = {name: RunStore.open(path / "store.zarr", writable=False)
+               .read_latents(0, range(8), final=True) for name, path in runs.items()}
     for name in "bcd":
         assert np.array_equal(latents[name].numpy(), latents["a"].numpy())
 
@@ -88,7 +89,7 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run_fake(job, tmp_path / "stopped", on_progress=interrupt_after_three_batches)
-    finished = sum(len(RunStore.open(tmp_path / "stopped" / "store.zarr")
+    finished = sum(len(RunStore.open(tmp_path / "stopped" / "store.zarr", writable=False)
                        .finished_candidates(i)) for i in (0, 1))
     assert finished == 6
 

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from dask_fixtures import FakeRuntimePlugin
 from distributed import LocalCluster
 
 from diffsearch.api import run_job
 from diffsearch.dask_executor import DaskExecutor
 from diffsearch.engine import WorkPool
-from diffsearch.run_folder import candidate_image
-from diffsearch.runtime import RuntimeSpec, WorkBatch, get_runtime
+from diffsearch.runtime import ImageWanted, RuntimeSpec, WorkBatch, get_runtime
 from diffsearch.store import RunStore
 from diffsearch.tasks import Perturbation, PerturbKind, ScoreOn, Task
 from engine_harness import comparable, fake_job, png_bytes, run_fake
@@ -75,7 +73,7 @@ def test_rows_count_the_rollout_and_every_pass_of_a_search(tmp_path: Path) -> No
     result, denoiser = run_fake(job, tmp_path / "run")
     assert result.rows == rows_of(denoiser)
     assert result.nfe <= result.rows < 1.25 * result.nfe
-    store = RunStore.open(tmp_path / "run" / "store.zarr")
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
     stored = sum(c.rows for i in range(3) for c in store.finished_candidates(i))
     assert stored == result.rows  # what a resumed run reads back
 
@@ -85,11 +83,14 @@ def test_rows_count_the_rollout_and_every_pass_of_a_search(tmp_path: Path) -> No
 def test_the_same_results_whatever_the_batch_size_and_the_prompts_order(
         tmp_path: Path, strategy: dict) -> None:
     runs = {
-        "b1": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", batch_size=1),
-        "b64": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", batch_size=64),
-        "b5": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", batch_size=5),
+        "b1": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", images="all",
+                       batch_size=1),
+        "b64": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", images="all",
+                       batch_size=64),
+        "b5": fake_job(prompts=PROMPTS, strategy=strategy, budget="8x", images="all",
+                       batch_size=5),
         "reversed": fake_job(prompts=PROMPTS[::-1], strategy=strategy, budget="8x",
-                             batch_size=7),
+                             images="all", batch_size=7),
     }
     rows = {}
     for name, job in runs.items():
@@ -104,12 +105,10 @@ def test_the_same_results_whatever_the_batch_size_and_the_prompts_order(
     assert rows["b64"] < rows["b1"]  # one candidate per unit pads every pass
 
 
-def test_a_unit_of_two_prompts_writes_each_to_its_own_prompt(tmp_path: Path) -> None:
+def test_a_unit_of_two_prompts_reads_each_source_from_its_own_prompt(tmp_path: Path) -> None:
     job = fake_job(prompts=PROMPTS[:2], budget="2x")
     run_fake(job, tmp_path / "run")  # the store, its two prompts and their candidates 0, 1
-    store = RunStore.open(tmp_path / "run" / "store.zarr")
-    for index in (0, 1):
-        store.ensure_capacity(index, 4)
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
     runtime = get_runtime(RuntimeSpec.from_job(job))
 
     def renoised(index: int, candidate: int, source: int) -> Task:
@@ -117,23 +116,25 @@ def test_a_unit_of_two_prompts_writes_each_to_its_own_prompt(tmp_path: Path) -> 
                     seed=100 * index + candidate, start=4, end=10, source_candidate=source,
                     perturbation=Perturbation(PerturbKind.RENOISE, to_step=4))
 
+    def unit(tasks: tuple[Task, ...]) -> WorkBatch:
+        return WorkBatch(tasks=tasks, store_path=str(store.path),
+                         sources=tuple(store.latent_ref(t.prompt_index, t.source_candidate)
+                                       for t in tasks),
+                         images=(ImageWanted.ALWAYS,) * len(tasks), to_beat=(None,) * len(tasks))
+
     # each reads its source from its own prompt, and the two prompts' rows share passes
     mixed = (renoised(0, 2, 0), renoised(1, 2, 0), renoised(0, 3, 1), renoised(1, 3, 1))
-    outcomes = runtime.run(WorkBatch(tasks=mixed, store_path=str(store.path),
-                                     run_dir=str(tmp_path / "run")))
-    finals = {i: store.read_latents(i, [2, 3], final=True) for i in (0, 1)}
-    assert not torch.equal(finals[0], finals[1])
-    for task, outcome in zip(mixed, outcomes, strict=True):
+    together = runtime.run(unit(mixed))
+    assert not np.array_equal(together.states[0], together.states[1])
+    for row, (task, outcome) in enumerate(zip(mixed, together.outcomes, strict=True)):
         assert (outcome.prompt_index, outcome.candidate) == (task.prompt_index, task.candidate)
-        image = tmp_path / "run" / candidate_image(task.prompt_index, task.candidate)
-        mixed_png = image.read_bytes()
-        alone = runtime.run(WorkBatch(tasks=(task,), store_path=str(store.path),
-                                      run_dir=str(tmp_path / "run")))[0]
-        assert alone.reward == outcome.reward and image.read_bytes() == mixed_png
-        assert torch.equal(store.read_latents(task.prompt_index, [task.candidate], final=True),
-                           finals[task.prompt_index][task.candidate - 2 : task.candidate - 1])
+        alone = runtime.run(unit((task,)))
+        assert alone.outcomes[0].reward == outcome.reward
+        assert np.array_equal(alone.states[0], together.states[row])
+        key = (task.prompt_index, task.candidate)
+        assert np.array_equal(alone.images[key], together.images[key])
     # 6 steps of one pass of 4 rows, shared equally
-    assert [o.rows for o in outcomes] == [6] * 4
+    assert [o.rows for o in together.outcomes] == [6] * 4
 
 
 def test_an_interrupted_packed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
@@ -194,8 +195,10 @@ def test_packed_units_on_two_dask_workers_give_the_same_bits(tmp_path: Path) -> 
     assert comparable(tmp_path / "dask") == comparable(tmp_path / "local")
     assert png_bytes(tmp_path / "dask") == png_bytes(tmp_path / "local")
     for index in range(3):
-        ours, theirs = (RunStore.open(tmp_path / run / "store.zarr")
-                        .read_latents(index, range(10), final=True).numpy()
-                        for run in ("dask", "local"))
-        assert np.array_equal(ours, theirs, equal_nan=True)
+        stores = [RunStore.open(tmp_path / run / "store.zarr", writable=False)
+                  for run in ("dask", "local")]
+        finals = [c.candidate for c in stores[1].finished_candidates(index) if c.has_final]
+        ours, theirs = (store.read_latents(index, finals, final=True).numpy()
+                        for store in stores)
+        assert len(finals) > 3 and np.array_equal(ours, theirs)
     assert result.nfe == local.nfe and result.rows < 1.5 * result.nfe

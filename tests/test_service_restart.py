@@ -96,11 +96,25 @@ def status_is(*statuses: str) -> Any:
 
 
 def finished_candidates(run_dir: Path) -> dict[tuple[int, int], int]:
-    """(prompt, candidate) -> its image's mtime, for every candidate the store has finished."""
-    store = RunStore.open(run_dir / run_folder.STORE, writable=False)
-    return {(p, c.candidate): (run_dir / run_folder.candidate_image(p, c.candidate)
-                               ).stat().st_mtime_ns
-            for p in store.prompt_indices() for c in store.finished_candidates(p)}
+    """(prompt, candidate) -> its image's mtime, for every candidate the store has finished
+    whose image is written (the driver writes images in the background: a kill may come
+    between the two, and the resumed run then renders the image again)."""
+    store_path = run_dir / run_folder.STORE
+    if not store_path.exists():
+        return {}
+    store = RunStore.open(store_path, writable=False)
+    images = {(p, c.candidate): run_dir / run_folder.candidate_image(p, c.candidate)
+              for p in store.prompt_indices() for c in store.finished_candidates(p)}
+    return {key: path.stat().st_mtime_ns for key, path in images.items() if path.exists()}
+
+
+def wait_for_finished(run_dir: Path, timeout: float = 30.0) -> None:
+    """Until the store on disk holds a finished candidate: progress events come as the driver
+    records outcomes, a moment before its writer thread has them on disk."""
+    deadline = time.monotonic() + timeout
+    while not finished_candidates(run_dir):
+        assert time.monotonic() < deadline, f"nothing finished in {run_dir}"
+        time.sleep(0.02)
 
 
 def image_times(run_dir: Path) -> dict[tuple[int, int], int]:
@@ -130,6 +144,7 @@ def test_a_killed_server_loses_nothing(tmp_path: Path) -> None:
         queued = http.post("/v1/searches", json=SHAPES_REQUEST).json()["id"]  # the same job
         total = 2 * 4 * 10
         detail = poll(http, interrupted, lambda d: d["progress"]["nfe_done"] > 0)
+        wait_for_finished(data_dir / "runs" / interrupted)
         waiting = http.get(f"/v1/searches/{queued}").json()["status"]
         process.send_signal(signal.SIGKILL)
         assert detail["progress"]["nfe_done"] < total, "too late: the search finished"
@@ -175,12 +190,12 @@ def test_a_killed_server_loses_nothing(tmp_path: Path) -> None:
 
 # ---- the in-process service, stopped ----------------------------------------------------------
 def test_a_stopped_service_comes_back_and_resumes_what_it_stopped(tmp_path: Path) -> None:
-    # threads=3: a runtime spec of its own (a slow fake: 0.05 s per denoise call, one candidate
+    # threads=3: a runtime spec of its own (a slow fake: 0.25 s per denoise call, one candidate
     # of 10 steps per work unit), so the stop lands mid-search
     config = replace(fake_config(tmp_path, threads=3), batch_size=1)
     job = {"prompts": ["a red circle"], "model": "fake", "verifier": "redness",
            "budget": "4x", "seed": 2}
-    with serve(config, FakeBackend(delay=0.05)) as url, client(url) as http:
+    with serve(config, FakeBackend(delay=0.25)) as url, client(url) as http:
         finished = http.post("/v1/searches", json={**job, "budget": "1x"}).json()["id"]
         poll(http, finished, status_is("done"))
         stopped = http.post("/v1/searches", json=job).json()["id"]
@@ -192,7 +207,7 @@ def test_a_stopped_service_comes_back_and_resumes_what_it_stopped(tmp_path: Path
     saved = sorted(p.name for p in (config.data_dir / "searches").iterdir())
     assert saved == [f"{i}.json" for i in (finished, stopped, queued)]  # no temporary files
 
-    with serve(config, FakeBackend(delay=0.05)) as url, client(url) as http:
+    with serve(config, FakeBackend(delay=0.25)) as url, client(url) as http:
         listed = [(s["id"], s["status"]) for s in http.get("/v1/searches").json()["searches"]]
         assert listed[:2] == [(finished, "done"), (stopped, "interrupted")]
         assert listed[2][0] == queued and listed[2][1] in ("queued", "running")

@@ -60,7 +60,7 @@ class RedX0Denoiser(FakeDenoiser):
 
 def rewards_by_score_on(run_dir: Path) -> dict[str, list[float]]:
     """The stored rewards of final images, and of everything else (x0 estimates)."""
-    store = RunStore.open(run_dir / "store.zarr")
+    store = RunStore.open(run_dir / "store.zarr", writable=False)
     finals = [c.reward for c in store.finished_candidates(0) if c.has_final]
     others = [c.reward for c in store.finished_candidates(0)
               if not c.has_final and c.reward is not None]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,8 +17,8 @@ from diffsearch.api import run_job
 from diffsearch.cli import main as cli_main
 from diffsearch.job import Job
 from diffsearch.pipelines.frame_chain import FrameChain
-from diffsearch.run_folder import candidate_clip, candidate_image
-from diffsearch.runtime import RuntimeSpec, WorkBatch, get_runtime
+from diffsearch.run_folder import best_clip, candidate_clip, candidate_image
+from diffsearch.runtime import ClipFrames, RuntimeSpec, WorkBatch, get_runtime
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.strategies import registry
@@ -193,8 +194,14 @@ def test_both_are_registered() -> None:
 # ---- through the real engine, store and runtime on the fake denoiser ---------------------------
 
 def media_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Every image and clip of a run folder, by relative path."""
     return {str(p.relative_to(run_dir)): p.read_bytes()
-            for p in sorted((run_dir / "images").rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.suffix in (".png", ".gif")}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def tof_job(**fields):
@@ -214,7 +221,8 @@ def chain_of(candidates: list[dict], candidate: int) -> list[int]:
 
 
 def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path) -> None:
-    job = tof_job(eval_verifiers=["redness", {"name": "clip-redness", "label": "clip-eval"}])
+    job = tof_job(eval_verifiers=["redness", {"name": "clip-redness", "label": "clip-eval"}],
+                  images="all")
     result, denoiser = run_fake(job, tmp_path / "run")
     data = json.loads((tmp_path / "run" / "results.json").read_text())
     candidates = {c["candidate"]: c for c in data["prompts"][0]["candidates"]}
@@ -234,18 +242,19 @@ def test_tree_of_frames_end_to_end_scores_and_writes_whole_clips(tmp_path: Path)
     # the runtime assembled the clip from the stored chain, oldest frame first
     chain = chain_of(list(candidates.values()), best["candidate"])
     assert len(chain) == 3 and chain[0] == root
-    store = RunStore.open(tmp_path / "run" / "store.zarr")
-    assert store.read_parents(0) == {c: candidates[c]["parent"] for c in candidates}
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
+    assert store.parents(0) == {c: candidates[c]["parent"] for c in candidates}
     frames = denoiser.decode(store.read_latents(0, chain))
     assert best["score"] == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
     assert torch.equal(store.read_latents(0, [best["candidate"]], final=True),
                        store.read_latents(0, [best["candidate"]]))
     # ... and wrote it: a 3-frame GIF next to the last frame's PNG, which is the best image
     run = tmp_path / "run"
-    with Image.open(run / candidate_clip(0, best["candidate"])) as gif:
-        assert gif.n_frames == 3 and gif.size == (8, 8)
-    assert (run / best["image"]).read_bytes() == \
-        (run / candidate_image(0, best["candidate"])).read_bytes()
+    for clip in (candidate_clip(0, best["candidate"]), best_clip(0)):
+        with Image.open(run / clip) as gif:
+            assert gif.n_frames == 3 and gif.size == (8, 8)
+    assert np.array_equal(pixels(run / best["image"]),
+                          pixels(run / candidate_image(0, best["candidate"])))
     # frames >= 1 were re-noised to k = 4 and denoised 4 -> 10 under their frame's prompt
     assert [(c.start, c.end) for c in denoiser.calls][-2:] == [(4, 10), (4, 10)]
     assert set(FRAMES) <= set(denoiser.encoded) and PROMPT not in denoiser.encoded
@@ -281,7 +290,8 @@ def test_an_interrupted_tree_resumes_by_replay(tmp_path: Path) -> None:
 
 
 def test_linear_clips_end_to_end(tmp_path: Path) -> None:
-    job = tof_job(strategy={"name": "linear-clips", "num_frames": 3, "strength": 0.6}, budget=70)
+    job = tof_job(strategy={"name": "linear-clips", "num_frames": 3, "strength": 0.6}, budget=70,
+                  images="all")
     result, _ = run_fake(job, tmp_path / "run")
     prompt = result.prompts[0]
     assert result.nfe == 3 * 22
@@ -314,8 +324,7 @@ def test_the_cli_runs_tree_of_frames_from_flags_and_from_a_job_file(tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert comparable(tmp_path / "flags", "job", "result_key") == \
         comparable(tmp_path / "file", "job", "result_key")
-    best = json.loads((tmp_path / "file" / "results.json").read_text())["prompts"][0]["best"]
-    assert (tmp_path / "file" / candidate_clip(0, best["candidate"])).is_file()
+    assert (tmp_path / "file" / best_clip(0)).is_file()
 
 
 def test_the_cli_names_the_missing_video_verifier_in_one_line(tmp_path: Path) -> None:
@@ -333,7 +342,7 @@ def test_one_batch_may_hold_clips_of_different_lengths(tmp_path: Path) -> None:
     """The runtime scores each clip length as its own batch; every clip is its own chain."""
     job = tof_job()
     _, denoiser = run_fake(job, tmp_path / "run")
-    store = RunStore.open(tmp_path / "run" / "store.zarr")
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
     parents = {c.candidate: c.parent for c in store.finished_candidates(0)}
     depth_two = next(c for c, p in parents.items() if p is not None and parents[p] is not None)
     chain = FrameChain.for_prompt(PROMPT, 4, 0.6)
@@ -341,15 +350,25 @@ def test_one_batch_may_hold_clips_of_different_lengths(tmp_path: Path) -> None:
                                         parent=parent, seed=candidate, num_steps=T,
                                         score_on=ScoreOn.CLIP)
                   for candidate, parent, frame in ((7, 0, 1), (8, depth_two, 3)))
-    store.ensure_capacity(0, 9)
     runtime = get_runtime(RuntimeSpec.from_job(job))
-    outcomes = runtime.run(WorkBatch(tasks=tasks, store_path=str(store.path)))
-    for task, out in zip(tasks, outcomes):
+
+    def ancestors_of(task: Task) -> list[int]:
         ancestors = [task.parent]
         while parents[ancestors[0]] is not None:
             ancestors.insert(0, parents[ancestors[0]])
-        frames = torch.cat([denoiser.decode(store.read_latents(0, ancestors)),
-                            denoiser.decode(store.read_latents(0, [task.candidate]))])
+        return ancestors
+
+    batch = WorkBatch(
+        tasks=tasks, store_path=str(store.path),
+        sources=tuple(store.latent_ref(0, t.source_candidate) for t in tasks),
+        clips=tuple(ClipFrames(ancestors=tuple(store.latent_ref(0, a, final=True)
+                                               for a in ancestors_of(t)), prompt=PROMPT)
+                    for t in tasks))
+    result = runtime.run(batch)
+    for row, (task, out) in enumerate(zip(tasks, result.outcomes, strict=True)):
+        own = torch.from_numpy(result.states[row:row + 1])
+        frames = torch.cat([denoiser.decode(store.read_latents(0, ancestors_of(task))),
+                            denoiser.decode(own)])
         assert len(frames) == {7: 2, 8: 4}[task.candidate]
         assert out.reward == pytest.approx(clip_redness(frames[None]).item(), rel=1e-6)
 
@@ -369,5 +388,5 @@ def test_tree_of_frames_on_the_bundled_shapes_model(tmp_path: Path) -> None:
     assert len(finished) == 2 and prompt.best.candidate in {c.candidate for c in finished}
     assert prompt.best.reward == max(c.reward for c in finished)
     assert 0.0 <= prompt.best.scores["shapes-video-oracle"] <= 1.0
-    with Image.open(tmp_path / "run" / candidate_clip(0, prompt.best.candidate)) as gif:
+    with Image.open(tmp_path / "run" / best_clip(0)) as gif:
         assert gif.n_frames == 3 and gif.size == (32, 32)

@@ -15,7 +15,7 @@ from transformers import CLIPTextModel
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE
 from diffsearch.pipelines.video import TextToVideoDenoiser
-from diffsearch.run_folder import candidate_clip
+from diffsearch.run_folder import best_clip
 from diffsearch.seeding import torch_generator
 from diffsearch.store import RunStore
 from engine_harness import clip_redness, fake_job, run_fake
@@ -146,10 +146,10 @@ def test_whole_clips_run_through_the_engine(pipe: TextToVideoSDPipeline, tmp_pat
     candidates = result.prompts[0].candidates
     assert len(candidates) == 3 and result.nfe == 3 * STEPS
     assert all(set(c.scores) == {"clip-redness"} for c in candidates)
-    store = RunStore.open(tmp_path / "run" / "store.zarr")
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
     best = result.prompts[0].best
     clip = denoiser.decode(store.read_latents(0, [best.candidate], final=True))
     assert best.reward == pytest.approx(clip_redness(clip).item(), rel=1e-6)
-    with Image.open(tmp_path / "run" / candidate_clip(0, best.candidate)) as gif:
+    with Image.open(tmp_path / "run" / best_clip(0)) as gif:
         assert gif.n_frames == FRAMES and gif.size == (16, 16)
     assert (tmp_path / "run" / "best" / "p00000.png").is_file()

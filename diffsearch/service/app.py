@@ -251,7 +251,8 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                               prompt_index: int = PathParam(ge=0),
                               candidate: int = PathParam(ge=0),
                               size: int | None = size_query) -> Response:
-        """A candidate's final image (candidates scored only on intermediates have none)."""
+        """A candidate's final image. The service's searches write every candidate's (the
+        job's ``images: all``); candidates scored only on intermediates have none."""
         record = find(search_id, request)
         path = record.run_dir / run_folder.candidate_image(prompt_index, candidate)
         return await _png(path, size, config, f"no image for candidate {candidate} of prompt "
@@ -263,16 +264,9 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                          size: int | None = size_query) -> Response:
         """A prompt's best image: the best so far while running, the final best once done."""
         record = find(search_id, request)
-        state = summary_fields(record)
         missing = f"search {search_id} has no best image for prompt {prompt_index} yet"
-        if state["status"] is Status.DONE:
-            return await _png(record.run_dir / run_folder.best_image(prompt_index), size, config,
-                              missing)
-        best = state["best"].get(prompt_index)
-        if best is None:
-            raise RequestError(missing, status=404)
-        return await _png(record.run_dir / run_folder.candidate_image(prompt_index, best.candidate),
-                          size, config, missing)
+        return await _png(record.run_dir / run_folder.best_image(prompt_index), size, config,
+                          missing)
 
     @router.get("/searches/{search_id}/results.json",
                 responses={200: {"content": {"application/json": {}},

@@ -123,6 +123,7 @@ def build_job(body: Any, config: ServiceConfig, verifier_names: Iterable[str]) -
         _place_api_judge(spec, field, config)
     data["model"] = _served_model(data.get("model", default_model(config)), config)
     data.setdefault("verifier", default_verifier(offered))
+    data.setdefault("images", "all")  # the page shows every candidate as it arrives
     data.update(executor=config.executor, threads=config.threads, batch_size=config.batch_size)
     if config.executor == "dask":
         data.update(workers=config.workers, scheduler=config.scheduler)

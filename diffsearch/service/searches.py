@@ -138,14 +138,12 @@ class SearchRecord:
         with self.lock:
             self.nfe_done, self.nfe_total = event.nfe_done, event.nfe_total
             for outcome in event.outcomes:
-                image = run_folder.candidate_image(outcome.prompt_index, outcome.candidate)
-                has_image = (self.run_dir / image).is_file()
                 candidates.append({
                     "prompt_index": outcome.prompt_index, "candidate": outcome.candidate,
                     "step": outcome.step, "reward": outcome.reward, "scores": outcome.scores,
                     "error": outcome.error,
                     "image": image_url(self.id, outcome.prompt_index, outcome.candidate)
-                    if has_image else None,
+                    if outcome.candidate in event.images else None,
                 })
             if event.best is not None and event.best.reward is not None:
                 self._offer_best(event.prompt_index, event.best.candidate, event.best.reward,

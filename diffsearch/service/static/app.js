@@ -29,9 +29,16 @@ async function api(path, options = {}) {
   return response;
 }
 
-async function imageUrl(path) {
-  const blob = await (await api(path)).blob();
-  return URL.createObjectURL(blob);
+// An image is announced while the server's encoder is still writing it: try again briefly.
+async function imageUrl(path, attempts = 5) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return URL.createObjectURL(await (await api(path)).blob());
+    } catch (error) {
+      if (attempt === attempts) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+    }
+  }
 }
 
 // ---- setup -------------------------------------------------------------------------------------
