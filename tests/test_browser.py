@@ -92,12 +92,12 @@ def test_resume_an_interrupted_search_on_the_page(tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     chromium = find_chromium()
-    # threads=7: a runtime spec of its own (a slow fake: 0.05 s per denoise call, one candidate
+    # threads=7: a runtime spec of its own (a slow fake: 0.1 s per denoise call, one candidate
     # of 10 steps per work unit), so stopping the service lands mid-search
     config = replace(fake_config(tmp_path, threads=7), batch_size=1)
-    with serve(config, FakeBackend(delay=0.05)) as url, client(url) as http:
+    with serve(config, FakeBackend(delay=0.1)) as url, client(url) as http:
         finished = http.post("/v1/searches", json={**FAKE_REQUEST, "budget": "1x"}).json()["id"]
-        stopped = http.post("/v1/searches", json=FAKE_REQUEST).json()["id"]  # 4 candidates
+        stopped = http.post("/v1/searches", json={**FAKE_REQUEST, "budget": "8x"}).json()["id"]
         deadline = time.monotonic() + 60
         while http.get(f"/v1/searches/{stopped}").json()["progress"]["nfe_done"] < 10:
             assert time.monotonic() < deadline, "the search never got going"
@@ -128,8 +128,8 @@ def test_resume_an_interrupted_search_on_the_page(tmp_path: Path) -> None:
         expect(page.locator("#status")).to_have_text("done", timeout=60_000)
         expect(page.locator("#resume")).to_be_hidden()
         expect(page.locator("#cancel")).to_be_disabled()
-        expect(page.locator(".tile")).to_have_count(4)  # each candidate once, replayed or new
-        expect(page.locator("#nfe")).to_have_text("40 / 40 NFE")
+        expect(page.locator(".tile")).to_have_count(8)  # each candidate once, replayed or new
+        expect(page.locator("#nfe")).to_have_text("80 / 80 NFE")
         expect(page.locator(".download")).to_be_visible()
         expect(page.locator(f"#search-list li:has-text('{stopped}')")).to_contain_text("done")
         browser.close()
