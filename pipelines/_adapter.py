@@ -7,6 +7,13 @@ and the forward process look in that scheduler's state space.
 A fresh scheduler is built for every ``denoise`` call and told where to begin
 (``set_begin_index``): diffusers schedulers keep a step counter, so one shared instance would make
 a call depend on the previous one (and on other threads of the same worker).
+
+What a call may ask of the sampler (start past step 0, stochastic steps) follows its entry in
+:data:`~diffsearch.pipelines.samplers.SAMPLERS`; a call it cannot serve is refused by name.
+
+Negative prompts travel in the :class:`~diffsearch.pipelines.base.Conditioning`: the adapter's
+``negative_prompt`` (the job's) is the default of :meth:`DiffusersDenoiser.encode`, which caches
+by (prompt, negative prompt), so rows of one batch may carry different ones.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 
 from diffsearch.pipelines.base import Conditioning, Denoiser, DenoiseResult, stack_generators_noise
+from diffsearch.pipelines.samplers import SAMPLERS
 
 NEGATIVE = "negative_"
 """Prefix of the unconditional counterpart of a conditioning tensor (``negative_prompt_embeds``)."""
@@ -39,7 +47,9 @@ class DiffusersDenoiser(Denoiser):
         num_steps: int,
         guidance_scale: float,
         latent_shape: tuple[int, int, int],
+        sampler: str,
         compute_batch: int | None = None,
+        negative_prompt: str | None = None,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -52,19 +62,25 @@ class DiffusersDenoiser(Denoiser):
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
         self.latent_shape = latent_shape
+        self.sampler = SAMPLERS[sampler]
+        """The sampler's name and what it can do (resume, stochastic steps)."""
+        self.deterministic = self.sampler.deterministic
+        self.negative_prompt = negative_prompt
+        """The default negative prompt (None: the family's own unconditional input)."""
         self.device = pipe._execution_device
         """Where tensors go: the network's device, or under CPU offload the GPU the hooks
         move each model to (its parameters then rest on the CPU or on "meta")."""
         self.dtype = network.dtype
-        self._prompts: OrderedDict[str, Conditioning] = OrderedDict()
+        self._prompts: OrderedDict[tuple[str, str | None], Conditioning] = OrderedDict()
         self._prompts_lock = threading.Lock()  # Dask workers may run tasks in threads
         self._schedule = self._new_scheduler()
         """A scheduler never stepped: read-only source of timesteps and noise levels."""
 
     # ---- hooks ------------------------------------------------------------------------------
     @abstractmethod
-    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The prompt's tensors (batch dimension 1) that :meth:`_predict_rows` takes per row."""
+    def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+        """The prompt's tensors (batch dimension 1) that :meth:`_predict_rows` takes per row,
+        the unconditional ones from ``negative_prompt`` (None: the family's default)."""
 
     @abstractmethod
     def _new_scheduler(self) -> Any:
@@ -98,15 +114,18 @@ class DiffusersDenoiser(Denoiser):
         """A draw of q(x_to | x_from) built from the standard-normal ``noise``."""
 
     # ---- prompts ----------------------------------------------------------------------------
-    def encode(self, prompt: str) -> Conditioning:
+    def encode(self, prompt: str, negative_prompt: str | None = None) -> Conditioning:
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        key = (prompt, negative)
         with self._prompts_lock:
-            if prompt in self._prompts:
-                self._prompts.move_to_end(prompt)
-                return self._prompts[prompt]
+            if key in self._prompts:
+                self._prompts.move_to_end(key)
+                return self._prompts[key]
         with torch.no_grad():
-            cond = Conditioning(prompt=prompt, tensors=self._encode(prompt))
+            cond = Conditioning(prompt=prompt, tensors=self._encode(prompt, negative),
+                                negative_prompt=negative)
         with self._prompts_lock:
-            self._prompts[prompt] = cond
+            self._prompts[key] = cond
             if len(self._prompts) > PROMPT_CACHE_SIZE:
                 self._prompts.popitem(last=False)
         return cond
@@ -123,6 +142,8 @@ class DiffusersDenoiser(Denoiser):
         generators: Sequence[torch.Generator] | None = None,
     ) -> DenoiseResult:
         self._check_call(latents, conds, start, end, eta, generators)
+        if not self.deterministic and eta == 0:
+            eta = 1.0  # an ancestral sampler's own step
         x = latents.to(self.device, torch.float32)
         x0 = x  # start == end takes no step: the state stands for its own estimate
         rows = {key: torch.cat([c.tensors[key] for c in conds]) for key in conds[0].tensors}
@@ -140,7 +161,7 @@ class DiffusersDenoiser(Denoiser):
                     model_in, *rows.values())
                 noise = None
                 if eta > 0:
-                    assert generators is not None  # checked above
+                    assert generators is not None  # checked in _check_call
                     noise = stack_generators_noise(generators, self.latent_shape).to(self.device)
                 x, x0 = self._step(scheduler, step, x, output, eta, noise)
         if end == self.num_steps:
@@ -161,10 +182,24 @@ class DiffusersDenoiser(Denoiser):
             raise ValueError("denoise needs at least one candidate")
         if len(conds) != latents.shape[0]:
             raise ValueError(f"got {len(conds)} conditionings for {latents.shape[0]} latents")
+        self._check_sampler_call(latents, start, eta, generators)
+
+    def _check_sampler_call(self, latents: torch.Tensor, start: int, eta: float,
+                            generators: Sequence[torch.Generator] | None) -> None:
+        """What the call asks of the sampler (eta, generators, a start past 0) it can do."""
+        name = self.sampler.name
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if eta > 0 and (generators is None or len(generators) != latents.shape[0]):
-            raise ValueError("eta > 0 needs one generator per candidate")
+        if eta > 0 and not self.sampler.stochastic:
+            raise ValueError(f"sampler {name} has no stochastic step (eta {eta:g}); use ddim, "
+                             "euler or euler-ancestral")
+        if start > 0 and not self.sampler.resume:
+            raise ValueError(f"sampler {name} keeps the model outputs of earlier steps, so it "
+                             f"cannot start at step {start}: it runs 0 -> T in one call")
+        noisy = eta > 0 or not self.deterministic
+        if noisy and (generators is None or len(generators) != latents.shape[0]):
+            why = "eta > 0" if eta > 0 else f"sampler {name} (noise at every step)"
+            raise ValueError(f"{why} needs one generator per candidate")
 
     # ---- images -----------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,9 @@
-"""DDIM and Euler in the Denoiser's step convention: steps, stochastic steps, noise levels.
+"""The UNet families' samplers in the Denoiser's step convention: steps, stochastic steps, noise
+levels. Each sampler name (:mod:`diffsearch.pipelines.samplers`) is a diffusers scheduler class
+built from the model's own scheduler config (:func:`discrete_scheduler`), so the noise schedule,
+prediction type and timestep spacing are the model's.
 
-The two schedulers keep their state in different spaces, so the stochastic step and the forward
+DDIM and Euler keep their state in different spaces, so the stochastic step and the forward
 process are written per scheduler:
 
 - DDIM (variance preserving): x_k = sqrt(a_k) x0 + sqrt(1 - a_k) eps, a_k = alpha-bar of step k.
@@ -10,10 +13,22 @@ process are written per scheduler:
   The scheduler's own step is deterministic; for eta > 0 the step is the ancestral one,
   x_{k+1} = x0 + sqrt(s_{k+1}^2 - u^2) eps_hat + u z with u = eta s_{k+1} sqrt(1 - s_{k+1}^2/s_k^2),
   which is DDIM's eta step rewritten in the Euler state space (the same posterior std).
+- Euler ancestral is Euler's state space and schedule with the ancestral step at every step:
+  eta = 1 unless the call asks for another eta, the noise from each candidate's generator. The
+  formula above at eta = 1 is ``EulerAncestralDiscreteScheduler.step`` (checked against that
+  pipeline in the tests); it is computed here so the noise comes from the caller's generators.
 
-Other schedulers (PNDM, DPM-Solver multistep, ...) keep a history of model outputs, so a latent
-alone is not the sampler state and a run cannot resume from it; adapters swap them for DDIM
-with the same noise schedule (:func:`resumable_scheduler`).
+The multistep solvers (DPM-Solver++ 2M, with or without Karras sigmas, and UniPC) keep the model
+outputs of earlier steps in the scheduler, so the latent alone is not their state: a call runs
+them from step 0 with a fresh scheduler, exactly as the pipeline does; the adapter refuses a
+call that starts later and a stochastic one (they have no stochastic step here). Carrying the
+history in the stored latent was the alternative; it would make every stored state, perturbation
+and re-noising know about solver internals, for strategies (resuming ones) that the one-step
+samplers already serve exactly.
+
+With no sampler named, a model keeps its own DDIM or Euler scheduler; any other scheduler in a
+model folder (PNDM, DPM-Solver, ...) is run as DDIM with the same noise schedule, so that every
+strategy can resume (:func:`discrete_scheduler`).
 """
 
 from __future__ import annotations
@@ -24,19 +39,47 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from diffsearch.pipelines.samplers import DISCRETE_DEFAULTS, sampler_names
 
 log = logging.getLogger(__name__)
 
+_DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerDiscreteScheduler, {}),
+    "dpm++-2m": (DPMSolverMultistepScheduler, {**_DPM_2M, "use_karras_sigmas": False}),
+    "dpm++-2m-karras": (DPMSolverMultistepScheduler, {**_DPM_2M, "use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {"predict_x0": True}),
+}
+"""Each UNet sampler's scheduler class and the config keys that make it that sampler; every
+other key (betas, prediction type, spacing, offset) comes from the model's scheduler."""
 
-def resumable_scheduler(scheduler: Any) -> tuple[type, dict]:
-    """The scheduler class and config an adapter builds fresh schedulers from."""
+
+def discrete_scheduler(scheduler: Any, sampler: str | None) -> tuple[str, type, dict]:
+    """(sampler name, scheduler class, config) an adapter builds fresh schedulers from: the
+    named ``sampler`` over the config of the model's ``scheduler``, or with None the model's
+    own (see the module docstring)."""
     config = dict(scheduler.config)
-    if isinstance(scheduler, (DDIMScheduler, EulerDiscreteScheduler)):
-        return type(scheduler), config
-    log.warning("%s keeps a history across steps and cannot resume from a latent; using "
-                "DDIMScheduler with the same noise schedule", type(scheduler).__name__)
-    return DDIMScheduler, dict(DDIMScheduler.from_config(config).config)
+    if sampler is None:
+        sampler = DISCRETE_DEFAULTS.get(type(scheduler).__name__)
+        if sampler is None:
+            log.warning("%s keeps a history across steps and cannot resume from a latent; "
+                        "using DDIMScheduler with the same noise schedule (name a sampler to "
+                        "choose another)", type(scheduler).__name__)
+            sampler = "ddim"
+    if sampler not in SCHEDULERS:
+        raise ValueError(f"sampler {sampler!r} is not for UNet models; they take: "
+                         f"{', '.join(sampler_names(flow=False))}")
+    cls, overrides = SCHEDULERS[sampler]
+    return sampler, cls, dict(cls.from_config({**config, **overrides}).config)
 
 
 class DiscreteSampler(ABC):
@@ -126,9 +169,36 @@ class EulerSampler(DiscreteSampler):
         return x + math.sqrt(max(extra, 0.0)) * noise
 
 
-def sampler_for(schedule: Any) -> DiscreteSampler:
-    if isinstance(schedule, DDIMScheduler):
-        return DDIMSampler(schedule)
-    if isinstance(schedule, EulerDiscreteScheduler):
-        return EulerSampler(schedule)
-    raise TypeError(f"no discrete sampler for {type(schedule).__name__}")
+class MultistepSampler(DiscreteSampler):
+    """DPM-Solver++ and UniPC: the scheduler's own steps, from step 0 in one call only (their
+    earlier model outputs live in the scheduler). The x0 estimate is the data prediction the
+    solver stored for the step it took."""
+
+    def model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(x, t)
+
+    def step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor, eta: float,
+             noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x_next = scheduler.step(output, scheduler.timesteps[step], x, return_dict=False)[0]
+        return x_next, scheduler.model_outputs[-1].float()
+
+    def step_noise_std(self, step: int) -> float:
+        raise ValueError(f"{type(self.schedule).__name__} has no stochastic step")
+
+    def renoise(self, x: torch.Tensor, from_step: int, to_step: int, noise: torch.Tensor
+                ) -> torch.Tensor:
+        raise ValueError(f"{type(self.schedule).__name__} cannot restart at a step: it keeps "
+                         "the model outputs of earlier steps")
+
+
+_SAMPLER_CLASSES: dict[str, type[DiscreteSampler]] = {
+    "ddim": DDIMSampler, "euler": EulerSampler, "euler-ancestral": EulerSampler,
+    "dpm++-2m": MultistepSampler, "dpm++-2m-karras": MultistepSampler, "unipc": MultistepSampler,
+}
+
+
+def sampler_for(name: str, schedule: Any) -> DiscreteSampler:
+    """The step math of sampler ``name`` over ``schedule`` (a scheduler never stepped).
+    Euler ancestral is Euler's: the adapter asks every step for noise (``Denoiser
+    .deterministic`` is False)."""
+    return _SAMPLER_CLASSES[name](schedule)

@@ -19,7 +19,8 @@ Forward process from s to a noisier r > s (``renoise``): the Markov chain with t
     x_r = (1 - r) / (1 - s) x_s + sqrt(r^2 - ((1 - r) s / (1 - s))^2) z.
 
 The scheduler's own ``stochastic_sampling`` option (a fresh, un-seeded draw each step) is turned
-off: all randomness comes from the per-candidate generators.
+off: all randomness comes from the per-candidate generators. The one sampler of these families
+is this flow-matching Euler step (``flow-euler``), with the schedule the pipeline sets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffsearch.pipelines._adapter import DiffusersDenoiser
+from diffsearch.pipelines.samplers import sampler_names
 
 
 class FlowDenoiser(DiffusersDenoiser):
@@ -40,9 +42,15 @@ class FlowDenoiser(DiffusersDenoiser):
     Subclasses set the timesteps the way their pipeline does (:meth:`_set_timesteps`).
     """
 
-    def __init__(self, pipe: Any, network: torch.nn.Module, **options: Any) -> None:
+    def __init__(self, pipe: Any, network: torch.nn.Module, *, sampler: str | None = None,
+                 **options: Any) -> None:
+        allowed = sampler_names(flow=True)
+        sampler = sampler or allowed[0]
+        if sampler not in allowed:
+            raise ValueError(f"sampler {sampler!r} is not for flow-matching models; they take: "
+                             f"{', '.join(allowed)}")
         self._scheduler_config = {**pipe.scheduler.config, "stochastic_sampling": False}
-        super().__init__(pipe, network, **options)
+        super().__init__(pipe, network, sampler=sampler, **options)
 
     @abstractmethod
     def _set_timesteps(self, scheduler: FlowMatchEulerDiscreteScheduler) -> None:

@@ -34,11 +34,13 @@ class Conditioning:
 
     ``tensors`` holds whatever the family needs (prompt embeddings, pooled embeddings,
     negative-prompt embeddings, text ids, ...). Adapters concatenate per-candidate
-    conditionings themselves, so one batch may mix prompts.
+    conditionings themselves, so one batch may mix prompts, and with them negative prompts.
     """
 
     prompt: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_prompt: str | None = None
+    """The negative prompt encoded in ``tensors`` (None: the adapter's default)."""
 
 
 @dataclass
@@ -73,11 +75,15 @@ class Denoiser(ABC):
     nfe_per_step: int = 1
     """NFEs one candidate costs per step. Classifier-free guidance counts once (its two branches
     share one forward pass; docs/strategies.md, "NFE accounting")."""
+    deterministic: bool = True
+    """Whether ``eta = 0`` steps draw no noise. False for an ancestral sampler: its every step
+    draws noise, so every ``denoise`` call needs one generator per candidate."""
 
     # ---- prompts -------------------------------------------------------------------------
     @abstractmethod
-    def encode(self, prompt: str) -> Conditioning:
-        """Encode one prompt (and its negative/unconditional counterpart). Adapters cache it."""
+    def encode(self, prompt: str, negative_prompt: str | None = None) -> Conditioning:
+        """Encode one prompt and its unconditional counterpart: ``negative_prompt``, or with
+        None the adapter's default (the job's). Adapters cache it."""
 
     # ---- noise ---------------------------------------------------------------------------
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -113,6 +119,7 @@ class Denoiser(ABC):
         ``conds[i]`` is candidate i's conditioning. ``eta > 0`` makes steps stochastic (DDIM eta,
         an SDE step for flow models); its noise is drawn from ``generators[i]`` (CPU generators,
         one per candidate), so candidate i's trajectory does not depend on its batch-mates.
+        A sampler that is not :attr:`deterministic` draws from them at every step.
         """
 
     @abstractmethod

@@ -7,7 +7,10 @@ reshape done inside each forward pass (bit-exact both ways).
 
 Guidance: FLUX-dev takes the guidance scale as an input embedding (one forward per step);
 FLUX-schnell has no guidance input and ignores the scale. The pipeline's optional "true CFG"
-(a second pass with a negative prompt) is not used, so a step always costs one forward.
+(a second pass with a negative prompt) is not used, so a step always costs one forward, and a
+negative prompt is refused: there is no unconditional pass for it to change.
+
+Sizes are multiples of the VAE factor times 2: the transformer's tokens are 2x2 latent pixels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from diffsearch.pipelines._flow import FlowDenoiser
+
+NO_NEGATIVE_PROMPT = ("FLUX takes no negative prompt: it runs no classifier-free guidance pass "
+                      "(the guidance scale is an input of the model)")
 
 
 class FluxDenoiser(FlowDenoiser):
@@ -32,7 +38,11 @@ class FluxDenoiser(FlowDenoiser):
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int = 512,
+        sampler: str | None = None,
+        negative_prompt: str | None = None,
     ) -> None:
+        if negative_prompt is not None:
+            raise ValueError(NO_NEGATIVE_PROMPT)
         transformer = pipe.transformer
         factor = pipe.vae_scale_factor
         height = height or pipe.default_sample_size * factor
@@ -45,7 +55,7 @@ class FluxDenoiser(FlowDenoiser):
         super().__init__(
             pipe, transformer, num_steps=num_steps, guidance_scale=guidance_scale,
             latent_shape=(transformer.config.in_channels // 4, height // factor, width // factor),
-            compute_batch=compute_batch,
+            compute_batch=compute_batch, sampler=sampler,
         )
         _, h, w = self.latent_shape
         self._image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device,
@@ -71,7 +81,9 @@ class FluxDenoiser(FlowDenoiser):
         )
         retrieve_timesteps(scheduler, self.num_steps, None, sigmas=sigmas, mu=mu)
 
-    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+    def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+        if negative_prompt is not None:
+            raise ValueError(NO_NEGATIVE_PROMPT)
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length)

@@ -52,11 +52,19 @@ def load_denoiser(
     offload: Offload = "none",
     vae_tiling: bool = False,
     vae_slicing: bool = False,
+    sampler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
 ) -> Denoiser:
     """Load ``model`` ("shapes", a pipeline folder, or a Hugging Face id) as a Denoiser.
 
     Unset sampling options come from the model's ``diffsearch_defaults.json`` if it has one,
-    else from the family's diffusers defaults. ``device`` None means CUDA when available;
+    else from the family's diffusers defaults. ``sampler`` is a name of
+    :data:`~diffsearch.pipelines.samplers.SAMPLERS` (None: the model's own scheduler);
+    ``height`` / ``width`` set the image size (the latent shape follows); ``negative_prompt``
+    is the unconditional prompt of classifier-free guidance; all three are checked against the
+    model's family before any weights are read. ``device`` None means CUDA when available;
     ``dtype`` None means float16 (SD, SDXL) or bfloat16 (SD3, FLUX) on CUDA, float32 on CPU.
 
     For large models and fast GPUs: ``compile`` runs ``torch.compile`` on the denoiser network
@@ -66,7 +74,8 @@ def load_denoiser(
     Options a device cannot run are refused before any weights are read.
     """
     plan = plan_model(model, num_steps=num_steps, guidance_scale=guidance_scale,
-                      allow_download=allow_download)
+                      allow_download=allow_download, sampler=sampler, height=height,
+                      width=width, negative_prompt=negative_prompt)
     source, family = plan.source, plan.family
     torch_device = _device(device)
     torch_dtype = _dtype(dtype, family, torch_device)
@@ -86,8 +95,10 @@ def load_denoiser(
         num_steps=plan.num_steps,
         guidance_scale=plan.guidance_scale,
         compute_batch=compute_batch,
-        height=source.defaults.get("height"),
-        width=source.defaults.get("width"),
+        height=plan.height,
+        width=plan.width,
+        sampler=sampler,  # None: the adapter keeps the model's own scheduler, saying so
+        negative_prompt=plan.negative_prompt,
         **{key: source.defaults[key] for key in family.adapter_options
            if key in source.defaults},
     )

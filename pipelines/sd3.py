@@ -1,5 +1,6 @@
 """Adapter for StableDiffusion3Pipeline: the SD3 transformer (MMDiT) on a flow-matching schedule,
-classifier-free guidance with the empty negative prompt, two CLIP encoders and an optional T5.
+classifier-free guidance with a negative prompt (the empty one by default), two CLIP encoders
+and an optional T5. Sizes are multiples of the VAE factor times the transformer's patch size.
 
 Without ``text_encoder_3`` the pipeline itself feeds zeros in place of the T5 tokens; the
 adapter gets that for free by encoding through ``encode_prompt``.
@@ -30,6 +31,8 @@ class StableDiffusion3Denoiser(FlowDenoiser):
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int = 256,
+        sampler: str | None = None,
+        negative_prompt: str | None = None,
     ) -> None:
         transformer = pipe.transformer
         multiple = pipe.vae_scale_factor * transformer.config.patch_size
@@ -44,7 +47,7 @@ class StableDiffusion3Denoiser(FlowDenoiser):
         super().__init__(
             pipe, transformer, num_steps=num_steps, guidance_scale=guidance_scale,
             latent_shape=(transformer.config.in_channels, height // factor, width // factor),
-            compute_batch=compute_batch,
+            compute_batch=compute_batch, sampler=sampler, negative_prompt=negative_prompt,
         )
 
     def _set_timesteps(self, scheduler: Any) -> None:
@@ -61,11 +64,11 @@ class StableDiffusion3Denoiser(FlowDenoiser):
             )
         retrieve_timesteps(scheduler, self.num_steps, None, **extra)
 
-    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+    def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=self.device,
             num_images_per_prompt=1, do_classifier_free_guidance=self.do_guidance,
-            negative_prompt="", max_sequence_length=self.max_sequence_length)
+            negative_prompt=negative_prompt or "", max_sequence_length=self.max_sequence_length)
         tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if self.do_guidance:
             tensors[NEGATIVE + "prompt_embeds"] = negative

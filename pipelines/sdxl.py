@@ -5,9 +5,9 @@ SDXL's UNet also takes the pooled embedding of the second text encoder and the "
 cropping, original = target = the sampled size, as the pipeline does by default), so they are
 built once; the pooled embeddings are per prompt and travel in the Conditioning.
 
-The unconditional branch follows the pipeline's default (``negative_prompt=None``): zeros when
-the model's config sets ``force_zeros_for_empty_prompt`` (SDXL base does), else the encoded
-empty prompt.
+The unconditional branch is the encoded negative prompt; without one it follows the pipeline's
+default (``negative_prompt=None``): zeros when the model's config sets
+``force_zeros_for_empty_prompt`` (SDXL base does), else the encoded empty prompt.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class StableDiffusionXLDenoiser(StableDiffusionDenoiser):
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
 
-    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+    def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=self.do_guidance)
+            do_classifier_free_guidance=self.do_guidance, negative_prompt=negative_prompt)
         tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if self.do_guidance:
             tensors[NEGATIVE + "prompt_embeds"] = negative

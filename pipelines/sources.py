@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from diffsearch.errors import DiffsearchError
+from diffsearch.pipelines.samplers import SAMPLERS, default_sampler, sampler_names
 
 DEFAULTS_FILE = "diffsearch_defaults.json"
 """Optional file in a model folder with the recommended num_steps, guidance_scale, height, width."""
@@ -53,6 +54,17 @@ class Family:
     adapter_options: tuple[str, ...] = ()
     """Keys of the model's ``diffsearch_defaults.json`` passed on to the adapter (e.g. a video
     model's ``num_frames``)."""
+    flow: bool = False
+    """A flow-matching transformer (samplers: :func:`~diffsearch.pipelines.samplers
+    .sampler_names` with ``flow=True``); otherwise a UNet on a discrete noise schedule."""
+    negative_prompt: bool = True
+    """Whether its classifier-free guidance takes a negative prompt (FLUX has no such pass)."""
+    denoiser: str = "unet"
+    """The pipeline component that denoises (its config has the ``patch_size``)."""
+    packing: int | None = 1
+    """Latent pixels per side of one denoiser token: a size must be a multiple of the VAE factor
+    times this. FLUX packs 2x2 latent pixels into a token; None: the denoiser's ``patch_size``
+    (SD3)."""
 
 
 FAMILIES = {
@@ -62,9 +74,11 @@ FAMILIES = {
     "StableDiffusionXLPipeline": Family(
         "sdxl", "diffsearch.pipelines.sdxl:StableDiffusionXLDenoiser", 50, 5.0, "float16"),
     "StableDiffusion3Pipeline": Family(
-        "sd3", "diffsearch.pipelines.sd3:StableDiffusion3Denoiser", 28, 7.0, "bfloat16"),
+        "sd3", "diffsearch.pipelines.sd3:StableDiffusion3Denoiser", 28, 7.0, "bfloat16",
+        flow=True, denoiser="transformer", packing=None),
     "FluxPipeline": Family(
-        "flux", "diffsearch.pipelines.flux:FluxDenoiser", 28, 3.5, "bfloat16"),
+        "flux", "diffsearch.pipelines.flux:FluxDenoiser", 28, 3.5, "bfloat16",
+        flow=True, negative_prompt=False, denoiser="transformer", packing=2),
     "TextToVideoSDPipeline": Family(
         "video-sd", "diffsearch.pipelines.video:TextToVideoDenoiser", 50, 9.0, "float16",
         adapter_options=("num_frames",)),
@@ -198,23 +212,105 @@ class ModelPlan:
     family: Family
     num_steps: int
     guidance_scale: float
+    sampler: str
+    """A name of :data:`~diffsearch.pipelines.samplers.SAMPLERS`, the job's or the model's."""
+    height: int | None = None
+    """The image size asked for or the model's defaults file's (None: the pipeline's own)."""
+    width: int | None = None
+    negative_prompt: str | None = None
 
 
 def plan_model(model: str, *, num_steps: int | None = None, guidance_scale: float | None = None,
-               allow_download: bool = False) -> ModelPlan:
+               allow_download: bool = False, sampler: str | None = None,
+               height: int | None = None, width: int | None = None,
+               negative_prompt: str | None = None) -> ModelPlan:
     """Resolve ``model`` and its sampling settings: explicit options first, then the model's
-    ``diffsearch_defaults.json``, then the family's diffusers defaults."""
+    ``diffsearch_defaults.json``, then the family's diffusers defaults.
+
+    The generation settings are checked against the family here, from config files only: a
+    sampler of another family, a size the VAE (and the denoiser's patches) cannot take, a
+    negative prompt the model has no use for. Each error names its field.
+    """
     source = resolve_model(model, allow_download=allow_download)
     family = family_of(source)
-    return ModelPlan(
+    plan = ModelPlan(
         source=source, family=family,
         num_steps=int(_first(num_steps, source.defaults.get("num_steps"), family.num_steps)),
         guidance_scale=float(_first(guidance_scale, source.defaults.get("guidance_scale"),
-                                    family.guidance_scale)))
+                                    family.guidance_scale)),
+        sampler=sampler or default_sampler(
+            _component_config(source, "scheduler", "scheduler_config.json").get("_class_name"),
+            flow=family.flow),
+        height=height or source.defaults.get("height"),
+        width=width or source.defaults.get("width"),
+        negative_prompt=negative_prompt)
+    _check_sampler(plan)
+    _check_size(plan)
+    _check_negative_prompt(plan)
+    return plan
 
 
 def _first(*values: float | None) -> float:
     return next(v for v in values if v is not None)
+
+
+# ---- generation settings against the family ---------------------------------------------------
+def _component_config(source: ModelSource, component: str, name: str = "config.json") -> dict:
+    """A component's config from a model folder ({} for a Hub model not downloaded yet: its
+    adapter checks the same things when it loads)."""
+    path = Path(source.location) / component / name
+    return _read_json(path) if path.is_file() else {}
+
+
+def _check_sampler(plan: ModelPlan) -> None:
+    allowed = sampler_names(flow=plan.family.flow)
+    if plan.sampler not in SAMPLERS:
+        raise ModelLoadError(f"sampler: unknown sampler {plan.sampler!r}; choose one of: "
+                             f"{', '.join(allowed)}")
+    if plan.sampler not in allowed:
+        raise ModelLoadError(f"sampler: {plan.sampler!r} is not for {plan.family.name} models; "
+                             f"they take: {', '.join(allowed)}")
+
+
+def size_multiple(source: ModelSource, family: Family) -> int | None:
+    """What height and width must be multiples of: the VAE's downsampling factor (2 per VAE
+    level after the first) times the latent pixels per denoiser token (:attr:`Family.packing`).
+    None when the configs are not on disk."""
+    vae = _component_config(source, "vae")
+    if "block_out_channels" not in vae:
+        return None
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    packing = family.packing
+    if packing is None:
+        packing = _component_config(source, family.denoiser).get("patch_size")
+        if packing is None:
+            return None
+    return factor * int(packing)
+
+
+def _check_size(plan: ModelPlan) -> None:
+    multiple = size_multiple(plan.source, plan.family)
+    if multiple is None:
+        return
+    why = {1: "the VAE factor", 2: "the VAE factor x 2 for its 2x2 packing"}.get(
+        plan.family.packing or 0, "the VAE factor x the transformer's patch size")
+    for field, value in (("height", plan.height), ("width", plan.width)):
+        if value is not None and value % multiple:
+            raise ModelLoadError(f"{field}: {plan.family.name} models take multiples of "
+                                 f"{multiple} ({why}), got {value}")
+
+
+def _check_negative_prompt(plan: ModelPlan) -> None:
+    if plan.negative_prompt is None:
+        return
+    if not plan.family.negative_prompt:
+        raise ModelLoadError(f"negative_prompt: {plan.family.name} models take no negative "
+                             "prompt (no classifier-free guidance pass: the guidance scale is "
+                             "an input of the model)")
+    if plan.guidance_scale <= 1.0:
+        raise ModelLoadError(f"negative_prompt: has no effect at guidance_scale "
+                             f"{plan.guidance_scale:g}; classifier-free guidance, which uses "
+                             "it, runs only above 1")
 
 
 # ---- accelerator options: checked from their names, before any weights load --------------------

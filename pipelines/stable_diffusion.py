@@ -1,5 +1,6 @@
 """Adapter for StableDiffusionPipeline (SD 1.x / 2.x): a UNet with eps or v prediction, sampled
-with DDIM or Euler, classifier-free guidance with the empty negative prompt.
+with any UNet sampler (:mod:`diffsearch.pipelines._discrete`), classifier-free guidance with a
+negative prompt (the empty one by default).
 
 Every tensor of the sampler state is float32, also when the network runs in float16: the
 network's input is cast down and its output back up, so rounding does not build up over steps.
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from diffsearch.pipelines._adapter import NEGATIVE, DiffusersDenoiser
-from diffsearch.pipelines._discrete import resumable_scheduler, sampler_for
+from diffsearch.pipelines._discrete import discrete_scheduler, sampler_for
 
 
 class StableDiffusionDenoiser(DiffusersDenoiser):
@@ -20,6 +21,8 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
 
     ``height`` / ``width`` default to the pipeline's own default (the UNet's sample size times
     the VAE scale factor). Guidance is on when ``guidance_scale > 1``, as in diffusers.
+    ``sampler`` names one of the UNet samplers (None: the model's own scheduler);
+    ``negative_prompt`` is the default unconditional prompt (None: the pipeline's default).
     """
 
     def __init__(
@@ -31,12 +34,15 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         compute_batch: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        sampler: str | None = None,
+        negative_prompt: str | None = None,
     ) -> None:
         unet = pipe.unet
         if unet.config.time_cond_proj_dim is not None:
             raise ValueError("guidance-embedding UNets (LCM) are not supported: they need no "
                              "classifier-free guidance and a different sampler")
-        self._scheduler_class, self._scheduler_config = resumable_scheduler(pipe.scheduler)
+        sampler, self._scheduler_class, self._scheduler_config = discrete_scheduler(
+            pipe.scheduler, sampler)
         factor = pipe.vae_scale_factor
         sample = unet.config.sample_size
         sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
@@ -49,9 +55,9 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         super().__init__(
             pipe, unet, num_steps=num_steps, guidance_scale=guidance_scale,
             latent_shape=(unet.config.in_channels, height // factor, width // factor),
-            compute_batch=compute_batch,
+            sampler=sampler, compute_batch=compute_batch, negative_prompt=negative_prompt,
         )
-        self._sampler = sampler_for(self._schedule)
+        self._sampler = sampler_for(sampler, self._schedule)
 
     # ---- hooks ------------------------------------------------------------------------------
     def _new_scheduler(self) -> Any:
@@ -59,9 +65,9 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         scheduler.set_timesteps(self.num_steps)
         return scheduler
 
-    def _encode(self, prompt: str) -> dict[str, torch.Tensor]:
+    def _encode(self, prompt: str, negative_prompt: str | None) -> dict[str, torch.Tensor]:
         positive, negative = self.pipe.encode_prompt(
-            prompt, self.device, 1, self.do_guidance, negative_prompt="")
+            prompt, self.device, 1, self.do_guidance, negative_prompt=negative_prompt or "")
         tensors = {"prompt_embeds": positive}
         if self.do_guidance:
             tensors[NEGATIVE + "prompt_embeds"] = negative

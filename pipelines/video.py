@@ -35,13 +35,10 @@ class TextToVideoDenoiser(StableDiffusionDenoiser):
     decodes frames in fixed chunks of ``compute_batch`` frames.
     """
 
-    def __init__(self, pipe: Any, *, num_steps: int, guidance_scale: float,
-                 num_frames: int = 16, compute_batch: int | None = None,
-                 height: int | None = None, width: int | None = None) -> None:
+    def __init__(self, pipe: Any, *, num_frames: int = 16, **options: Any) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        super().__init__(pipe, num_steps=num_steps, guidance_scale=guidance_scale,
-                         compute_batch=compute_batch, height=height, width=width)
+        super().__init__(pipe, **options)
         channels, h, w = self.latent_shape
         self.num_frames = num_frames
         self.latent_shape = (channels, num_frames, h, w)  # type: ignore[assignment]
@@ -58,10 +55,7 @@ class TextToVideoDenoiser(StableDiffusionDenoiser):
                              f"got {start} -> {end}")
         if len(conds) != latents.shape[0]:
             raise ValueError(f"got {len(conds)} conditionings for {latents.shape[0]} clips")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if eta > 0 and (generators is None or len(generators) != latents.shape[0]):
-            raise ValueError("eta > 0 needs one generator per candidate")
+        self._check_sampler_call(latents, start, eta, generators)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clips (B, C, F, H, W) to frames (B, F, 3, H', W') in [0, 1]."""
