@@ -20,6 +20,7 @@ import yaml
 
 from diffsearch.cli_errors import one_line_errors
 from diffsearch.job import Job, job_from_mapping, load_job
+from diffsearch.pipelines.samplers import sampler_names
 
 if TYPE_CHECKING:  # the CLI starts without torch: a wrong flag is answered at once
     from diffsearch.results import RunResult
@@ -60,7 +61,8 @@ GENERATE_FLAGS = {
     **FLAGS, "prompts": "PROMPT", "model": "--model", "strategy": "--strategy/--option",
     "budget": "--budget", "verifier": "--verifier", "eval_verifiers": "--eval-verifier",
     "seed": "--seed", "num_steps": "--steps", "guidance_scale": "--guidance",
-    "threads": "--threads",
+    "threads": "--threads", "negative_prompt": "--negative-prompt", "width": "--width",
+    "height": "--height", "sampler": "--sampler",
 }
 """Every job field ``diffsearch generate`` sets, by flag."""
 
@@ -114,14 +116,23 @@ def _with_execution(data: dict[str, Any], executor: str | None, workers: int | N
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--steps", type=int, help="Denoising steps (default: the model's).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale.")
+@click.option("--negative-prompt",
+              help="Unconditional prompt of classifier-free guidance (not for FLUX).")
+@click.option("--width", type=int, help="Image width in pixels (default: the model's).")
+@click.option("--height", type=int, help="Image height in pixels (default: the model's).")
+@click.option("--sampler", metavar="NAME",
+              help=f"Denoising sampler, from the model's scheduler config: "
+                   f"{', '.join(sampler_names(flow=False))} (UNet models) or "
+                   f"{', '.join(sampler_names(flow=True))} (SD3, FLUX). Default: the model's.")
 @click.option("--threads", default=2, show_default=True, type=int,
               help="CPU threads per worker (pinned: part of the results' identity).")
 @_execution_options
 @friendly_errors
 def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str, ...],
              budget: str, verifier: str, eval_verifiers: tuple[str, ...], seed: int,
-             steps: int | None, guidance: float | None, threads: int, out: Path | None,
-             resume: bool,
+             steps: int | None, guidance: float | None, negative_prompt: str | None,
+             width: int | None, height: int | None, sampler: str | None, threads: int,
+             out: Path | None, resume: bool,
              executor: str | None, workers: int | None, scheduler: str | None,
              batch_size: int | None, allow_download: bool | None, quiet: bool,
              profile: Path | None) -> None:
@@ -131,7 +142,8 @@ def generate(prompt: str, model: str, strategy: str, strategy_options: tuple[str
         "strategy": {"name": strategy, **_parse_options(strategy_options)},
         "budget": int(budget) if budget.isdigit() else budget, "verifier": verifier,
         "eval_verifiers": list(eval_verifiers), "seed": seed, "num_steps": steps,
-        "guidance_scale": guidance, "threads": threads,
+        "guidance_scale": guidance, "threads": threads, "negative_prompt": negative_prompt,
+        "width": width, "height": height, "sampler": sampler,
     }
     job = job_from_mapping(
         _with_execution(data, executor, workers, scheduler, batch_size, allow_download),

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from diffsearch.errors import JobError
+from diffsearch.pipelines.samplers import sampler_names
 from diffsearch.pipelines.sources import NEEDS_CUDA, Attention, Offload, names_non_cuda_device
 
 VerifierSpec = str | dict[str, Any]
@@ -120,6 +121,19 @@ class Job(BaseModel):
     change, and with them the scores."""
     vae_slicing: bool = False
     """Decode one image at a time (less VAE memory); a batch of one rounds differently."""
+    # Generation settings, one value for the whole job. What the model's family takes (sizes,
+    # samplers, a negative prompt at all) is checked from its config files before it loads
+    # (diffsearch.pipelines.sources.plan_model, called by the pre-run checks).
+    negative_prompt: str | None = None
+    """The unconditional prompt of classifier-free guidance (SD, SDXL, SD3, video; FLUX has no
+    such pass). None: the family's default (the empty prompt; zeros for SDXL base)."""
+    width: int | None = Field(default=None, ge=8, le=8192)
+    """Image width in pixels (None: the model's). The latent shape, and the store's, follow."""
+    height: int | None = Field(default=None, ge=8, le=8192)
+    """Image height in pixels (None: the model's)."""
+    sampler: str | None = None
+    """The denoising sampler, built from the model's own scheduler config (None: the model's
+    scheduler). Not ``scheduler``: that field is the Dask scheduler's address."""
 
     # ---- execution only ---------------------------------------------------------------------
     batch_size: int = Field(default=8, ge=1, le=4096)
@@ -140,6 +154,22 @@ class Job(BaseModel):
             if not prompt.strip():
                 raise ValueError(f"prompt {index} is empty")
         return prompts
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_not_blank(cls, negative_prompt: str | None) -> str | None:
+        if negative_prompt is not None and not negative_prompt.strip():
+            raise ValueError("is blank; leave it out for the model's default unconditional "
+                             "prompt")
+        return negative_prompt
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, sampler: str | None) -> str | None:
+        if sampler is not None and sampler not in sampler_names():
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of: "
+                             f"{', '.join(sampler_names())}")
+        return sampler
 
     @field_validator("offload")
     @classmethod

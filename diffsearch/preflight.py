@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from diffsearch import run_folder
 from diffsearch.errors import DiffsearchError, JobError, StoreError
 from diffsearch.job import Job, VerifierSpec
-from diffsearch.pipelines.sources import plan_model, xformers_missing
+from diffsearch.pipelines.samplers import SAMPLERS, SamplerNeed, sampler_names
+from diffsearch.pipelines.sources import ModelPlan, plan_model, xformers_missing
 
 if TYPE_CHECKING:
     from diffsearch.strategies.base import Strategy
@@ -32,14 +33,49 @@ def hold_in_process(model: str) -> None:
     _IN_PROCESS_MODELS.add(model)
 
 
-def check_model(job: Job) -> int | None:
-    """The number of denoising steps the job will run, or None for a model held in-process
-    (its runtime says, once started); a one-line ModelLoadError if the model cannot be found
-    or has no adapter. Reads config files only."""
+def plan_job(job: Job) -> ModelPlan | None:
+    """The job's model and sampling settings, or None for a model held in-process (its runtime
+    says, once started); a one-line ModelLoadError if the model cannot be found or has no
+    adapter, or its family cannot take the job's sampler, size or negative prompt (the error
+    names the field). Reads config files only."""
     if job.model in _IN_PROCESS_MODELS:
         return None
     return plan_model(job.model, num_steps=job.num_steps, guidance_scale=job.guidance_scale,
-                      allow_download=job.allow_download).num_steps
+                      allow_download=job.allow_download, sampler=job.sampler,
+                      height=job.height, width=job.width, negative_prompt=job.negative_prompt)
+
+
+def check_model(job: Job) -> int | None:
+    """The number of denoising steps the job will run (None: see :func:`plan_job`)."""
+    plan = plan_job(job)
+    return None if plan is None else plan.num_steps
+
+
+_NEEDS: dict[SamplerNeed, tuple[str, str]] = {
+    "resume": ("continues states at later steps",
+               "it keeps the model outputs of earlier steps and runs 0 -> T in one go"),
+    "stochastic": ("takes stochastic steps (eta > 0)", "it has none"),
+    "deterministic": ("scores a kept state once and carries it on",
+                      "it draws noise at every step, so the state would not go on to that "
+                      "image"),
+}
+"""Per need: what the strategy does, and why a sampler without it cannot serve it."""
+
+
+def check_sampler(plan: ModelPlan, strategy: Strategy) -> None:
+    """The job's sampler can do what its strategy asks (``Strategy.sampler_needs``); refused
+    in one line naming both, with the samplers of the family that can."""
+    sampler = SAMPLERS[plan.sampler]
+    needs = sorted(strategy.sampler_needs)
+    missing = [need for need in needs if not sampler.can(need)]
+    if not missing:
+        return
+    able = [name for name in sampler_names(flow=plan.family.flow)
+            if all(SAMPLERS[name].can(need) for need in needs)]
+    does, why = _NEEDS[missing[0]]
+    choices = ", ".join(able[:-1]) + (" or " if len(able) > 1 else "") + able[-1]
+    raise JobError(f"sampler: strategy {strategy.name} {does}, which {sampler.name} cannot "
+                   f"({why}); use {choices}")
 
 
 def check_attention(job: Job) -> None:
@@ -103,8 +139,11 @@ def check_run_folder(job: Job, run_dir: Path, *, resume: bool) -> None:
 def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     """Every cheap check, cheapest first; returns :func:`check_model`'s number of steps."""
     check_attention(job)
-    num_steps = check_model(job)
+    plan = plan_job(job)
+    num_steps = None if plan is None else plan.num_steps
     strategy = None if num_steps is None else check_strategies(job, num_steps)
+    if plan is not None and strategy is not None:
+        check_sampler(plan, strategy)
     check_verifiers(job, strategy)
     check_run_folder(job, run_dir, resume=resume)
     return num_steps

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
+from diffsearch.pipelines.samplers import SamplerNeed
 from diffsearch.strategies.options import Check, OptionError
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
@@ -41,6 +42,9 @@ class Strategy(ABC):
     option_checks: ClassVar[Mapping[str, Check]] = {}
     """Each option's type and range check, by option name (see :mod:`~diffsearch.strategies
     .options`): everything about an option that can be checked without the model."""
+    sampler_needs: ClassVar[frozenset[SamplerNeed]] = frozenset()
+    """What its tasks ask of the job's sampler (:mod:`diffsearch.pipelines.samplers`): the
+    pre-run checks refuse a sampler that cannot do it, naming both."""
 
     def __init__(self, *, prompt_index: int, prompt: str, num_steps: int, budget_nfe: int,
                  seed: int) -> None:

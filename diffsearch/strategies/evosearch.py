@@ -122,6 +122,7 @@ class EvoSearch(RoundStrategy):
     (size, 2), ``beta`` (noise mutation, 0.25), ``step_noise_scale`` (times sigma_k, 1.0)."""
 
     name = "evosearch"
+    sampler_needs = frozenset({"resume", "deterministic"})
     option_checks = {
         "schedule": options.rule(_check_schedule, allow_none=True),
         "population": options.rule(options.integer_list, minimum=1, allow_none=True),

@@ -44,6 +44,7 @@ class Particles(RoundStrategy):
     (10.0), ``ess_threshold`` (None: resample at every scheduled step), ``eta`` (1.0)."""
 
     name = "particles"
+    sampler_needs = frozenset({"resume", "stochastic"})
     option_checks = {
         "particles": options.rule(options.integer, minimum=1, allow_none=True),
         "resample_every": options.rule(options.integer, minimum=1, allow_none=True),

@@ -37,6 +37,7 @@ class Paths(RoundStrategy):
     1), ``denoise_steps`` (twice ``renoise_steps``)."""
 
     name = "paths"
+    sampler_needs = frozenset({"resume"})
     option_checks = {
         "n": options.rule(options.integer, minimum=1, allow_none=True),
         "branches": options.rule(options.integer, minimum=1),

@@ -52,6 +52,8 @@ _CHAIN_OPTIONS: dict[str, options.Check] = {
 class _FrameChainStrategy(Strategy):
     """What both clip strategies share: the chain, candidate ids, seeds and the clip ranking."""
 
+    sampler_needs = frozenset({"resume"})  # frames after the first start at step k (img2img)
+
     def __init__(self, *, num_frames: int, strength: float, **common: Any) -> None:
         super().__init__(**common)
         self.chain = FrameChain.for_prompt(self.prompt, num_frames, strength)

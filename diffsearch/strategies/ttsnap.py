@@ -102,6 +102,7 @@ class TTSnap(RoundStrategy):
     ``diffsearch distill`` output folder)."""
 
     name = "ttsnap"
+    sampler_needs = frozenset({"resume"})
     option_checks = {
         "prune_at": options.rule(options.integer_list, minimum=1, order="increasing",
                                  allow_none=True),
