@@ -8,6 +8,7 @@ diffusers' own loop rather than with numbers written down here.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,20 +56,31 @@ def load_pipeline(pipeline_class: type[PipelineT], folder: Path, **kwargs: Any) 
     return pipe
 
 
-def pipeline_reference(pipe: DiffusionPipeline, steps: int, guidance: float) -> Reference:
+def pipeline_reference(pipe: DiffusionPipeline, steps: int, guidance: float,
+                       **call_options: Any) -> Reference:
     """The pipeline's own 0 -> T loop as the ``reference`` of ``check_matches_pipeline``, for
     pipelines whose ``latents`` are laid out as the adapter's (Flux packs them: its test
-    writes its own)."""
+    writes its own). ``call_options`` go to the pipeline call (``negative_prompt``, ``height``,
+    ``width``, ``generator``)."""
 
     def reference(noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise,
-                    output_type="latent").images
+                    output_type="latent", **call_options).images
 
     return reference
 
 
 def conds_for(denoiser: Denoiser, prompts: list[str] = PROMPTS) -> list:
     return [denoiser.encode(p) for p in prompts]
+
+
+def step_generators(denoiser: Denoiser, seeds: list[int], eta: float = 0.0
+                    ) -> list[torch.Generator] | None:
+    """One generator per candidate where the steps draw noise (eta > 0, or an ancestral
+    sampler at every step), else None."""
+    if eta > 0 or not denoiser.deterministic:
+        return [torch_generator(s) for s in seeds]
+    return None
 
 
 def check_matches_pipeline(denoiser: Denoiser, reference: Reference, atol: float = 1e-4) -> None:
@@ -79,7 +91,7 @@ def check_matches_pipeline(denoiser: Denoiser, reference: Reference, atol: float
     """
     noise = denoiser.initial_noise(SEEDS) / denoiser.noise_scale()
     ours = denoiser.denoise(noise * denoiser.noise_scale(), conds_for(denoiser), 0,
-                            denoiser.num_steps)
+                            denoiser.num_steps, generators=step_generators(denoiser, SEEDS))
     theirs = reference(noise, PROMPTS).float()
     assert ours.latents.shape == theirs.shape
     assert ours.latents.abs().max() > 0.1  # a real result, not a degenerate zero
@@ -88,12 +100,15 @@ def check_matches_pipeline(denoiser: Denoiser, reference: Reference, atol: float
 
 
 def check_resume_is_exact(denoiser: Denoiser, k: int) -> None:
-    """0 -> k then k -> T gives the same bits as 0 -> T; x0 at k is a real estimate."""
+    """0 -> k then k -> T gives the same bits as 0 -> T; x0 at k is a real estimate. (A
+    sampler that draws noise every step continues its generators' streams in the tail.)"""
     conds = conds_for(denoiser)
     x = denoiser.initial_noise(SEEDS)
-    full = denoiser.denoise(x, conds, 0, denoiser.num_steps)
-    head = denoiser.denoise(x, conds, 0, k)
-    tail = denoiser.denoise(head.latents, conds, k, denoiser.num_steps)
+    full = denoiser.denoise(x, conds, 0, denoiser.num_steps,
+                            generators=step_generators(denoiser, SEEDS))
+    generators = step_generators(denoiser, SEEDS)
+    head = denoiser.denoise(x, conds, 0, k, generators=generators)
+    tail = denoiser.denoise(head.latents, conds, k, denoiser.num_steps, generators=generators)
     assert torch.equal(tail.latents, full.latents)
     assert not torch.equal(head.x0, head.latents)
     assert head.x0.shape == head.latents.shape == x.shape
@@ -101,13 +116,29 @@ def check_resume_is_exact(denoiser: Denoiser, k: int) -> None:
     assert head.latents.device.type == "cpu"
 
 
-def check_batch_invariance(denoiser: Denoiser, eta: float = 0.0) -> None:
-    """A batch of 4 candidates (mixed prompts) equals 4 single runs, bit for bit."""
+def check_resume_is_refused(denoiser: Denoiser, k: int) -> None:
+    """A multistep sampler runs 0 -> k (its x0 a real estimate) but refuses to start at k:
+    the latent alone is not its state."""
     conds = conds_for(denoiser)
+    head = denoiser.denoise(denoiser.initial_noise(SEEDS), conds, 0, k)
+    assert not torch.equal(head.x0, head.latents)
+    with pytest.raises(ValueError,
+                       match=re.escape(f"{denoiser.sampler.name} keeps the model outputs")):
+        denoiser.denoise(head.latents, conds, k, denoiser.num_steps)
+    with pytest.raises(ValueError, match="no stochastic step"):
+        denoiser.denoise(head.latents, conds, 0, k, eta=1.0,
+                         generators=[torch_generator(s) for s in SEEDS])
+
+
+def check_batch_invariance(denoiser: Denoiser, eta: float = 0.0,
+                           conds: list | None = None) -> None:
+    """A batch of 4 candidates (mixed prompts, or the given ``conds``) equals 4 single runs,
+    bit for bit."""
+    conds = conds or conds_for(denoiser)
     x = denoiser.initial_noise(SEEDS)
 
     def gens(seeds: list[int]) -> list[torch.Generator] | None:
-        return [torch_generator(s) for s in seeds] if eta > 0 else None
+        return step_generators(denoiser, seeds, eta)
 
     batch = denoiser.denoise(x, conds, 0, denoiser.num_steps, eta=eta, generators=gens(SEEDS))
     for i, seed in enumerate(SEEDS):
@@ -159,7 +190,8 @@ def check_step_noise_std(denoiser: Denoiser, step: int) -> None:
 def check_decode(denoiser: Denoiser, height: int, width: int) -> None:
     """Decoded images are float32 (B, 3, H, W) in [0, 1], and each row is decoded alone."""
     conds = conds_for(denoiser)
-    final = denoiser.denoise(denoiser.initial_noise(SEEDS), conds, 0, denoiser.num_steps).latents
+    final = denoiser.denoise(denoiser.initial_noise(SEEDS), conds, 0, denoiser.num_steps,
+                             generators=step_generators(denoiser, SEEDS)).latents
     images = denoiser.decode(final)
     assert images.shape == (4, 3, height, width)
     assert images.dtype == torch.float32 and images.device.type == "cpu"
