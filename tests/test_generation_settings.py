@@ -11,15 +11,21 @@ from pathlib import Path
 import adapter_checks as checks
 import pytest
 import torch
+from PIL import Image
 from test_cli import assert_one_line_error, invoke
 
+from diffsearch import run_folder
+from diffsearch.api import run_job
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import EXECUTION_FIELDS, Job
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.samplers import SAMPLERS, sampler_names
 from diffsearch.pipelines.sources import ModelLoadError, plan_model
 from diffsearch.preflight import preflight
+from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
 from diffsearch.seeding import torch_generator
+from diffsearch.store import RunStore
+from engine_harness import create_fake_verifier
 
 NEW_FIELDS = {"negative_prompt": "blurry", "width": 48, "height": 64, "sampler": "unipc"}
 
@@ -199,3 +205,23 @@ def test_load_denoiser_applies_the_sampler_and_negative_prompt():
                               generators=[torch_generator(1)]).latents
     assert plain.sampler.name == "ddim" and not ancestral.deterministic
     assert not torch.allclose(a, b)
+
+
+def test_a_run_at_another_size_stores_and_shows_that_size(tmp_path):
+    """Through the real engine, store and in-process executor: the store takes the latent shape
+    the loaded model reports, and the best image has the asked size. (The runtime is built
+    here from load_denoiser with the job's settings, as the worker's load will be.)"""
+    settings = {"width": 48, "height": 32, "sampler": "dpm++-2m", "negative_prompt": "blurry"}
+    job = Job(prompts=["a red circle"], model="shapes-at-48x32", verifier="redness",
+              budget="2x", num_steps=3, threads=1, executor="local", **settings)
+    with checks.one_thread():
+        denoiser = load_denoiser("shapes", num_steps=3, **settings)
+        register_runtime(WorkerRuntime(RuntimeSpec.from_job(job), denoiser,
+                                       create_fake_verifier))
+        result = run_job(job, tmp_path / "run")
+    assert result.model.latent_shape == (4, 8, 12)
+    assert RunStore.open(tmp_path / "run" / "store.zarr", writable=False).latent_shape == \
+        (4, 8, 12)
+    assert result.prompts[0].best is not None and result.failed_candidates == 0
+    with Image.open(tmp_path / "run" / run_folder.best_image(0)) as image:
+        assert image.size == (48, 32)
