@@ -11,13 +11,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from diffsearch.runtime import (
     ModelInfo,
     RuntimeSpec,
     UnitResult,
     WorkBatch,
+    compute_batch,
     describe_model,
+    finish_batch,
     run_batch,
 )
 
@@ -58,11 +61,18 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    """Runs batches one after another in this process: no cluster, easiest to debug."""
+    """Runs batches in this process: no cluster, easiest to debug.
 
-    def __init__(self) -> None:
+    With ``overlap`` (the default) it is a two-stage pipeline: while one unit is decoded and
+    scored in a helper thread, the next unit's denoising runs in the calling thread, so the
+    denoiser does not idle while a verifier works (torch releases the GIL inside its kernels).
+    Each stage still runs one unit at a time, so the results are the same bits either way.
+    """
+
+    def __init__(self, *, overlap: bool = True) -> None:
         self._spec: RuntimeSpec | None = None
         self._pending: deque[WorkBatch] = deque()
+        self.overlap = overlap
 
     def start(self, spec: RuntimeSpec) -> ModelInfo:
         self._spec = spec
@@ -71,11 +81,37 @@ class LocalExecutor(Executor):
     def submit(self, batch: WorkBatch) -> None:
         self._pending.append(batch)
 
+    def concurrency(self) -> int:
+        """Two units in flight when overlapping: the one being scored and the next."""
+        return 2 if self.overlap else 1
+
     def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
-        assert self._spec is not None, "start() the executor first"
-        while self._pending:
-            batch = self._pending.popleft()
-            yield batch, run_batch(self._spec, batch)
+        spec = self._spec
+        assert spec is not None, "start() the executor first"
+        if not self.overlap:
+            while self._pending:
+                batch = self._pending.popleft()
+                yield batch, run_batch(spec, batch)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="diffsearch-finish") as finisher:
+            finishing: Future[UnitResult] | None = None
+            finishing_batch: WorkBatch | None = None
+            while self._pending or finishing is not None:
+                computed = None
+                if self._pending:
+                    batch = self._pending.popleft()
+                    computed = compute_batch(spec, batch)  # while the last unit is scored
+                if finishing is not None:
+                    result = finishing.result()
+                    done_batch, finishing, finishing_batch = finishing_batch, None, None
+                    if computed is not None:
+                        finishing = finisher.submit(finish_batch, spec, computed)
+                        finishing_batch = computed.batch
+                        computed = None
+                    yield done_batch, result  # type: ignore[misc]
+                if computed is not None:
+                    finishing = finisher.submit(finish_batch, spec, computed)
+                    finishing_batch = computed.batch
 
     def describe(self) -> str:
-        return "in-process executor"
+        return "in-process executor" + (" (denoising overlaps scoring)" if self.overlap else "")

@@ -244,16 +244,29 @@ class WorkerRuntime:
 
     # ---- one work unit --------------------------------------------------------------------
     def run(self, batch: WorkBatch) -> UnitResult:
-        """Run a unit of tasks (or renders); see :class:`WorkBatch`. The stages: starting
-        latents, denoising (and the rollout of tasks scored on final images), decoding what is
-        scored, scoring, and the pixels the driver asked for."""
+        """Run a unit of tasks (or renders); see :class:`WorkBatch`."""
+        return self.finish(self.compute(batch))
+
+    def compute(self, batch: WorkBatch) -> ComputedUnit:
+        """The denoiser's part of a unit: starting latents, then denoising (and the rollout
+        of tasks scored on final images). :meth:`finish` does the rest; an executor may run
+        one unit's ``finish`` while the next unit's ``compute`` runs (never two of either at
+        once), so the denoiser does not idle while a verifier runs."""
+        timer = _Timer()
         if batch.renders:
+            return ComputedUnit(batch, None, timer)
+        latents = timer.time("load", self._start_latents, batch)
+        conds = [self.conditioning(t.prompt) for t in batch.tasks]
+        return ComputedUnit(batch, timer.time("denoise", self._denoise, batch.tasks, latents,
+                                              conds), timer)
+
+    def finish(self, unit: ComputedUnit) -> UnitResult:
+        """The rest of a unit: decoding what is scored, scoring, and the pixels the driver
+        asked for."""
+        batch, run, timer = unit.batch, unit.denoised, unit.timer
+        if run is None:
             return self._render(batch)
         tasks = batch.tasks
-        timer = _Timer()
-        latents = timer.time("load", self._start_latents, batch)
-        conds = [self.conditioning(t.prompt) for t in tasks]
-        run = timer.time("denoise", self._denoise, tasks, latents, conds)
         scored = timer.time("decode", self._to_score, batch, run)
         scores, calls = timer.time("score", self._score_rows, scored, run.errors)
         images = self._images_wanted(batch, scored, scores, run.errors)
@@ -428,6 +441,16 @@ class WorkerRuntime:
 
 
 @dataclass
+class ComputedUnit:
+    """A unit between :meth:`WorkerRuntime.compute` and :meth:`WorkerRuntime.finish`."""
+
+    batch: WorkBatch
+    denoised: _Denoised | None
+    """None for a batch of renders (all its work is decoding)."""
+    timer: _Timer
+
+
+@dataclass
 class _Denoised:
     """A unit after denoising: states at ``end``, the x0 estimates, final latents of tasks
     rolled out to the last step, rows computed and each row's failure so far."""
@@ -473,6 +496,16 @@ def _non_finite(latent: torch.Tensor, step: int) -> str | None:
 
 def _canonical(spec: VerifierSpec) -> str:
     return json.dumps(spec, sort_keys=True)
+
+
+def compute_batch(spec: RuntimeSpec, batch: WorkBatch) -> ComputedUnit:
+    """The first stage of ``batch`` with this process's runtime for ``spec``."""
+    return get_runtime(spec).compute(batch)
+
+
+def finish_batch(spec: RuntimeSpec, unit: ComputedUnit) -> UnitResult:
+    """The second stage of a unit :func:`compute_batch` returned."""
+    return get_runtime(spec).finish(unit)
 
 
 def run_batch(spec: RuntimeSpec, batch: WorkBatch) -> UnitResult:
