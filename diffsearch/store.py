@@ -23,11 +23,11 @@ reads cheap), so files grow with candidates / SHARD_ROWS, not with prompts x arr
 The driver is the only writer: workers return latents to it and only read, by row
 (:func:`read_latent_rows`), so no two processes ever write one file. The writer keeps every
 column in memory (read once per column at open) and answers lookups from there, which is what
-makes resuming 10,000 prompts take seconds. A background thread writes recorded rows at once,
-latents first and ``done`` last, so the driver never waits on the disk (only a worker's need
-for a row not yet written, or :meth:`RunStore.flush`, waits); rows recorded while a write is
-under way go out together in the next one, so a slow disk means fewer, larger writes rather
-than a queue. Zarr's local store writes each file
+makes resuming 10,000 prompts take seconds. A background thread writes recorded rows, latents
+first and ``done`` last, about once a second (:data:`WRITE_INTERVAL`) and at once when the
+driver needs them on disk (a worker's source, the end of the run), so the driver never waits on
+the disk otherwise; each write takes every row recorded since the last, so a slow disk means
+fewer, larger writes rather than a queue. Zarr's local store writes each file
 to a temporary one and renames it, so a kill at any moment leaves whole files: a row is finished
 exactly when ``done`` is set, and a resumed run recomputes the rest (rows not done are ignored
 and the trailing ones reused). Together with the task records the store is enough to rebuild
@@ -42,6 +42,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -69,6 +70,11 @@ candidates' latents (the target is at most one file per 64), while a shard of SD
 (256 KiB a row) stays at 64 MiB."""
 COLUMN_CHUNK = 16384
 """Rows per chunk file of each column: a few files per column even at 10,000 prompts."""
+WRITE_INTERVAL = 1.0
+"""The writer thread writes at most once per this many seconds unless the driver waits for rows
+(a worker needs a source, or the run ends). A write is about 20 small files, and in-process the
+thread's Python competes for the GIL with the denoiser's; pacing it bounds that cost, and what
+a kill can lose, to about a second of recorded rows."""
 LOCK_FILE = "writer.lock"
 
 _KEYS = {"name": "default", "separator": "."}
@@ -275,6 +281,8 @@ class RunStore:
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._closing = False
+        self._awaited = 0
+        """How many callers wait for rows to be written (the writer then writes at once)."""
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
@@ -522,8 +530,13 @@ class RunStore:
 
     def _wait_written(self, rows: int) -> None:
         with self._changed:
-            while self._written < rows and self._writer_error is None:
-                self._changed.wait()
+            self._awaited += 1
+            self._changed.notify_all()
+            try:
+                while self._written < rows and self._writer_error is None:
+                    self._changed.wait()
+            finally:
+                self._awaited -= 1
         self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
@@ -538,14 +551,20 @@ class RunStore:
 
     # ---- the writer thread --------------------------------------------------------------------
     def _write_loop(self) -> None:
-        """Write pending rows as they come: each write takes every row recorded so far."""
+        """Write pending rows as they come, each write taking every row recorded so far, at
+        most one write per :data:`WRITE_INTERVAL` unless someone waits for rows."""
+        last_write = -math.inf
         while True:
             with self._changed:
                 while not self._pending and not self._closing:
                     self._changed.wait()
                 if not self._pending:
                     return
+                while not (self._closing or self._awaited
+                           or time.monotonic() - last_write >= WRITE_INTERVAL):
+                    self._changed.wait(max(0.0, last_write + WRITE_INTERVAL - time.monotonic()))
                 write = self._take_pending()
+            last_write = time.monotonic()
             try:
                 self._write(write)
             except BaseException as error:  # reported to the driver at its next call
