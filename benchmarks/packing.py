@@ -12,14 +12,16 @@ into shared units; this measures how close that gets to full passes, two ways:
   loop's run of the same repeat (``ratios_to_bare``), so load from other processes on a shared
   machine hits both sides of a ratio alike.
 - ``strategies``: one row per strategy at ``--budget`` (16x) on held-out shapes prompts,
-  in-process: rows per NFE, NFE/s and NFE/s relative to best-of-N's.
+  in-process, the strategies interleaved in each of ``--repeats`` rounds: rows per NFE, NFE/s
+  and NFE/s relative to best-of-N's run of the same round.
 
 Model and cluster are loaded and warmed before anything is timed. Prints and saves
 ``benchmarks/results/packing.json``::
 
     nice python benchmarks/packing.py [--prompts 32] [--steps 10] [--threads 1]
         [--compute-batch 8] [--repeats 2] [--strategy-prompts 8] [--budget 16x]
-        [--verifier shapes-oracle] [--batch-size N] [--skip-dask]
+        [--verifier shapes-oracle] [--batch-size N] [--skip-dask] [--skip-strategies]
+        [--name packing]
 
 On a machine shared with other work, run it with ``OMP_WAIT_POLICY=PASSIVE`` (see
 executor_overhead.py).
@@ -170,13 +172,19 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
         })
 
     engine = EngineRun(job(STRATEGIES["best-of-n"]), LocalExecutor())
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STRATEGIES}
+    for repeat in range(args.repeats):  # interleaved: each repeat runs every strategy once
+        for name, spec in STRATEGIES.items():
+            runs[name].append(engine.run(job(spec)))
+            print(f"repeat {repeat + 1}: {name:>12} {runs[name][-1]}", file=sys.stderr)
     rows = {}
-    for name, spec in STRATEGIES.items():
-        rows[name] = engine.run(job(spec))
-        print(f"{name:>12} {rows[name]}", file=sys.stderr)
-    base = rows["best-of-n"]["nfe_per_s"]
-    for row in rows.values():
-        row["nfe_per_s_to_best_of_n"] = round(row["nfe_per_s"] / base, 3)
+    for name, repeats in runs.items():
+        ratios = [round(r["nfe_per_s"] / b["nfe_per_s"], 3)
+                  for r, b in zip(repeats, runs["best-of-n"], strict=True)]
+        rows[name] = {"runs": repeats, "rows_per_nfe": repeats[-1]["rows_per_nfe"],
+                      "nfe_per_s_median": statistics.median(r["nfe_per_s"] for r in repeats),
+                      "ratios_to_best_of_n": ratios,
+                      "ratio_to_best_of_n_median": statistics.median(ratios)}
     return {"prompts": len(prompts), "budget": args.budget,
             "batch_size": engine.job.batch_size, "rows": rows}
 
@@ -201,19 +209,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="candidates per work unit (default: the job's)")
     parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument("--name", default="packing",
+                        help="the report's file name in benchmarks/results (without .json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {
         "benchmark": "packing", "model": args.model, "verifier": args.verifier,
         "steps": args.steps, "threads": args.threads, "compute_batch": args.compute_batch,
         "throughput": throughput(args),
-        "strategies": strategies(args),
+        "strategies": None if args.skip_strategies else strategies(args),
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "command": command_line(argv),
     }
-    save_report(report, "packing")
+    save_report(report, args.name)
     return report
 
 
