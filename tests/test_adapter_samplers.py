@@ -8,6 +8,7 @@ table, so a wrong class or config key in the adapters shows as a mismatch with t
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import adapter_checks as checks
@@ -22,6 +23,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TextToVideoSDPipeline,
     UniPCMultistepScheduler,
 )
 
@@ -30,12 +32,14 @@ from diffsearch.pipelines.samplers import SAMPLERS, sampler_names
 from diffsearch.pipelines.sd3 import StableDiffusion3Denoiser
 from diffsearch.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsearch.pipelines.stable_diffusion import StableDiffusionDenoiser
+from diffsearch.pipelines.video import TextToVideoDenoiser
 from diffsearch.seeding import torch_generator
 from tiny_pipelines import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_video_pipeline,
 )
 
 STEPS = 5
@@ -141,6 +145,48 @@ def test_negative_prompts_travel_per_row(unet_family):
     negative = denoiser.denoise(x, [denoiser.encode(checks.PROMPTS[0], NEGATIVE)], 0,
                                 STEPS).latents
     assert not torch.allclose(plain, negative)
+
+
+# ---- whole-clip video (SD's components, a 3-D UNet) ---------------------------------------------
+FRAMES = 2
+VIDEO_STEPS = 3
+"""Fewer than the image tests' steps: a 3-D UNet pass costs several 2-D ones on a CPU."""
+
+
+@pytest.fixture(scope="module")
+def video_pipe(tmp_path_factory) -> TextToVideoSDPipeline:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the pipeline is marked deprecated
+        return checks.load_pipeline(TextToVideoSDPipeline,
+                                    tiny_video_pipeline(tmp_path_factory.mktemp("t2v")))
+
+
+@pytest.mark.parametrize("sampler", sampler_names(flow=False))
+def test_video_sampler_matches_the_pipeline_resumes_or_refuses_and_batches(video_pipe, sampler):
+    """As for images; but euler-ancestral is not compared with the pipeline, which folds the
+    frames into its batch and so cannot give each clip its own generator."""
+    scheduler_class, overrides = REFERENCE_SCHEDULERS[sampler]
+    scheduler = scheduler_class.from_config({**video_pipe.scheduler.config, **overrides})
+    reference_pipe = TextToVideoSDPipeline(**{**video_pipe.components, "scheduler": scheduler})
+    reference_pipe.set_progress_bar_config(disable=True)
+    denoiser = TextToVideoDenoiser(video_pipe, num_steps=VIDEO_STEPS, guidance_scale=GUIDANCE,
+                                   num_frames=FRAMES, compute_batch=2, height=HEIGHT,
+                                   width=WIDTH, sampler=sampler, negative_prompt=NEGATIVE)
+    assert denoiser.latent_shape == (4, FRAMES, HEIGHT // 2, WIDTH // 2)
+
+    def reference(noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return reference_pipe(prompts, num_frames=FRAMES, num_inference_steps=VIDEO_STEPS,
+                              guidance_scale=GUIDANCE, negative_prompt=[NEGATIVE] * len(prompts),
+                              height=HEIGHT, width=WIDTH, latents=noise,
+                              output_type="latent").frames
+
+    if SAMPLERS[sampler].deterministic:
+        checks.check_matches_pipeline(denoiser, reference)
+    if SAMPLERS[sampler].resume:
+        checks.check_resume_is_exact(denoiser, k=1)
+    else:
+        checks.check_resume_is_refused(denoiser, k=1)
+    checks.check_batch_invariance(denoiser)
 
 
 # ---- flow-matching families ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
+    UNet3DConditionModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -164,6 +167,27 @@ def tiny_sdxl_pipeline(tmp_path: Path, *, scheduler: str = "euler",
             scheduler=discrete_scheduler(scheduler, prediction_type),
             add_watermarker=False,
         )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_video_pipeline(tmp_path: Path, *, name: str = "tiny-t2v") -> Path:
+    """Save a tiny TextToVideoSDPipeline (a 3-D UNet over (C, F, H, W) latents, SD's text
+    encoder and VAE: 16x16 frames, 8x8 latents)."""
+    folder = tmp_path / name
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_clip_tokenizer(folder / "tokenizer")
+        unet = UNet3DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=16,
+            attention_head_dim=4, norm_num_groups=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the pipeline is marked deprecated
+            pipe = TextToVideoSDPipeline(
+                vae=tiny_vae(), text_encoder=CLIPTextModel(clip_text_config(tokenizer, 16)),
+                tokenizer=tokenizer, unet=unet, scheduler=discrete_scheduler("ddim", "epsilon"))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
