@@ -1,11 +1,12 @@
 """A run's images: which ones it writes (the job's ``images``), and writing them off the
 denoiser's path.
 
-Workers never encode or write files. They return raw pixels for the few rows the driver may
-need (:func:`pixels`), and the driver's :class:`ImageOutput` encodes PNG/GIF in one background
-thread while the next forward passes run. So the accelerator never waits on an encoder, the run
-folder has one writer, and with ``images: best`` a 10,000-prompt job writes 10,000 images, not
-one per candidate.
+Workers never encode or write files. They return raw pixels (uint8, (H, W, 3) for an image,
+(F, H, W, 3) for a clip) for the few rows the driver may need, and the driver's
+:class:`ImageOutput` encodes PNG/GIF in one background thread while the next forward passes
+run. So the accelerator never waits on an encoder, the run folder has one writer, and with
+``images: best`` a 10,000-prompt job writes 10,000 images, not one per candidate. No torch
+here: ``diffsearch show`` reads which candidate a best image shows.
 
 Files are written to a temporary name and renamed, so a kill or a reader (the service, a user's
 file browser) never sees half an image. A best image records its candidate in a PNG text chunk;
@@ -21,7 +22,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin
 
 from diffsearch import run_folder
@@ -33,12 +33,6 @@ CANDIDATE_KEY = "diffsearch:candidate"
 _QUEUE_SIZE = 64
 """Images waiting to be encoded: enough to absorb a burst, few enough to bound memory (the
 driver waits when the encoder falls this far behind)."""
-
-
-def pixels(images: torch.Tensor) -> np.ndarray:
-    """Images (..., 3, H, W) in [0, 1] as uint8 (..., H, W, 3): what a worker returns."""
-    values = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    return np.ascontiguousarray(values.movedim(-3, -1).cpu().numpy())
 
 
 class ImageOutput:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from diffsearch.clips import assemble_clips
-from diffsearch.image_output import pixels
 from diffsearch.job import Job, VerifierSpec, verifier_label
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
@@ -154,7 +153,7 @@ class UnitResult:
     when the unit's tasks were not rolled out (not scored on their final image, or already at
     the last step, where the state is the final latent)."""
     images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    """Pixels (:func:`diffsearch.image_output.pixels`) by (prompt index, candidate)."""
+    """Pixels (:func:`pixels`) by (prompt index, candidate)."""
 
 
 @dataclass
@@ -476,6 +475,13 @@ class _ToScore:
     """The verifiers that judge them: the guide first, then evaluation verifiers."""
     shown: torch.Tensor | list[torch.Tensor] | None
     """What the run folder shows of each row (its image or clip); None for x0 estimates."""
+
+
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """Images (..., 3, H, W) in [0, 1] as uint8 (..., H, W, 3): what a unit returns for the
+    driver's :class:`~diffsearch.image_output.ImageOutput` to encode."""
+    values = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(values.movedim(-3, -1).cpu().numpy())
 
 
 def _numpy(latents: torch.Tensor) -> np.ndarray:

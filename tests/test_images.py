@@ -4,6 +4,8 @@ denoiser's path, and restored on resume when a kill lost them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +124,10 @@ def test_a_best_image_records_its_candidate(tmp_path: Path) -> None:
     run, _ = run_fake(fake_job(prompts=PROMPTS[:1]), tmp_path / "run")
     with Image.open(tmp_path / "run" / run_folder.best_image(0)) as image:
         assert image.text[CANDIDATE_KEY] == str(run.prompts[0].best.candidate)
+
+
+def test_show_reads_a_run_without_importing_torch() -> None:
+    """``diffsearch show`` on a 10,000-prompt run should take seconds, not torch's import."""
+    code = ("import sys; from diffsearch.run_reading import best_per_prompt; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
