@@ -14,7 +14,10 @@ Reported per configuration:
 - ``open_s``: opening it for writing, as a resumed run does (reads every column once);
 - ``lookup_all_s``: the resumed run's replay, one lookup per task;
 - ``all_finished_s``: every prompt's finished candidates from a read-only open (what
-  ``diffsearch show`` and results read), open included.
+  ``diffsearch show`` and results read), open included;
+- ``show_read_s``: what ``diffsearch show`` computes for a stopped run (each prompt's best from
+  the store); ``show_cli_s``: the ``diffsearch show`` command itself, Python's start and
+  imports included.
 
     nice python benchmarks/store_scale.py [--prompts 800 10000] [--shape 4 8 8] [--dir PATH]
 
@@ -29,6 +32,8 @@ import argparse
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from diffsearch.run_reading import best_per_prompt
 from diffsearch.store import LOCK_FILE, SHARD_ROWS, RunStore
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
@@ -69,7 +75,8 @@ def build(path: Path, prompts: int, end: int, shape: tuple[int, ...]) -> float:
     units = [(tasks[i:i + UNIT], rng.standard_normal((UNIT, *shape), dtype=np.float32))
              for i in range(0, len(tasks), UNIT)]
     started = time.perf_counter()
-    with RunStore.create(path, job={"benchmark": "store_scale"}, result_key="bench",
+    with RunStore.create(path, job={"benchmark": "store_scale", "verifier": "guide"},
+                         result_key="bench",
                          latent_shape=shape, num_steps=STEPS,
                          prompts=[t.prompt for t in tasks[::CANDIDATES]]) as store:
         for unit, states in units:
@@ -104,6 +111,14 @@ def measure(root: Path, prompts: int, variant: str, shape: tuple[int, ...]) -> d
     finished = RunStore.open(path, writable=False).all_finished()
     all_finished_s = time.perf_counter() - started
     assert replayed == candidates == sum(map(len, finished.values()))
+    started = time.perf_counter()
+    shown = best_per_prompt(path.parent)  # a stopped run: no results.json, read from the store
+    show_read_s = time.perf_counter() - started
+    assert len(shown) == prompts and all(row["candidate"] is not None for row in shown)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "diffsearch", "show", str(path.parent)], check=True,
+                   stdout=subprocess.DEVNULL)
+    show_cli_s = time.perf_counter() - started
     shutil.rmtree(path.parent)
     return {
         "prompts": prompts, "candidates": candidates, "variant": variant,
@@ -112,6 +127,7 @@ def measure(root: Path, prompts: int, variant: str, shape: tuple[int, ...]) -> d
         "data_files_per_64_candidates": round((files - metadata) / candidates * 64, 3),
         "create_record_close_s": round(build_s, 2), "open_s": round(open_s, 3),
         "lookup_all_s": round(lookup_s, 3), "all_finished_s": round(all_finished_s, 3),
+        "show_read_s": round(show_read_s, 3), "show_cli_s": round(show_cli_s, 2),
     }
 
 
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     header = (f"{'prompts':>8} {'variant':>7} {'files':>6} {'MB':>8} {'bytes/raw':>9} "
               f"{'data files/64c':>14} {'build s':>8} {'open s':>7} {'lookups s':>9} "
-              f"{'all_finished s':>14}")
+              f"{'all_finished s':>14} {'show s':>7} {'show CLI s':>10}")
     print(header)
     try:
         for prompts in args.prompts:
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{row['bytes'] / 1e6:>8.1f} {row['bytes_per_raw']:>9.3f} "
                       f"{row['data_files_per_64_candidates']:>14.3f} "
                       f"{row['create_record_close_s']:>8.2f} {row['open_s']:>7.3f} "
-                      f"{row['lookup_all_s']:>9.3f} {row['all_finished_s']:>14.3f}", flush=True)
+                      f"{row['lookup_all_s']:>9.3f} {row['all_finished_s']:>14.3f} "
+                      f"{row['show_read_s']:>7.3f} {row['show_cli_s']:>10.2f}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report = {
