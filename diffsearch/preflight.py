@@ -62,15 +62,17 @@ _NEEDS: dict[SamplerNeed, tuple[str, str]] = {
 """Per need: what the strategy does, and why a sampler without it cannot serve it."""
 
 
-def check_sampler(plan: ModelPlan, strategy: Strategy) -> None:
-    """The job's sampler can do what its strategy asks (``Strategy.sampler_needs``); refused
-    in one line naming both, with the samplers of the family that can."""
-    sampler = SAMPLERS[plan.sampler]
+def check_sampler(sampler_name: str, strategy: Strategy) -> None:
+    """The sampler (the job's, or the model's own) can do what the strategy asks
+    (``Strategy.sampler_needs``); refused in one line naming both, with the samplers of the
+    same kind (UNet or flow) that can. Needs only the name, so a runtime held in-process can be
+    checked with the sampler its denoiser reports (``denoiser.sampler.name``)."""
+    sampler = SAMPLERS[sampler_name]
     needs = sorted(strategy.sampler_needs)
     missing = [need for need in needs if not sampler.can(need)]
     if not missing:
         return
-    able = [name for name in sampler_names(flow=plan.family.flow)
+    able = [name for name in sampler_names(flow=sampler.flow)
             if all(SAMPLERS[name].can(need) for need in needs)]
     does, why = _NEEDS[missing[0]]
     choices = ", ".join(able[:-1]) + (" or " if len(able) > 1 else "") + able[-1]
@@ -143,7 +145,7 @@ def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     num_steps = None if plan is None else plan.num_steps
     strategy = None if num_steps is None else check_strategies(job, num_steps)
     if plan is not None and strategy is not None:
-        check_sampler(plan, strategy)
+        check_sampler(plan.sampler, strategy)
     check_verifiers(job, strategy)
     check_run_folder(job, run_dir, resume=resume)
     return num_steps

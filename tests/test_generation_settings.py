@@ -152,6 +152,16 @@ def test_a_strategy_gets_a_sampler_that_can_serve_it(tmp_path, strategy, sampler
     assert "\n" not in str(error.value) and "; use " in str(error.value)
 
 
+@pytest.mark.parametrize("strategy", ["best-of-n", "zero-order", *RESUMING])
+def test_flow_euler_serves_every_strategy(tmp_path, strategy):
+    flux = config_only_model(tmp_path, "FluxPipeline")
+    video = "frames" in strategy or "clips" in strategy
+    job = Job(prompts=["a red circle moving from left to right"], model=str(flux),
+              strategy={"name": strategy}, budget="40x",
+              verifier="shapes-video" if video else "shapes-clip")
+    assert preflight(job, tmp_path / "run", resume=False) == 28
+
+
 # ---- the command line ---------------------------------------------------------------------------
 def test_generate_help_shows_the_settings():
     shown = invoke("generate", "--help").output
