@@ -2,9 +2,11 @@
 searches.
 
 Endpoints live under ``/v1``; every one of them but ``/v1/health`` needs the bearer token when
-the service has one. The page (``/``) and the OpenAPI schema (``/openapi.json``) are public: the
-page asks for the token and keeps it in ``sessionStorage``. Errors are JSON ``{"detail": one
-line, "field": ..., "limit": ...}`` (see :class:`~diffsearch.service.schemas.ErrorResponse`).
+the service has one. A1111-compatible ones live under ``/sdapi/v1``
+(:mod:`~diffsearch.service.a1111`) and take the token as a bearer token or basic auth. The page
+(``/``) and the OpenAPI schema (``/openapi.json``) are public: the page asks for the token and
+keeps it in ``sessionStorage``. Errors are JSON ``{"detail": one line, "field": ..., "limit":
+...}`` (see :class:`~diffsearch.service.schemas.ErrorResponse`; under /sdapi also ``error``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -34,7 +36,7 @@ from starlette.routing import Match
 from diffsearch import __version__, run_folder
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
-from diffsearch.service import schemas
+from diffsearch.service import a1111, schemas
 from diffsearch.service.backend import Backend, DaskBackend, LocalBackend
 from diffsearch.service.config import ServiceConfig
 from diffsearch.service.events import StreamSlots, TooManyStreams
@@ -129,6 +131,23 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
             raise RequestError(f"no search {search_id!r}", status=404)
         return record
 
+    async def read_body(request: Request) -> bytes:
+        return await _read_body(request, config.limits.max_body_bytes)
+
+    async def queue(job: Job, model_name: str, request: Request,
+                    check: Callable[[Job], None] | None = None) -> SearchRecord:
+        """Check a built job against its model (loading it on first use), and with ``check``
+        once the model is known, and queue it: what every route that starts a search does
+        (/v1/searches, A1111's txt2img)."""
+        model = await run_in_threadpool(_describe, backend, job)
+        check_against_model(job, model, config, verifiers)
+        if check is not None:
+            await run_in_threadpool(check, job)
+        try:
+            return manager_of(request).submit(job, model_name)
+        except QueueFull as error:
+            raise RequestError(str(error), limit="max_queue", status=429) from None
+
     # Without a token nothing is enforced, so the OpenAPI document must declare no security
     # scheme and no 401 either: the dependency (which declares them) is added only with one.
     if config.token is None:
@@ -155,14 +174,9 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
                          "$ref": "#/components/schemas/SearchRequest"}}}}})
     async def submit(request: Request, response: Response) -> schemas.SearchDetail:
         """Queue a search. The body has a job file's fields; the answer has its id and links."""
-        body = parse_body(await _read_body(request, config.limits.max_body_bytes))
-        job = build_job(body, config, verifiers)
-        model = await run_in_threadpool(_describe, backend, job)
-        check_against_model(job, model, config, verifiers)
-        try:
-            record = manager_of(request).submit(job, _model_name(body, config))
-        except QueueFull as error:
-            raise RequestError(str(error), limit="max_queue", status=429) from None
+        body = parse_body(await read_body(request))
+        record = await queue(build_job(body, config, verifiers), _model_name(body, config),
+                             request)
         response.headers["Location"] = f"/v1/searches/{record.id}"
         return _detail(record, manager_of(request))
 
@@ -283,6 +297,7 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         return FileResponse(record.run_dir / run_folder.RESULTS, media_type="application/json")
 
     app.include_router(router)
+    app.include_router(a1111.create_router(config, verifiers, queue=queue, read_body=read_body))
 
     @app.get("/v1/health", response_model=schemas.Health, tags=["health"])
     def health() -> schemas.Health:
@@ -387,18 +402,21 @@ def _detail(record: SearchRecord, manager: SearchManager) -> schemas.SearchDetai
         result=state["result"])
 
 
-def _error_response(status: int, detail: str, field: str | None = None,
+def _error_response(request: Request, status: int, detail: str, field: str | None = None,
                     limit: str | None = None, headers: dict[str, str] | None = None
                     ) -> JSONResponse:
-    body = schemas.ErrorResponse(detail=detail, field=field, limit=limit)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    body = schemas.ErrorResponse(detail=detail, field=field, limit=limit).model_dump()
+    if a1111.serves(request.url.path):  # A1111 clients look for "error" too
+        body = a1111.error_body(status, body)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return _error_response(error.status, error.message, error.field, error.limit, headers)
+        return _error_response(request, error.status, error.message, error.field, error.limit,
+                               headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, error: RequestValidationError
@@ -407,14 +425,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         location = [str(part) for part in first["loc"]]
         field = ".".join(location[1:] if location[0] in ("path", "query", "header")
                          else location)
-        return _error_response(422, f"{field}: {first['msg']}", field)
+        return _error_response(request, 422, f"{field}: {first['msg']}", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         headers = error.headers
         if error.status_code == 405:  # Starlette names the methods of one route, not the path's
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
-        return _error_response(error.status_code, str(error.detail), headers=headers)
+        return _error_response(request, error.status_code, str(error.detail), headers=headers)
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -441,6 +459,7 @@ def _document_request_body(app: FastAPI, config: ServiceConfig, verifiers: list[
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(definitions)
             components["SearchRequest"] = request
+            components.update(a1111.schema_components(request))
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -40,6 +40,23 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class A1111Defaults:
+    """What an A1111 ``txt2img`` request searches with when it does not say (its
+    ``alwayson_scripts`` "diffsearch" entry or ``override_settings`` can; see
+    :mod:`diffsearch.service.a1111`). Checked against the service's strategies and verifiers
+    at start."""
+
+    strategy: str = "best-of-n"
+    budget: int | str = "8x"
+    """NFEs per search, or ``"Nx"``: N samples' worth at the request's ``steps``."""
+    verifier: str | None = None
+    """None: the service's default verifier (a job file's default if offered, else the first
+    offered)."""
+    max_images: int = 16
+    """The most images (``batch_size`` x ``n_iter``) one request may ask for."""
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     data_dir: Path
     """Runs are written to ``data_dir/runs/<search id>`` and each search's record to
@@ -71,3 +88,5 @@ class ServiceConfig:
     max_events: int = DEFAULT_MAX_EVENTS
     """Events each search's log keeps in memory, the newest (one per finished work batch, plus
     status changes); a client that needs an older one gets a ``snapshot`` event instead."""
+    a1111: A1111Defaults = field(default_factory=A1111Defaults)
+    """Defaults of the A1111-compatible routes (/sdapi/v1)."""
