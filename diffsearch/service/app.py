@@ -341,6 +341,9 @@ def _describe(backend: Backend, job: Job) -> Any:
     except DiffsearchError as error:
         from diffsearch.pipelines.sources import ModelLoadError
 
+        named = str(error).partition(":")[0]
+        if named in Job.model_fields:  # the model cannot take a setting (width: ...)
+            raise RequestError(str(error), field=named) from None
         field = "model" if isinstance(error, ModelLoadError) else None
         raise RequestError(f"{field or 'job'}: {error}", field=field) from None
 
