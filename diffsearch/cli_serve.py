@@ -15,11 +15,12 @@ from pathlib import Path
 import click
 
 from diffsearch.cli_errors import fail
-from diffsearch.service.config import Limits, ServiceConfig
+from diffsearch.service.config import A1111Defaults, Limits, ServiceConfig
 
 TOKEN_ENV = "DIFFSEARCH_TOKEN"
 _DEFAULTS = Limits()
 _CONFIG_DEFAULTS = ServiceConfig(data_dir=Path())
+_A1111 = A1111Defaults()
 
 
 def is_loopback(host: str) -> bool:
@@ -126,6 +127,18 @@ def _limit(name: str, help_text: str) -> click.Option:
               show_default=True, envvar="DIFFSEARCH_MAX_EVENTS", show_envvar=True,
               help="Events each search's log keeps in memory (a client that needs an older one "
                    "gets a snapshot of the search).")
+@click.option("--a1111-strategy", default=_A1111.strategy, show_default=True,
+              envvar="DIFFSEARCH_A1111_STRATEGY", show_envvar=True,
+              help="Strategy of an A1111 txt2img request that names none.")
+@click.option("--a1111-budget", default=str(_A1111.budget), show_default=True,
+              envvar="DIFFSEARCH_A1111_BUDGET", show_envvar=True,
+              help="Budget (NFEs, or Nx samples) of an A1111 txt2img request that names none.")
+@click.option("--a1111-verifier", envvar="DIFFSEARCH_A1111_VERIFIER", show_envvar=True,
+              help="Verifier of an A1111 txt2img request that names none (default: the "
+                   "service's default verifier).")
+@click.option("--a1111-max-images", type=click.IntRange(min=1), default=_A1111.max_images,
+              show_default=True, envvar="DIFFSEARCH_A1111_MAX_IMAGES", show_envvar=True,
+              help="Most images (batch_size x n_iter) one A1111 txt2img request may ask for.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
@@ -135,7 +148,8 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
           batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
           max_image_side: int, max_body_bytes: int, max_event_streams: int,
-          max_records: int, max_events: int, log_level: str) -> None:
+          max_records: int, max_events: int, a1111_strategy: str, a1111_budget: str,
+          a1111_verifier: str | None, a1111_max_images: int, log_level: str) -> None:
     """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
     import uvicorn
 
@@ -163,8 +177,14 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
                       max_event_streams=max_event_streams),
         executor=executor,  # type: ignore[arg-type]
         workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency,
-        batch_size=batch_size, max_records=max_records, max_events=max_events)
-    app = create_app(config)
+        batch_size=batch_size, max_records=max_records, max_events=max_events,
+        a1111=A1111Defaults(strategy=a1111_strategy,
+                            budget=int(a1111_budget) if a1111_budget.isdigit() else a1111_budget,
+                            verifier=a1111_verifier, max_images=a1111_max_images))
+    try:
+        app = create_app(config)
+    except ValueError as error:  # an A1111 default is no strategy, budget or verifier offered
+        fail(str(error).replace("a1111.", "--a1111-", 1))
     click.echo(f"diffsearch: serving on http://{host}:{port}/ (auth: "
                f"{'bearer token' if token else 'none, loopback only'}; runs in {data_dir})",
                err=True)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import webuiapi
 from PIL import Image
+from test_service_cli import assert_one_line_error, run_serve
 from test_service_harness import TOKEN, FakeBackend, client, fake_config, serve, wait_for
 
 from diffsearch.service.backend import LocalBackend
@@ -209,3 +210,15 @@ def test_a_real_pipeline_s_family_decides_samplers_sizes_and_negative_prompts(tm
                 api.txt2img(prompt=PROMPT, **arguments)
             body = json.loads(raised.value.args[1])
             assert raised.value.args[0] == 422 and body["field"] == field, body
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--a1111-strategy", "beam"], "--a1111-strategy.name: unknown strategy 'beam'"),
+    (["--a1111-budget", "lots"], "--a1111-budget: 'lots' is not a number of NFEs or 'Nx'"),
+    (["--a1111-verifier", "hpsv2", "--verifier", "shapes-clip"],
+     "--a1111-verifier: unknown verifier 'hpsv2'; this service offers: shapes-clip"),
+])
+def test_serve_refuses_a1111_defaults_it_cannot_run(tmp_path: Path, flags: list[str],
+                                                    message: str) -> None:
+    result = run_serve("--data-dir", str(tmp_path), *flags)
+    assert_one_line_error(result, message)

@@ -554,7 +554,7 @@ class Sessions:
 
 def default_options(config: ServiceConfig, verifiers: list[str]) -> dict[str, Any]:
     """The options at start: the operator's defaults, checked as a request's would be (a
-    ValueError names what is wrong)."""
+    ValueError names the default: ``a1111.strategy: ...``)."""
     from diffsearch.service.requests import default_verifier
 
     defaults = config.a1111
@@ -565,7 +565,11 @@ def default_options(config: ServiceConfig, verifiers: list[str]) -> dict[str, An
     try:
         return checked_options(options, config, verifiers)
     except RequestError as error:
-        raise ValueError(f"A1111 defaults: {error.message}") from None
+        prefix = f"{error.field}:"
+        named = error.message.removeprefix(prefix) if error.message.startswith(prefix) \
+            else f" {error.message}"
+        raise ValueError(f"a1111.{(error.field or '').removeprefix(OPTION_PREFIX)}:{named}"
+                         ) from None
 
 
 def checked_options(options: dict[str, Any], config: ServiceConfig, verifiers: list[str]
