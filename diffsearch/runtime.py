@@ -56,6 +56,10 @@ class RuntimeSpec:
     offload: str = "none"
     vae_tiling: bool = False
     vae_slicing: bool = False
+    sampler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> RuntimeSpec:
@@ -66,6 +70,8 @@ class RuntimeSpec:
             eval_verifiers=tuple(_canonical(v) for v in job.eval_verifiers),
             allow_download=job.allow_download, compile=job.compile, attention=job.attention,
             offload=job.offload, vae_tiling=job.vae_tiling, vae_slicing=job.vae_slicing,
+            sampler=job.sampler, width=job.width, height=job.height,
+            negative_prompt=job.negative_prompt,
         )
 
 
@@ -215,6 +221,8 @@ class WorkerRuntime:
             device=spec.device, dtype=spec.dtype, compute_batch=spec.compute_batch,
             allow_download=spec.allow_download, compile=spec.compile, attention=spec.attention,
             offload=spec.offload, vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing,
+            sampler=spec.sampler, width=spec.width, height=spec.height,
+            negative_prompt=spec.negative_prompt,
         )
         return cls(spec, denoiser, create_verifier)
 
@@ -317,7 +325,8 @@ class WorkerRuntime:
                  conds: list[Conditioning]) -> _Denoised:
         """The unit's steps; tasks scored on their final image are rolled out to the end."""
         first, last = tasks[0], self.denoiser.num_steps
-        generators = [task_generator(t.seed, "steps") for t in tasks] if first.eta > 0 else None
+        noisy = first.eta > 0 or not self.denoiser.deterministic  # e.g. euler-ancestral
+        generators = [task_generator(t.seed, "steps") for t in tasks] if noisy else None
         result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
                                        generators=generators)
         run = _Denoised(states=result.latents, x0=result.x0, rows=result.rows,

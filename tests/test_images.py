@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffsearch import run_folder
 from diffsearch.api import SearchResult, run_job
 from diffsearch.executor import Executor, LocalExecutor
 from diffsearch.image_output import CANDIDATE_KEY, shown_candidate
+from diffsearch.job import Job
 from diffsearch.runtime import ModelInfo, RuntimeSpec, UnitResult, WorkBatch
+from diffsearch.store import RunStore
 from engine_harness import comparable, fake_job, install_fake_runtime, run_fake
 
 PROMPTS = ["a red circle on the left", "two blue squares", "a green triangle"]
@@ -131,3 +134,20 @@ def test_show_reads_a_run_without_importing_torch() -> None:
     code = ("import sys; from diffsearch.run_reading import best_per_prompt; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_job_s_size_and_sampler_reach_the_model(tmp_path: Path) -> None:
+    """Generation settings go from the job through the runtime spec to the bundled model: its
+    latents and best image have the job's size, and another sampler gives other latents."""
+    base = {"prompts": ["a red circle to the left of a blue square"], "model": "shapes",
+            "budget": "2x", "num_steps": 4, "threads": 1, "executor": "local",
+            "verifier": "shapes-oracle"}
+    run_job(Job.model_validate({**base, "width": 48, "height": 32,
+                                "sampler": "euler-ancestral"}), tmp_path / "euler")
+    run_job(Job.model_validate({**base, "width": 48, "height": 32}), tmp_path / "default")
+    with Image.open(tmp_path / "euler" / run_folder.best_image(0)) as image:
+        assert image.size == (48, 32)
+    euler, default = (RunStore.open(tmp_path / name / run_folder.STORE, writable=False)
+                      .read_latents(0, [0, 1], final=True) for name in ("euler", "default"))
+    assert euler.shape[-2:] == (8, 12)  # 32 x 48 pixels at the bundled VAE's factor of 4
+    assert not torch.equal(euler, default)

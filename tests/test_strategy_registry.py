@@ -38,7 +38,7 @@ def test_strategy_runs_through_the_engine_bit_for_bit_across_batch_sizes(
     results = {}
     for batch_size in (8, 1):
         job = fake_job(strategy={"name": name, **SEARCHES[name]}, budget="8x",
-                       batch_size=batch_size)
+                       batch_size=batch_size, images="all")
         out = tmp_path / f"batch{batch_size}"
         result, denoiser = run_fake(job, out)
         assert 0 < result.nfe <= 8 * denoiser.num_steps
