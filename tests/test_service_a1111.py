@@ -201,6 +201,9 @@ def test_a_real_pipeline_s_family_decides_samplers_sizes_and_negative_prompts(tm
         with client(url) as http:
             job = http.get(f"/v1/searches/{result.info['diffsearch']['search_id']}").json()["job"]
         assert job["sampler"] == "dpm++-2m-karras"
+        wide = api.txt2img(prompt=PROMPT, width=24, height=16, sampler_name="Euler")
+        assert wide.images[0].size == (24, 16) and (wide.info["width"], wide.info["height"]) == (
+            24, 16)
         for field, arguments in {
                 "width": dict(width=17),  # not a multiple of the VAE factor
                 "sampler_name": dict(sampler_name="DPM++ 2M", alwayson_scripts={

@@ -27,8 +27,8 @@ class Limits:
     max_queue: int = 32
     """Searches waiting to start (running ones are not counted); more are answered 429."""
     max_image_side: int = 1024
-    """The largest side an image download may be resized to (``?size=``). Requests cannot set
-    the generated size: it is the model's, and the operator picks the models."""
+    """The largest side an image download may be resized to (``?size=``). The generated size
+    is the job's ``width`` and ``height``, within what the model's family takes."""
     max_body_bytes: int = 64 * 1024
     """Size of a request body."""
     max_event_streams: int = 8
