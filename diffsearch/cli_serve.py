@@ -117,6 +117,7 @@ def _limit(name: str, help_text: str) -> click.Option:
 @_limit("max_prompt_chars", "Most characters per prompt.")
 @_limit("max_queue", "Most searches waiting to start.")
 @_limit("max_image_side", "Largest ?size= an image download may be shrunk to.")
+@_limit("max_pixels", "Most pixels (width x height) a requested image size may have.")
 @_limit("max_body_bytes", "Largest request body.")
 @_limit("max_event_streams", "Most event streams (SSE clients) open at once per search.")
 @click.option("--max-records", type=click.IntRange(min=1), default=_CONFIG_DEFAULTS.max_records,
@@ -147,7 +148,7 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
           workers: int | None, scheduler: str | None, threads: int, concurrency: int,
           batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
-          max_image_side: int, max_body_bytes: int, max_event_streams: int,
+          max_image_side: int, max_pixels: int, max_body_bytes: int, max_event_streams: int,
           max_records: int, max_events: int, a1111_strategy: str, a1111_budget: str,
           a1111_verifier: str | None, a1111_max_images: int, log_level: str) -> None:
     """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
@@ -173,7 +174,8 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
         verifiers=tuple(verifiers) or None, judge_endpoints=parse_judge_endpoints(judge_endpoints),
         limits=Limits(max_budget_nfe=max_budget_nfe, max_prompts=max_prompts,
                       max_prompt_chars=max_prompt_chars, max_queue=max_queue,
-                      max_image_side=max_image_side, max_body_bytes=max_body_bytes,
+                      max_image_side=max_image_side, max_pixels=max_pixels,
+                      max_body_bytes=max_body_bytes,
                       max_event_streams=max_event_streams),
         executor=executor,  # type: ignore[arg-type]
         workers=workers, scheduler=scheduler, threads=threads, concurrency=concurrency,

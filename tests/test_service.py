@@ -211,7 +211,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> str:
     # threads=2: its own runtime spec, so its slow fake is not the other service's fast one
     config = fake_config(tmp_path_factory.mktemp("strict"), threads=2, max_budget_nfe=50,
                          max_prompts=2, max_prompt_chars=30, max_image_side=6,
-                         max_body_bytes=2000, max_queue=1)
+                         max_body_bytes=2000, max_queue=1, max_pixels=64 * 64)
     with serve(config, FakeBackend(delay=0.05)) as url:
         yield url
 
@@ -225,6 +225,10 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> str:
         ({"budget": 9 * 10 ** 400}, 422, "max_budget_nfe", "budget"),
         ({"prompts": ["a", "b", "c"]}, 422, "max_prompts", "prompts"),
         ({"prompts": ["a", "x" * 31]}, 422, "max_prompt_chars", "prompts.1"),
+        ({"negative_prompt": "x" * 31, "guidance_scale": 5}, 422, "max_prompt_chars",
+         "negative_prompt"),
+        ({"width": 128, "height": 64}, 422, "max_pixels", "width"),
+        ({"height": 72}, 422, "max_pixels", "height"),  # the other side counts as this one
         ({"prompts": ["a" * 20] * 2, "seed": 1, "padding": "p" * 2000}, 413, "max_body_bytes",
          "body"),
     ],

@@ -29,6 +29,9 @@ class Limits:
     max_image_side: int = 1024
     """The largest side an image download may be resized to (``?size=``). The generated size
     is the job's ``width`` and ``height``, within what the model's family takes."""
+    max_pixels: int = 1024 * 1024
+    """Pixels (width x height) of a generated image: what bounds a search's memory, since a
+    request may set the size."""
     max_body_bytes: int = 64 * 1024
     """Size of a request body."""
     max_event_streams: int = 8

@@ -297,6 +297,18 @@ def _check_prompts(job: Job, config: ServiceConfig) -> None:
             raise RequestError(f"prompts.{index}: {len(prompt)} characters, over this service's "
                                f"limit of {limits.max_prompt_chars} (max_prompt_chars)",
                                field=f"prompts.{index}", limit="max_prompt_chars")
+    if job.negative_prompt is not None and len(job.negative_prompt) > limits.max_prompt_chars:
+        raise RequestError(f"negative_prompt: {len(job.negative_prompt)} characters, over this "
+                           f"service's limit of {limits.max_prompt_chars} (max_prompt_chars)",
+                           field="negative_prompt", limit="max_prompt_chars")
+    if job.width is not None or job.height is not None:
+        # a side not given is the model's, unknown before it loads: count it as the other side
+        width, height = job.width or job.height, job.height or job.width
+        if width * height > limits.max_pixels:  # type: ignore[operator]
+            raise RequestError(f"width x height: {width} x {height} is {width * height} "  # type: ignore[operator]
+                               f"pixels, over this service's limit of {limits.max_pixels} "
+                               f"(max_pixels)", field="width" if job.width else "height",
+                               limit="max_pixels")
 
 
 def _check_verifier(spec: str | dict[str, Any], field: str, offered: set[str]) -> None:
