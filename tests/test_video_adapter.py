@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+from diffusers import TextToVideoSDPipeline
 from PIL import Image
-from transformers import CLIPTextModel
 
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE
@@ -19,7 +18,7 @@ from diffsearch.run_folder import best_clip
 from diffsearch.seeding import torch_generator
 from diffsearch.store import RunStore
 from engine_harness import clip_redness, fake_job, run_fake
-from tiny_pipelines import clip_text_config, discrete_scheduler, tiny_vae, write_clip_tokenizer
+from tiny_pipelines import tiny_video_pipeline
 
 FRAMES, STEPS, GUIDANCE = 2, 4, 3.0
 PROMPT = "a red circle moving from left to right"
@@ -37,20 +36,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> TextToVideoSDPipeline:
-    folder = tmp_path_factory.mktemp("t2v")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        tokenizer = write_clip_tokenizer(folder / "tokenizer")
-        unet = UNet3DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=16,
-            attention_head_dim=4, norm_num_groups=4)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the pipeline is marked deprecated
-            pipe = TextToVideoSDPipeline(
-                vae=tiny_vae(), text_encoder=CLIPTextModel(clip_text_config(tokenizer, 16)),
-                tokenizer=tokenizer, unet=unet, scheduler=discrete_scheduler("ddim", "epsilon"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the pipeline is marked deprecated
+        pipe = TextToVideoSDPipeline.from_pretrained(
+            tiny_video_pipeline(tmp_path_factory.mktemp("t2v")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
