@@ -24,14 +24,15 @@ The judges are measured differently, and their figures are NOT a real judge's sp
   of a default-aspects JSON reply, and since random weights write no JSON the replies are graded
   by a stub that gives every aspect 5.
 - ``openai-<mode>-<cache>``: the ``openai`` verifier through the official client against the
-  loopback server of tests/openai_server.py (it decodes each PNG and grades its pixels), with
-  the default 4 requests in flight. ``cold``: a new verifier with an empty cache for every call,
-  so every image is one HTTP request; ``warm``: a new verifier per call reading the on-disk
-  cache an earlier call filled (a resumed or repeated run), so no request is sent
-  (``requests_per_call`` shows both). This is the client's own cost (PNG encoding of 512 x 512
-  noise, which compresses badly, base64, HTTP and JSON on loopback) plus the server's decoding,
-  which runs in this process and shares its interpreter lock; a real endpoint adds its model's
-  time and the network's.
+  loopback server of tests/openai_server.py (it decodes each PNG and answers with the tiny
+  random Qwen2-VL of the ``vlm`` rows: one forward pass in yes-probability mode, one per aspect
+  in rubric mode), with the default 4 requests in flight. ``cold``: a new verifier with an
+  empty cache for every call, so every image is one HTTP request; ``warm``: a new verifier per
+  call reading the on-disk cache an earlier call filled (a resumed or repeated run), so no
+  request is sent (``requests_per_call`` shows both). This is the client's own cost (PNG
+  encoding of 512 x 512 noise, which compresses badly, base64, HTTP and JSON on loopback) plus
+  the server's decoding and tiny model, which run in this process and share its interpreter
+  lock; a real endpoint adds its model's time and the network's.
 
 Prints a table and saves JSON (``benchmarks/results/verifier_speed.json``). On a machine shared
 with other work, run it with ``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads that lose their
@@ -76,8 +77,8 @@ BENCH_KEY_ENV, BENCH_KEY = "DIFFSEARCH_BENCH_JUDGE_KEY", "sk-bench-loopback"
 """The loopback server's key, set in this process's environment only."""
 JUDGE_NOTE = ("tiny random VLM: pipeline overhead (template, processor, generate loop), "
               "not a real judge's speed")
-API_NOTE = ("loopback server: client overhead (PNG, HTTP, JSON), not a real endpoint's "
-            "latency")
+API_NOTE = ("loopback server with a tiny random VLM: client overhead (PNG, HTTP, JSON) and the "
+            "tiny model, not a real endpoint's latency")
 
 
 @dataclass
@@ -230,10 +231,12 @@ def build_openai(mode: str, cache: str, device: str, stack: ExitStack) -> Subjec
     each call) or ``warm`` (a new verifier each call over the on-disk cache of earlier calls)."""
     _tests_on_path()
     from openai_server import JudgeServer
+    from vlm_fixtures import write_tiny_vlm
 
     from diffsearch.verifiers.openai_judge import OpenAIJudge
 
-    server = JudgeServer(BENCH_KEY)
+    model = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    server = JudgeServer(BENCH_KEY, write_tiny_vlm(model, "qwen2-vl", seed=0))
     stack.callback(server.close)
     stack.enter_context(mock.patch.dict(os.environ, {BENCH_KEY_ENV: BENCH_KEY}))
     folder = stack.enter_context(tempfile.TemporaryDirectory()) if cache == "warm" else None

@@ -1,8 +1,10 @@
 """The ``openai`` verifier against a real OpenAI-compatible HTTP server on loopback.
 
-The server (tests/openai_server.py) decodes each request's PNG data URL and grades the pixels
-under the prompt, so the scores checked here prove which image and prompt each reply belongs
-to. Everything goes through the official ``openai`` client over HTTP: concurrency and order,
+The server (tests/openai_server.py) decodes each request's PNG data URL and answers with a tiny
+random Qwen2-VL written here by tests/vlm_fixtures.py (offline), run on that image and question,
+so the scores checked here are the model's and prove which image and prompt each reply belongs
+to; one test recomputes them from the model folder directly, without the server's code.
+Everything goes through the official ``openai`` client over HTTP: concurrency and order,
 retries (429 with Retry-After, 5xx, timeouts) and their bounds, the reply cache, the key never
 leaving the environment, network opt-in, and a search whose guiding verifier is the endpoint.
 """
@@ -10,22 +12,31 @@ leaving the environment, network opt-in, and a search whose guiding verifier is 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from openai_server import JudgeServer
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_fixtures import write_tiny_vlm
 
 from diffsearch.api import run_job
 from diffsearch.job import Job
 from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
+from diffsearch.verifiers._rubric import (
+    DEFAULT_ASPECTS,
+    RUBRIC_QUESTION,
+    YES_QUESTION,
+    rubric_fields,
+)
 from diffsearch.verifiers.base import VerifierError
 from diffsearch.verifiers.openai_judge import (
     RETRY_AFTER_CAP_SECONDS,
@@ -33,6 +44,7 @@ from diffsearch.verifiers.openai_judge import (
     retry_after,
 )
 from diffsearch.verifiers.registry import BUILTINS, create_verifier
+from diffsearch.verifiers.vlm import to_pil
 from fake_denoiser import FakeDenoiser
 
 KEY_ENV = "DIFFSEARCH_TEST_JUDGE_KEY"
@@ -43,8 +55,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[JudgeServer]:
-    judge_server = JudgeServer(SECRET)
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_vlm(tmp_path_factory.mktemp("judge"), "qwen2-vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_folder: Path) -> Iterator[JudgeServer]:
+    judge_server = JudgeServer(SECRET, model_folder)
     yield judge_server
     judge_server.close()
 
@@ -66,13 +83,40 @@ def solid(colours: torch.Tensor, size: int = 16) -> torch.Tensor:
     return colours[:, :, None, None].expand(-1, -1, size, size).contiguous()
 
 
-def quantised(colours: torch.Tensor) -> torch.Tensor:
-    """The colours as 8-bit pixels carry them, which is what the server sees."""
-    return (colours * 255).round() / 255
-
-
 def colours(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def chat(question: str) -> list[dict[str, Any]]:
+    """The chat the server makes of the verifier's request: one image, then the question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def rubric_question(prompt: str) -> str:
+    return RUBRIC_QUESTION.format(prompt=prompt, **rubric_fields(DEFAULT_ASPECTS))
+
+
+def model_grades(server: JudgeServer, images: torch.Tensor, prompt: str,
+                 aspects: tuple[str, ...] = tuple(DEFAULT_ASPECTS)) -> torch.Tensor:
+    """(B, aspects): the server's model's greedy grades of each image under the default
+    rubric, computed without HTTP, on the 8-bit pixels the verifier sends."""
+    question = chat(rubric_question(prompt))
+    return torch.tensor([[server.judge.aspect_value(question, [image], aspect)
+                          for aspect in aspects] for image in to_pil(images)])
+
+
+def model_yes(server: JudgeServer, images: torch.Tensor, prompt: str) -> torch.Tensor:
+    """The server's model's P(yes) among the answers' first tokens, for each image."""
+    question = chat(YES_QUESTION.format(prompt=prompt))
+    return torch.tensor([sum(math.exp(logprob) for token, logprob
+                             in server.judge.answer_logprobs(server.judge.inputs(question, [image]))
+                             if token.strip().lower() == "yes") for image in to_pil(images)])
+
+
+def distinct(values: torch.Tensor, by: float = 1e-4) -> bool:
+    """Every pair of ``values`` differs by more than ``by`` (so a mix-up would show)."""
+    gaps = (values[:, None] - values[None, :]).abs()
+    return bool((gaps[~torch.eye(len(values), dtype=torch.bool)] > by).all())
 
 
 def test_scores_come_back_in_input_order_under_concurrency(server: JudgeServer) -> None:
@@ -81,21 +125,64 @@ def test_scores_come_back_in_input_order_under_concurrency(server: JudgeServer) 
     prompts = [PROMPTS[row % 3] for row in range(12)]
     verifier = judge(server, max_concurrency=6, weights={"prompt_accuracy": 1})
     scores = verifier.score(solid(rgb), prompts)
-    expected = torch.stack([10 * quantised(rgb)[row, row % 3] for row in range(12)])
+    expected = torch.cat([model_grades(server, solid(rgb[row:row + 1]), prompts[row],
+                                       ("prompt_accuracy",))[:, 0] for row in range(12)])
+    assert distinct(expected)
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
     assert 1 < server.peak_in_flight <= 6 and server.requests == 12
-    # the default weights: the mean of all four aspects, 10 x the mean pixel for "red" prompts
+    # the default weights: the mean of all four aspects
     both = judge(server).score(solid(rgb[:3]), ["a red kite"] * 3)
-    torch.testing.assert_close(both, 10 * quantised(rgb[:3]).mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(both, model_grades(server, solid(rgb[:3]), "a red kite").mean(1),
+                               rtol=0, atol=1e-5)
+
+
+def test_the_scores_are_the_tiny_models_own_and_differ_by_image(
+        server: JudgeServer, model_folder: Path) -> None:
+    """Not canned: two images get different scores, each what the model folder gives when run
+    directly with transformers (written here apart from the server's code)."""
+    images = torch.stack([solid(torch.tensor([[0.9, 0.1, 0.1]]))[0],
+                          torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))])
+    rubric = judge(server).score(images, ["a red kite"] * 2)
+    yes = judge(server, mode="yes-probability").score(images, ["a red kite"] * 2)
+
+    processor = AutoProcessor.from_pretrained(model_folder)
+    model = AutoModelForImageTextToText.from_pretrained(model_folder, dtype=torch.float32)
+    vocabulary = processor.tokenizer.get_vocab()
+
+    def next_token(image: Image.Image, question: str, reply_start: str = "") -> torch.Tensor:
+        text = processor.apply_chat_template(chat(question), add_generation_prompt=True,
+                                             tokenize=False)
+        inputs = processor(text=[text + reply_start], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            return model(**inputs).logits[0, -1]
+
+    digits = [vocabulary[str(digit)] for digit in range(10)]
+    # first tokens of "Yes", " Yes", "No", " No" in the byte-level vocabulary
+    answers = [vocabulary[token] for token in ("Yes", "\u0120Yes", "N", "\u0120")]
+    direct_rubric, direct_yes = [], []
+    for image in to_pil(images):
+        means = [(next_token(image, rubric_question("a red kite"), f'{{"{aspect}": ')[digits]
+                  .softmax(0) * torch.arange(10)).sum() for aspect in DEFAULT_ASPECTS]
+        direct_rubric.append(torch.stack(means).mean())
+        shares = next_token(image, YES_QUESTION.format(prompt="a red kite"))[answers].softmax(0)
+        direct_yes.append(shares[:2].sum())
+    torch.testing.assert_close(rubric, torch.stack(direct_rubric), rtol=0, atol=1e-5)
+    torch.testing.assert_close(yes, torch.stack(direct_yes), rtol=1e-5, atol=0)
+    assert abs(rubric[0] - rubric[1]) > 0.05 and abs(yes[0] - yes[1]) > 0.05
 
 
 def test_usage_counts_requests_and_the_tokens_the_endpoint_reported(server: JudgeServer) -> None:
     verifier = judge(server)
-    verifier.score(solid(colours(3, seed=2)), PROMPTS)
+    images = solid(colours(3, seed=2))
+    verifier.score(images, PROMPTS)
     assert verifier.usage() == {"requests": 3, "retries": 0, "cache_hits": 0,
                                 "prompt_tokens": server.prompt_tokens,
                                 "completion_tokens": server.completion_tokens}
-    assert server.prompt_tokens > 3 * 85 and server.completion_tokens >= 3
+    # the model's own count: the rendered chat with the image's tokens, as the processor makes it
+    assert server.prompt_tokens == sum(
+        server.judge.inputs(chat(rubric_question(prompt)), [image])["input_ids"].shape[1]
+        for image, prompt in zip(to_pil(images), PROMPTS, strict=True))
+    assert server.completion_tokens > 3 * len(DEFAULT_ASPECTS)
 
 
 def test_padded_rows_are_asked_once(server: JudgeServer) -> None:
@@ -110,7 +197,9 @@ def test_yes_probability_is_the_mass_of_the_yes_alternatives(server: JudgeServer
     rgb = colours(4, seed=4)
     verifier = judge(server, mode="yes-probability", max_concurrency=2)
     scores = verifier.score(solid(rgb), ["a red kite"] * 4)
-    torch.testing.assert_close(scores, quantised(rgb)[:, 0], rtol=1e-6, atol=0)
+    expected = model_yes(server, solid(rgb), "a red kite")
+    assert distinct(expected) and ((expected > 0) & (expected < 1)).all()
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
     sent = server.bodies[0]
     assert (sent["logprobs"], sent["top_logprobs"], sent["max_tokens"]) == (True, 20, 1)
     assert 'Does this image show "a red kite"?' in sent["messages"][0]["content"][1]["text"]
@@ -140,7 +229,8 @@ def test_a_500_is_retried_after_a_backoff(server: JudgeServer) -> None:
     verifier = judge(server)
     rgb = colours(1, seed=7)
     scores = verifier.score(solid(rgb), PROMPTS[:1])
-    torch.testing.assert_close(scores, 10 * quantised(rgb).mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores, model_grades(server, solid(rgb), PROMPTS[0]).mean(1),
+                               rtol=0, atol=1e-5)
     assert server.requests == 2 and verifier.usage()["retries"] == 1
 
 
@@ -153,16 +243,18 @@ def test_retries_are_bounded(server: JudgeServer) -> None:
 
 
 def test_a_timeout_fails_its_candidate_alone_after_bounded_retries(server: JudgeServer) -> None:
-    verifier = judge(server, timeout=0.3, max_retries=1, max_concurrency=3)
+    # yes-probability: one forward pass per reply, well inside the timeout on a busy machine
+    verifier = judge(server, mode="yes-probability", timeout=0.5, max_retries=1,
+                     max_concurrency=3)
     images, prompts = solid(colours(3, seed=9)), ["a red kite", "SLOW a green field",
                                                   "a blue lake"]
     started = time.monotonic()
     with pytest.raises(VerifierError) as caught:
         verifier.score(images, prompts)
-    assert time.monotonic() - started < 1.8  # 2 x 0.3 s and one backoff of at most 0.5 s
+    assert time.monotonic() - started < 2.2  # 2 x 0.5 s and one backoff of at most 0.5 s
     message = str(caught.value)
     assert message.startswith("openai: row 1: no reply from http://127.0.0.1:")
-    assert "within timeout 0.3 s (2 attempts) (1 of 3 rows failed)" in message
+    assert "within timeout 0.5 s (2 attempts) (1 of 3 rows failed)" in message
     assert "\n" not in message
     assert server.requests == 4
     # the runtime then scores the chunk row by row: the others' replies are remembered
@@ -174,20 +266,37 @@ def test_a_timeout_fails_its_candidate_alone_after_bounded_retries(server: Judge
 def test_an_unparseable_reply_fails_its_candidate_with_the_reply_quoted(
         server: JudgeServer) -> None:
     with pytest.raises(VerifierError) as caught:
-        judge(server).score(solid(colours(2, seed=10)), ["a red kite", "GARBLE"])
-    assert "row 1: the judge's reply holds no JSON object: 'I would rather not grade" \
+        judge(server, max_new_tokens=8).score(solid(colours(2, seed=10)), ["a red kite",
+                                                                           "GARBLE"])
+    # the model's own unconstrained reply: random weights write no JSON
+    (reply,) = [reply for body, reply in server.answered
+                if "GARBLE" in body["messages"][0]["content"][1]["text"]]
+    assert reply.strip()
+    assert f"row 1: the judge's reply holds no JSON object: {' '.join(reply.split())!r}" \
         in str(caught.value)
 
 
-@pytest.mark.parametrize(("combine", "expected"), [("mean", 5.0), ("majority", 3.0)])
-def test_samples_are_separate_requests_combined(server: JudgeServer, combine: str,
-                                                expected: float) -> None:
+def majority(values: list[float]) -> float:
+    """The most frequent value, the lowest of those tied."""
+    counts = Counter(values)
+    return min(value for value in counts if counts[value] == max(counts.values()))
+
+
+@pytest.mark.parametrize("combine", ["mean", "majority"])
+def test_samples_are_separate_requests_combined(server: JudgeServer, combine: str) -> None:
     verifier = judge(server, samples=3, temperature=0.7, combine=combine,
                      weights={"overall": 1})
     scores = verifier.score(solid(colours(2, seed=11)), PROMPTS[:2])
-    assert scores.tolist() == [expected, expected]
     assert verifier.calls_per_score == 3 and server.requests == 6
     assert {body["temperature"] for body in server.bodies} == {0.7}
+    # each row's three sampled "overall" digits, as the server's model drew them
+    sampled = [[json.loads(reply)["overall"] for body, reply in server.answered
+                if f'"{prompt}"' in body["messages"][0]["content"][1]["text"]]
+               for prompt in PROMPTS[:2]]
+    assert [len(row) for row in sampled] == [3, 3]
+    assert len({value for row in sampled for value in row}) > 1  # sampled, not fixed
+    expected = [sum(row) / 3 if combine == "mean" else majority(row) for row in sampled]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_the_cache_makes_a_repeated_run_free(server: JudgeServer, tmp_path: Path) -> None:
@@ -245,8 +354,10 @@ def test_a_search_judged_by_the_endpoint_keeps_the_key_out_of_the_run_folder(
     assert result.verifier_calls == 4 and server.requests == 4
     assert data["verifier_usage"]["openai"]["requests"] == server.requests
     assert data["verifier_usage"]["openai"]["prompt_tokens"] > 0
-    pixels = np.asarray(Image.open(out / best["image"]).convert("RGB"), dtype=np.float64)
-    assert best["score"] == pytest.approx(10 * pixels.mean() / 255, abs=1e-4)
+    best_image = Image.open(out / best["image"]).convert("RGB")
+    expected = server.judge.aspect_value(chat(rubric_question("a red kite")), [best_image],
+                                         "overall")
+    assert best["score"] == pytest.approx(expected, abs=1e-5)
     written = [f for f in [*out.rglob("*"), *(tmp_path / "cache").rglob("*")] if f.is_file()]
     assert written and all(SECRET.encode() not in f.read_bytes() for f in written)
 
