@@ -167,6 +167,12 @@ def test_refused_values_get_a_422_naming_the_field(live: str) -> None:
         assert bad_option.status_code == 422 and bad_option.json()["field"] == "sd_vae"
         bad_model = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl"})
         assert bad_model.json()["field"] == "sd_model_checkpoint"
+        for budget, limit in ((True, None), (5000, "max_budget_nfe")):  # the limit is 2000
+            bad_budget = http.post("/sdapi/v1/options", json={"diffsearch_budget": budget})
+            assert bad_budget.status_code == 422, bad_budget.text
+            assert (bad_budget.json()["field"], bad_budget.json()["limit"]) == (
+                "diffsearch_budget", limit)
+        assert http.get("/sdapi/v1/options").json()["diffsearch_budget"] == "8x"
         assert http.get("/v1/searches").json()["searches"] == []  # nothing was queued
 
 
@@ -225,3 +231,14 @@ def test_serve_refuses_a1111_defaults_it_cannot_run(tmp_path: Path, flags: list[
                                                     message: str) -> None:
     result = run_serve("--data-dir", str(tmp_path), *flags)
     assert_one_line_error(result, message)
+
+
+def test_a_search_that_bad_input_fails_is_a_422_and_listed_failed(live: str) -> None:
+    # a clip strategy with an image verifier: found by the worker once the search runs
+    with pytest.raises(RuntimeError) as raised:
+        api_for(live).txt2img(prompt=PROMPT, steps=4, sampler_name="DDIM", alwayson_scripts={
+            "diffsearch": {"args": ["linear-clips", "8x", "redness"]}})
+    status, text = raised.value.args
+    assert status == 422 and "need a video verifier" in json.loads(text)["detail"], text
+    with client(live) as http:
+        assert [s["status"] for s in http.get("/v1/searches").json()["searches"]] == ["failed"]

@@ -55,6 +55,9 @@ from diffsearch.service.requests import RequestError, build_job, default_model, 
 from diffsearch.service.searches import NotCancellable, SearchRecord, Status, summary_fields
 
 PREFIX = "/sdapi/v1"
+INTERNAL_ERROR = "internal error"
+"""How a failed search's error starts when the service, not the request, was at fault (see
+:meth:`SearchManager._run`)."""
 SCRIPT = "diffsearch"
 """The ``alwayson_scripts`` entry that selects the search."""
 SEARCH_SETTINGS = ("strategy", "budget", "verifier")
@@ -324,6 +327,21 @@ def served_model(value: Any, config: ServiceConfig, field_name: str) -> str:
                        field=field_name)
 
 
+def _budget(value: Any, source: str, config: ServiceConfig) -> Any:
+    """A budget, refusing JSON's true and false (pydantic's lax integers would take them for 1
+    and 0, and the schema says a budget is an integer or a string), and NFEs over the limit
+    at once (an ``Nx`` budget's NFEs need the model: they are checked when a search is
+    queued)."""
+    if isinstance(value, bool):
+        raise RequestError(f"{source}: {json.dumps(value)} is not a number of NFEs or 'Nx' "
+                           f"(e.g. 8x)", field=source)
+    limit = config.limits.max_budget_nfe
+    if isinstance(value, int) and value > limit:
+        raise RequestError(f"{source}: {value} NFE is over this service's limit of {limit} "
+                           f"(max_budget_nfe)", field=source, limit="max_budget_nfe")
+    return value
+
+
 def _strategy_spec(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
@@ -348,7 +366,8 @@ def map_request(request: Txt2ImgRequest, options: dict[str, Any], config: Servic
     model_name = served_model(settings["model"], config, sources["model"])
     body: dict[str, Any] = {
         "prompts": [request.prompt], "model": model_name,
-        "strategy": _strategy_spec(settings["strategy"]), "budget": settings["budget"],
+        "strategy": _strategy_spec(settings["strategy"]),
+        "budget": _budget(settings["budget"], sources["budget"], config),
         "verifier": settings["verifier"],
         "seed": secrets.randbelow(2**32) if request.seed == -1 else request.seed,
     }
@@ -578,7 +597,8 @@ def checked_options(options: dict[str, Any], config: ServiceConfig, verifiers: l
     served_model(options[MODEL_OPTION], config, MODEL_OPTION)
     body = {"prompts": ["options"], "model": options[MODEL_OPTION],
             "strategy": _strategy_spec(options[OPTION_PREFIX + "strategy"]),
-            "budget": options[OPTION_PREFIX + "budget"],
+            "budget": _budget(options[OPTION_PREFIX + "budget"], OPTION_PREFIX + "budget",
+                              config),
             "verifier": options[OPTION_PREFIX + "verifier"]}
     with renamed({name: OPTION_PREFIX + name for name in SEARCH_SETTINGS}):
         build_job(body, config, verifiers)
@@ -608,7 +628,9 @@ def create_router(config: ServiceConfig, verifiers: list[str], *,
                  responses={413: {"model": A1111Error, "description": "Body over max_body_bytes."},
                             429: {"model": A1111Error,
                                   "description": "The queue is full (max_queue)."},
-                            500: {"model": A1111Error, "description": "The search failed."}},
+                            500: {"model": A1111Error,
+                                  "description": "The search failed on an internal error (one "
+                                                 "that bad input caused is a 422)."}},
                  openapi_extra={"requestBody": {"required": True, "content": {
                      "application/json": {"schema": {
                          "$ref": "#/components/schemas/Txt2ImgRequest"}}}}})
@@ -635,8 +657,10 @@ def create_router(config: ServiceConfig, verifiers: list[str], *,
             with sessions.lock:
                 sessions.waiting.remove(record)
         state = summary_fields(record)
-        if state["status"] is Status.FAILED:
-            raise RequestError(f"search {record.id} failed: {state['error']}", status=500)
+        if state["status"] is Status.FAILED:  # bad input the engine found (a DiffsearchError)
+            error = str(state["error"])     # is the request's fault; a bug is the service's
+            raise RequestError(f"search {record.id} failed: {error}",
+                               status=500 if error.startswith(INTERNAL_ERROR) else 422)
         found = await run_in_threadpool(best_images, record, plan.images)
         info = info_of(plan, body, record, found, [_png_size(f.png) for f in found])
         return Txt2ImgResponse(images=[_b64(f.png) for f in found] if body.send_images else [],
