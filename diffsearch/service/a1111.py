@@ -19,7 +19,8 @@ dropped. The size, negative prompt and sampler go to the job's own fields and ar
 against the model's family before anything is queued.
 
 Auth is the service's token, sent as a bearer token or as HTTP basic auth's password (any user
-name): webuiapi's ``set_auth`` and most plugins can only send basic auth.
+name): A1111's own ``--api-auth`` is basic auth, so that is what its clients send (webuiapi's
+``set_auth`` sends nothing else).
 """
 
 from __future__ import annotations
