@@ -219,6 +219,8 @@ def test_a_real_pipeline_s_family_decides_samplers_sizes_and_negative_prompts(tm
                 api.txt2img(prompt=PROMPT, **arguments)
             body = json.loads(raised.value.args[1])
             assert raised.value.args[0] == 422 and body["field"] == field, body
+            if field == "sampler_name":  # in A1111's names
+                assert "which DPM++ 2M cannot" in body["detail"], body
 
 
 @pytest.mark.parametrize(("flags", "message"), [

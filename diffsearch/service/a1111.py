@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -437,7 +438,20 @@ def check_family(job: Job) -> None:
             check_sampler(plan.sampler, check_strategies(job, plan.num_steps))
     except DiffsearchError as error:
         message = str(error)
-        raise RequestError(message, field=message.partition(":")[0]) from None
+        field_name = message.partition(":")[0]
+        if field_name == "sampler":
+            message = a1111_sampler_names(message)
+        raise RequestError(message, field=field_name) from None
+
+
+def a1111_sampler_names(message: str) -> str:
+    """A message about the job's samplers with A1111's names for them (``use ddim or euler``
+    -> ``use DDIM or Euler``), longest first so that ``euler`` is not found in
+    ``euler-ancestral``."""
+    names = {job: a1111 for a1111, (_, jobs) in SAMPLERS.items() for job in jobs.values()}
+    for job in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w+-]){re.escape(job)}(?![\w+-])", names[job], message)
+    return message
 
 
 @contextmanager
