@@ -143,6 +143,7 @@ def test_refused_values_get_a_422_naming_the_field(live: str) -> None:
         "sampler_name": dict(sampler_name="LMS"),
         "scheduler": dict(sampler_name="Euler", scheduler="Karras"),
         "steps": dict(steps=0),
+        "width": dict(width=4096, height=4096),  # over max_pixels
         "batch_size": dict(batch_size=4, n_iter=5),  # 20 images, over max_images (16)
         "override_settings.CLIP_stop_at_last_layers": dict(
             override_settings={"CLIP_stop_at_last_layers": 2}),
