@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -83,23 +84,25 @@ class Job(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    # Numbers are strict: true/false (or "8") is refused, not read as 1/0 (or 8), as a job
+    # file, a request body and the OpenAPI schema all say they are numbers.
 
     prompts: list[str] = Field(min_length=1)
     model: str = "shapes"
     strategy: StrategySpec = Field(default_factory=StrategySpec)
-    budget: int | str = "8x"
+    budget: StrictInt | str = "8x"
     """NFEs per prompt, or ``"Nx"``: N times the cost of one sample (N * num_steps)."""
     verifier: VerifierSpec = "shapes-clip"
     """The guiding verifier: its score is the reward strategies maximise."""
     eval_verifiers: list[VerifierSpec] = Field(default_factory=list)
     """Held-out verifiers scored on final images for the report; strategies never see them."""
-    seed: int = 0
-    num_steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance_scale: float | None = Field(default=None, ge=0)
-    threads: int = Field(default=2, ge=1, le=256)
+    seed: int = Field(default=0, strict=True)
+    num_steps: int | None = Field(default=None, ge=1, le=1000, strict=True)
+    guidance_scale: float | None = Field(default=None, ge=0, strict=True)
+    threads: int = Field(default=2, ge=1, le=256, strict=True)
     """Intra-op CPU threads per worker. Pinned because CPU kernels round differently with other
     thread counts: keep it fixed to keep results bit-identical across machines and worker counts."""
-    compute_batch: int | None = Field(default=None, ge=1, le=1024)
+    compute_batch: int | None = Field(default=None, ge=1, le=1024, strict=True)
     """Rows per model forward pass (None: the adapter's default). Part of the results' identity."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     device: str | None = None
@@ -127,19 +130,19 @@ class Job(BaseModel):
     negative_prompt: str | None = None
     """The unconditional prompt of classifier-free guidance (SD, SDXL, SD3, video; FLUX has no
     such pass). None: the family's default (the empty prompt; zeros for SDXL base)."""
-    width: int | None = Field(default=None, ge=8, le=8192)
+    width: int | None = Field(default=None, ge=8, le=8192, strict=True)
     """Image width in pixels (None: the model's). The latent shape, and the store's, follow."""
-    height: int | None = Field(default=None, ge=8, le=8192)
+    height: int | None = Field(default=None, ge=8, le=8192, strict=True)
     """Image height in pixels (None: the model's)."""
     sampler: str | None = None
     """The denoising sampler, built from the model's own scheduler config (None: the model's
     scheduler). Not ``scheduler``: that field is the Dask scheduler's address."""
 
     # ---- execution only ---------------------------------------------------------------------
-    batch_size: int = Field(default=8, ge=1, le=4096)
+    batch_size: int = Field(default=8, ge=1, le=4096, strict=True)
     """Candidates per work unit sent to a worker; does not change results."""
     executor: Literal["local", "dask"] = "dask"
-    workers: int | None = Field(default=None, ge=1, le=1024)
+    workers: int | None = Field(default=None, ge=1, le=1024, strict=True)
     scheduler: str | None = None
     allow_download: bool = False
     images: Literal["best", "all", "none"] = "best"

@@ -126,10 +126,24 @@ def test_the_executor_help_names_the_real_default() -> None:
 
 
 def test_save_candidate_images_is_not_accepted_as_if_it_worked(tmp_path: Path) -> None:
-    """Every candidate's image is written today; a field claiming to turn that off would lie."""
+    """``images`` says which images are written; the old field is refused, not ignored."""
     path = write_job(tmp_path, "prompts: [a]\nsave_candidate_images: false\n")
     assert_one_line_error(invoke("run", path, "--out", tmp_path / "out"),
                           "save_candidate_images: unknown field")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("guidance_scale: true", "guidance_scale: Input should be a valid number"),
+    ("seed: false", "seed: Input should be a valid integer"),
+    ("budget: true", "budget"),
+    ("num_steps: '20'", "num_steps: Input should be a valid integer"),
+])
+def test_a_number_field_refuses_booleans_and_strings(tmp_path: Path, line: str,
+                                                     message: str) -> None:
+    """YAML's true is not 1: a job (or a request body) saying true where a number goes is an
+    error, as the OpenAPI schema promises, not a guidance scale of 1."""
+    path = write_job(tmp_path, f"prompts: [a]\n{line}\n")
+    assert_one_line_error(invoke("run", path, "--out", tmp_path / "out"), message)
 
 
 def test_a_strategy_that_does_not_fit_the_model_is_refused_before_a_cluster(
