@@ -82,6 +82,9 @@ class _CancellableExecutor(Executor):
     def concurrency(self) -> int:
         return self.inner.concurrency()
 
+    def slots_for_partial_units(self, in_flight: int) -> int:
+        return self.inner.slots_for_partial_units(in_flight)
+
     def describe(self) -> str:
         return self.inner.describe()
 

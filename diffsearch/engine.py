@@ -197,7 +197,7 @@ class Engine:
             """Send the full units, then partial ones for the slots that would idle."""
             nonlocal in_flight
             ready = pool.full_units()
-            free = self.executor.concurrency() - in_flight - len(ready)
+            free = self.executor.slots_for_partial_units(in_flight + len(ready))
             if free > 0 and pool:
                 ready += pool.partial_units(free)
             for unit in ready:

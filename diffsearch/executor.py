@@ -46,6 +46,11 @@ class Executor(ABC):
         at least this many in flight before it sends a batch it could still fill."""
         return 1
 
+    def slots_for_partial_units(self, in_flight: int) -> int:
+        """How many batches the engine may send that it could still fill, with ``in_flight``
+        out: the slots that would otherwise idle (a partial batch pads its forward passes)."""
+        return max(0, self.concurrency() - in_flight)
+
     def close(self) -> None:  # noqa: B027  (optional hook: in-process executors hold nothing)
         """Release workers. Safe to call twice."""
 
@@ -84,6 +89,12 @@ class LocalExecutor(Executor):
     def concurrency(self) -> int:
         """Two units in flight when overlapping: the one being scored and the next."""
         return 2 if self.overlap else 1
+
+    def slots_for_partial_units(self, in_flight: int) -> int:
+        """A partial unit only when nothing is in flight: the second slot is the pipeline's
+        next stage, not a second denoiser, and a partial unit sent early to fill it would pad
+        passes that waiting for more tasks fills."""
+        return 1 if in_flight == 0 else 0
 
     def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
         spec = self._spec

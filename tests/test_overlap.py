@@ -71,3 +71,17 @@ def test_denoising_overlaps_scoring_and_gives_the_same_bits(tmp_path: Path) -> N
     assert comparable(tmp_path / "overlapped") == comparable(tmp_path / "serial")
     assert png_bytes(tmp_path / "overlapped") == png_bytes(tmp_path / "serial")
     assert overlapped.nfe == serial.nfe and overlapped.rows == serial.rows
+
+
+def test_overlapping_sends_no_more_padding_than_one_unit_at_a_time(tmp_path: Path) -> None:
+    """The second slot is a pipeline stage: filling it with a partial unit early would pad
+    passes that waiting fills (zero-order's neighbours come in small rounds)."""
+    job = fake_job(prompts=["a red circle", "two blue squares", "a green star", "one ring"],
+                   strategy={"name": "zero-order"}, budget="8x", batch_size=8, threads=1)
+    rows = {}
+    for overlap in (False, True):
+        register_runtime(WorkerRuntime(RuntimeSpec.from_job(job), FakeDenoiser(num_steps=10),
+                                       lambda spec, device="cpu": SlowRedness(device)))
+        result = run_job(job, tmp_path / str(overlap), executor=LocalExecutor(overlap=overlap))
+        rows[overlap] = result.rows
+    assert rows[True] == rows[False]
