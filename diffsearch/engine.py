@@ -397,8 +397,11 @@ class _UnitBuilder:
         clips = tuple(self._clip_frames(t) for t in tasks) \
             if any(t.score_on is ScoreOn.CLIP for t in tasks) else ()
         wanted = tuple(self._wanted(t) for t in tasks)
-        to_beat = tuple(None if (best := self.states[t.prompt_index].best) is None
-                        else best.reward for t in tasks)
+        to_beat: tuple[float | None, ...] = ()
+        if ImageWanted.IF_BEST in wanted:  # each prompt's best so far, ranked once per prompt
+            best = {index: self.states[index].best for index in {t.prompt_index for t in tasks}}
+            to_beat = tuple(None if best[t.prompt_index] is None
+                            else best[t.prompt_index].reward for t in tasks)  # type: ignore[union-attr]
         return WorkBatch(tasks=tuple(tasks), store_path=str(store.path),
                          sources=sources if any(sources) else (), clips=clips,
                          images=wanted if any(w is not ImageWanted.NO for w in wanted) else (),
