@@ -174,7 +174,7 @@ class DiffusersDenoiser(Denoiser):
         if not 0 <= start <= end <= self.num_steps:
             raise ValueError(f"denoise needs 0 <= start <= end <= {self.num_steps}, "
                              f"got {start} -> {end}")
-        if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(self.latent_shape):
+        if tuple(latents.shape[1:]) != tuple(self.latent_shape):  # also whole clips' (C, F, H, W)
             expected = ", ".join(map(str, self.latent_shape))
             raise ValueError(f"latents must have shape (B, {expected}), "
                              f"got {tuple(latents.shape)}")
