@@ -3,14 +3,18 @@ denoiser's path.
 
 Workers never encode or write files. They return raw pixels (uint8, (H, W, 3) for an image,
 (F, H, W, 3) for a clip) for the few rows the driver may need, and the driver's
-:class:`ImageOutput` encodes PNG/GIF in one background thread while the next forward passes
-run. So the accelerator never waits on an encoder, the run folder has one writer, and with
+:class:`ImageOutput` encodes PNG, GIF and MP4 in one background thread while the next forward
+passes run. So the accelerator never waits on an encoder, the run folder has one writer, and with
 ``images: best`` a 10,000-prompt job writes 10,000 images, not one per candidate. No torch
 here: ``diffsearch show`` reads which candidate a best image shows.
 
 Files are written to a temporary name and renamed, so a kill or a reader (the service, a user's
 file browser) never sees half an image. A best image records its candidate in a PNG text chunk;
 a resumed run reads it back to know whether the image is still its prompt's best.
+
+A clip is written in each of :data:`~diffsearch.run_folder.CLIP_FORMATS`: GIF through Pillow and
+MP4 (H.264, yuv420p) through PyAV, whose wheels bundle FFmpeg and libx264, so no system ffmpeg
+is needed. PyAV is imported only when a clip is written (``diffsearch show`` never pays for it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +31,11 @@ from PIL import Image, PngImagePlugin
 
 from diffsearch import run_folder
 
-GIF_FRAME_MS = 400
-"""How long each frame of a written clip is shown."""
+CLIP_FRAME_MS = 400
+"""How long each frame of a written clip is shown (GIF and MP4 alike: 2.5 frames a second)."""
+MP4_CRF = 18
+"""libx264's constant rate factor (lower is closer to the frames; its default is 23): 18 is
+the usual "visually lossless" setting, for clips that are looked at closely."""
 CANDIDATE_KEY = "diffsearch:candidate"
 """The PNG text chunk that names the candidate a best image shows."""
 _QUEUE_SIZE = 64
@@ -49,7 +57,7 @@ class ImageOutput:
         self.mode = mode
         self._fresh: dict[tuple[int, int], np.ndarray] = {}
         self._best_written: dict[int, int] = {}
-        self._queue: queue.Queue[tuple[Path, Path, np.ndarray, int | None] | None] = \
+        self._queue: queue.Queue[tuple[Path, list[Path], np.ndarray, int | None] | None] = \
             queue.Queue(_QUEUE_SIZE)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -74,7 +82,8 @@ class ImageOutput:
         if self.wants_all:
             for (index, candidate), values in images.items():
                 self._put(run_folder.candidate_image(index, candidate),
-                          run_folder.candidate_clip(index, candidate), values, None)
+                          [run_folder.candidate_clip(index, candidate, fmt)
+                           for fmt in run_folder.CLIP_FORMATS], values, None)
 
     def update_best(self, prompt_index: int, candidate: int) -> None:
         """``candidate`` is now the best answer of its prompt: write its best image if this
@@ -87,8 +96,9 @@ class ImageOutput:
 
     def write_best(self, prompt_index: int, candidate: int, values: np.ndarray) -> None:
         self._best_written[prompt_index] = candidate
-        self._put(run_folder.best_image(prompt_index), run_folder.best_clip(prompt_index), values,
-                  candidate)
+        self._put(run_folder.best_image(prompt_index),
+                  [run_folder.best_clip(prompt_index, fmt) for fmt in run_folder.CLIP_FORMATS],
+                  values, candidate)
 
     # ---- at the end -------------------------------------------------------------------------
     def stale_best(self, best: dict[int, int]) -> list[tuple[int, int]]:
@@ -120,11 +130,14 @@ class ImageOutput:
         self._raise_encoder_error()
 
     # ---- the encoder thread -----------------------------------------------------------------
-    def _put(self, image: str, clip: str, values: np.ndarray, best_of: int | None) -> None:
-        """Queue ``values`` as the PNG ``image`` (a clip: its last frame, and the GIF ``clip``),
-        recording ``best_of`` as the candidate it shows when it is a best image."""
+    def _put(self, image: str, clips: list[str], values: np.ndarray, best_of: int | None
+             ) -> None:
+        """Queue ``values`` as the PNG ``image`` (a clip: its last frame, and the clip files
+        ``clips``, one per format), recording ``best_of`` as the candidate it shows when it is a
+        best image."""
         self._raise_encoder_error()
-        self._queue.put((self.run_dir / image, self.run_dir / clip, values, best_of))
+        self._queue.put((self.run_dir / image, [self.run_dir / clip for clip in clips], values,
+                         best_of))
 
     def _raise_encoder_error(self) -> None:
         if self._error is not None:
@@ -141,7 +154,8 @@ class ImageOutput:
                 self._error = error
 
 
-def _write(path: Path, clip_path: Path, values: np.ndarray, best_of: int | None) -> None:
+def _write(path: Path, clip_paths: list[Path], values: np.ndarray, best_of: int | None
+           ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clip = values.ndim == 4
     info = PngImagePlugin.PngInfo()
@@ -150,10 +164,44 @@ def _write(path: Path, clip_path: Path, values: np.ndarray, best_of: int | None)
     _atomic_save(path, lambda target: Image.fromarray(values[-1] if clip else values).save(
         target, format="PNG", pnginfo=info))
     if clip:
-        frames = [Image.fromarray(frame) for frame in values]
-        _atomic_save(clip_path, lambda target: frames[0].save(
-            target, format="GIF", save_all=True, append_images=frames[1:],
-            duration=GIF_FRAME_MS, loop=0))
+        for clip_path in clip_paths:
+            encode = _CLIP_ENCODERS[clip_path.suffix.removeprefix(".")]
+            _atomic_save(clip_path, lambda target, encode=encode: encode(values, target))
+
+
+def save_gif(frames: np.ndarray, target: Path) -> None:
+    """uint8 (F, H, W, 3) frames as a looping GIF, :data:`CLIP_FRAME_MS` per frame."""
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(target, format="GIF", save_all=True, append_images=images[1:],
+                   duration=CLIP_FRAME_MS, loop=0)
+
+
+def save_mp4(frames: np.ndarray, target: Path) -> None:
+    """uint8 (F, H, W, 3) frames as an H.264 MP4 (yuv420p, the pixel format every player
+    decodes) at 1000 / :data:`CLIP_FRAME_MS` frames a second, with its index at the front
+    (``faststart``) so a browser plays it while it loads.
+
+    yuv420p halves the colour resolution, so its width and height must be even: an odd one is
+    padded by repeating the last column or row (the file is then one pixel wider or taller).
+    Generated sizes are multiples of the VAE's factor, so this is rare.
+    """
+    import av
+
+    height, width = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    with av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as output:
+        stream = output.add_stream("libx264", rate=Fraction(1000, CLIP_FRAME_MS))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(MP4_CRF)}
+        for frame in frames:
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())  # flush the frames the encoder still holds
+
+
+_CLIP_ENCODERS: dict[str, Callable[[np.ndarray, Path], None]] = {"gif": save_gif,
+                                                                  "mp4": save_mp4}
+"""The encoder of each of run_folder.CLIP_FORMATS."""
 
 
 def _atomic_save(path: Path, save: Callable[[Path], None]) -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from PIL import Image
 from diffsearch import run_folder
 from diffsearch.api import SearchResult, run_job
 from diffsearch.executor import Executor, LocalExecutor
-from diffsearch.image_output import CANDIDATE_KEY, shown_candidate
+from diffsearch.image_output import CANDIDATE_KEY, CLIP_FRAME_MS, ImageOutput, shown_candidate
 from diffsearch.job import Job
 from diffsearch.runtime import ModelInfo, RuntimeSpec, UnitResult, WorkBatch
 from diffsearch.store import RunStore
@@ -151,3 +152,78 @@ def test_the_job_s_size_and_sampler_reach_the_model(tmp_path: Path) -> None:
                       .read_latents(0, [0, 1], final=True) for name in ("euler", "default"))
     assert euler.shape[-2:] == (8, 12)  # 32 x 48 pixels at the bundled VAE's factor of 4
     assert not torch.equal(euler, default)
+
+
+def gradient_clip(frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 (F, H, W, 3) frames whose colours differ from frame to frame (smooth in space, as
+    decoded images are, so a lossy codec keeps them close)."""
+    y, x = np.mgrid[0:height, 0:width]
+    clip = [np.stack([x * 150 // (width - 1) + 20 * f, y * 150 // (height - 1) + 10 * f,
+                      np.full_like(x, 40 + 30 * f)], axis=-1) for f in range(frames)]
+    return np.stack(clip).astype(np.uint8)
+
+
+def decoded_mp4(path: Path) -> tuple[np.ndarray, object]:
+    """The frames of an MP4 as uint8 (F, H, W, 3), and its stream's frame rate."""
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        return np.stack(frames), container.streams.video[0].average_rate
+
+
+def test_a_clip_is_written_as_gif_and_mp4_that_decode_to_its_frames(tmp_path: Path) -> None:
+    clip = gradient_clip(5, 16, 24)
+    output = ImageOutput(tmp_path, "best")
+    output.write_best(0, 3, clip)
+    output.close()
+    assert np.array_equal(pixels_of(tmp_path / run_folder.best_image(0)), clip[-1])
+    with Image.open(tmp_path / run_folder.best_clip(0, "gif")) as gif:
+        assert (gif.n_frames, gif.size, gif.info["duration"]) == (5, (24, 16), CLIP_FRAME_MS)
+    mp4 = tmp_path / run_folder.best_clip(0, "mp4")
+    frames, rate = decoded_mp4(mp4)
+    assert frames.shape == clip.shape
+    assert rate == 1000 / CLIP_FRAME_MS
+    error = np.abs(frames.astype(int)[:, None] - clip.astype(int)[None]).mean(axis=(2, 3, 4))
+    assert error.diagonal().max() < 6  # each decoded frame is close to its own frame ...
+    assert (error.argmin(axis=1) == np.arange(5)).all()  # ... and closer than to any other
+    data = mp4.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # the index first: plays while loading
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_an_odd_sized_clip_is_padded_to_the_even_size_h264_needs(tmp_path: Path) -> None:
+    clip = gradient_clip(3, 9, 13)
+    output = ImageOutput(tmp_path, "best")
+    output.write_best(0, 0, clip)
+    output.close()
+    frames, _ = decoded_mp4(tmp_path / run_folder.best_clip(0, "mp4"))
+    assert frames.shape == (3, 10, 14, 3)
+    assert np.abs(frames[:, :9, :13].astype(int) - clip).mean() < 6
+    with Image.open(tmp_path / run_folder.best_clip(0, "gif")) as gif:
+        assert gif.size == (13, 9)  # the GIF keeps the exact size
+
+
+def test_images_all_writes_every_final_clip_in_both_formats(tmp_path: Path) -> None:
+    strategy = {"name": "tree-of-frames", "num_frames": 3, "strength": 0.6,
+                "first_frame_candidates": 3, "branching": 2, "image_verifier": "redness"}
+    job = fake_job(prompts=["a red circle moving from left to right"], verifier="clip-redness",
+                   budget=120, strategy=strategy, images="all")
+    run_fake(job, tmp_path / "run")
+    best = results(tmp_path / "run")["prompts"][0]["best"]["candidate"]
+    gifs = sorted((tmp_path / "run" / run_folder.IMAGES).rglob("*.gif"))
+    mp4s = sorted((tmp_path / "run" / run_folder.IMAGES).rglob("*.mp4"))
+    assert [p.stem for p in gifs] == [p.stem for p in mp4s] and len(mp4s) >= 2
+    for clip in (run_folder.candidate_clip(0, best, "mp4"), run_folder.best_clip(0, "mp4")):
+        frames, _ = decoded_mp4(tmp_path / "run" / clip)
+        assert frames.shape == (3, 8, 8, 3)
+    gif_frames = []
+    with Image.open(tmp_path / "run" / run_folder.best_clip(0, "gif")) as gif:
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            gif_frames.append(np.asarray(gif.convert("RGB")))
+    frames, _ = decoded_mp4(tmp_path / "run" / run_folder.best_clip(0, "mp4"))
+    assert np.abs(frames.astype(int) - np.stack(gif_frames)).mean() < 24  # the same clip
+
+
+def test_a_clip_format_the_writer_does_not_know_is_refused() -> None:
+    with pytest.raises(ValueError, match="one of gif, mp4, not 'webm'"):
+        run_folder.best_clip(0, "webm")
