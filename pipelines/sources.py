@@ -82,6 +82,19 @@ FAMILIES = {
     "TextToVideoSDPipeline": Family(
         "video-sd", "diffsearch.pipelines.video:TextToVideoDenoiser", 50, 9.0, "float16",
         adapter_options=("num_frames",)),
+    "WanPipeline": Family(
+        "wan", "diffsearch.pipelines.wan:WanDenoiser", 50, 5.0, "bfloat16",
+        adapter_options=("num_frames",), flow=True, denoiser="transformer", packing=None),
+    "WanImageToVideoPipeline": Family(
+        "wan-i2v", "diffsearch.pipelines.wan:WanImageToVideoDenoiser", 50, 5.0, "bfloat16",
+        adapter_options=("num_frames",), flow=True, denoiser="transformer", packing=None),
+    "LTXPipeline": Family(
+        "ltx", "diffsearch.pipelines.ltx:LTXDenoiser", 50, 3.0, "bfloat16",
+        adapter_options=("num_frames", "frame_rate"), flow=True, denoiser="transformer",
+        packing=None),
+    "PixArtSigmaPipeline": Family(
+        "pixart-sigma", "diffsearch.pipelines.pixart:PixArtSigmaDenoiser", 20, 4.5, "float16",
+        denoiser="transformer", packing=None),
 }
 
 
@@ -196,7 +209,7 @@ def _read_defaults(path: Path) -> dict:
         return {}
     data = _read_json(path)
     types = {"num_steps": int, "guidance_scale": (int, float), "height": int, "width": int,
-             "num_frames": int}
+             "num_frames": int, "frame_rate": (int, float)}
     for key, expected in types.items():
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
@@ -246,6 +259,7 @@ def plan_model(model: str, *, num_steps: int | None = None, guidance_scale: floa
         negative_prompt=negative_prompt)
     _check_sampler(plan)
     _check_size(plan)
+    _check_frames(plan)
     _check_negative_prompt(plan)
     return plan
 
@@ -276,16 +290,45 @@ def size_multiple(source: ModelSource, family: Family) -> int | None:
     """What height and width must be multiples of: the VAE's downsampling factor (2 per VAE
     level after the first) times the latent pixels per denoiser token (:attr:`Family.packing`).
     None when the configs are not on disk."""
-    vae = _component_config(source, "vae")
-    if "block_out_channels" not in vae:
+    factor = _vae_compression(_component_config(source, "vae"))[0]
+    if factor is None:
         return None
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
     packing = family.packing
     if packing is None:
         packing = _component_config(source, family.denoiser).get("patch_size")
         if packing is None:
             return None
+        if isinstance(packing, list):  # a video transformer's (frames, height, width) patch
+            packing = max(packing[1:])
     return factor * int(packing)
+
+
+def _vae_compression(vae: dict) -> tuple[int | None, int | None]:
+    """(spatial, temporal) downsampling of a VAE config, as the VAE class computes it: the
+    config's compression ratios where it states them (HunyuanVideo, LTX-Video 0.9.5), an
+    LTX-Video VAE's patch sizes times 2 per spatio-temporal level, else 2 per level after the
+    first. None: what the config does not state (temporal: an image VAE)."""
+    if "scale_factor_spatial" in vae:  # AutoencoderKLWan names its factors
+        return vae["scale_factor_spatial"], vae.get("scale_factor_temporal")
+    if "spatio_temporal_scaling" in vae:  # AutoencoderKLLTXVideo
+        levels = 2 ** sum(vae["spatio_temporal_scaling"])
+        return (vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * levels,
+                vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * levels)
+    blocks = vae.get("block_out_channels")
+    return (vae.get("spatial_compression_ratio") or (2 ** (len(blocks) - 1) if blocks else None),
+            vae.get("temporal_compression_ratio"))
+
+
+def _check_frames(plan: ModelPlan) -> None:
+    """A clip model's frame count (its defaults file's ``num_frames``) against the VAE's
+    temporal compression r: r k + 1 frames, the first frame encoded alone."""
+    frames = plan.source.defaults.get("num_frames")
+    if frames is None or "num_frames" not in plan.family.adapter_options:
+        return
+    temporal = _vae_compression(_component_config(plan.source, "vae"))[1]
+    if temporal and (frames < 1 or (frames - 1) % temporal):
+        raise ModelLoadError(f"num_frames: {plan.family.name} models take {temporal}k + 1 frames "
+                             f"(the VAE's temporal compression is {temporal}), got {frames}")
 
 
 def _check_size(plan: ModelPlan) -> None:
