@@ -60,6 +60,8 @@ BUILTINS: dict[str, str] = {
     "shapes-clip": "diffsearch.verifiers.shapes:ShapesClipVerifier",
     "shapes-video": "diffsearch.verifiers.video:ShapesVideoVerifier",
     "shapes-video-oracle": "diffsearch.verifiers.video:ShapesVideoOracleVerifier",
+    "frames": "diffsearch.verifiers.frames:FramesVerifier",
+    "temporal-consistency": "diffsearch.verifiers.temporal:TemporalConsistencyVerifier",
 }
 """Built-in name -> ``"module:Class"``."""
 

@@ -80,7 +80,9 @@ class ShapesClipVerifier(Verifier):
             self._text_cache.update(zip(missing, emb, strict=True))
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings (B, D), each row independent of the others (the image
+        features ``temporal-consistency`` can compare frames on)."""
         x = clip_model.normalise(images.detach().float().to(self.device).clamp(0, 1))
         out = []
         with torch.no_grad():
@@ -94,7 +96,7 @@ class ShapesClipVerifier(Verifier):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         _check(images, prompts)
-        return (self._images(images) * self._text(prompts)).sum(-1).float().cpu()
+        return (self.image_embeddings(images) * self._text(prompts)).sum(-1).float().cpu()
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"weights": self.weights}

@@ -66,18 +66,24 @@ def colour_histograms(clips: torch.Tensor) -> torch.Tensor:
     return counts / flat.shape[2]
 
 
-def temporal_consistency(clips: torch.Tensor) -> torch.Tensor:
-    """Minus half the mean L1 distance between consecutive frames' colour histograms, (B,).
+def histogram_distances(clips: torch.Tensor) -> torch.Tensor:
+    """Total variation distance (half the L1 distance) between consecutive frames' colour
+    histograms, (B, F - 1): 0 when they hold the same colours in the same amounts, 1 when
+    they share none."""
+    hist = colour_histograms(clips)
+    return 0.5 * (hist[:, 1:] - hist[:, :-1]).abs().sum(-1)
 
-    0 when consecutive frames hold the same colours in the same amounts, -1 when they share
-    none. Histograms ignore where things are, so an object that moves is not penalised, while
+
+def temporal_consistency(clips: torch.Tensor) -> torch.Tensor:
+    """Minus the mean :func:`histogram_distances` of a clip, (B,): in [-1, 0].
+
+    Histograms ignore where things are, so an object that moves is not penalised, while
     one that changes colour, grows, shrinks, splits or appears from nowhere (the flicker of
     independently re-sampled frames) is. A one-frame clip scores 0.
     """
     if clips.shape[1] < 2:
         return torch.zeros(clips.shape[0])
-    hist = colour_histograms(clips)
-    return -0.5 * (hist[:, 1:] - hist[:, :-1]).abs().sum(-1).mean(-1)
+    return -histogram_distances(clips).mean(-1)
 
 
 class ShapesVideoVerifier(VideoVerifier):
