@@ -16,8 +16,11 @@ length, decode timestep) are the pipeline's own ``__call__`` defaults.
 
 Latents are normalised with the per-channel mean and std the VAE stores in its weights and the
 VAE's scaling factor. A timestep-conditioned VAE (LTX-Video 0.9.1 and later) is decoded at the
-pipeline's default ``decode_timestep`` (0), where the pipeline adds no decode noise either, so
-decoding stays a deterministic function of the latent.
+pipeline's default ``decode_timestep`` (0), where the pipeline adds no decode noise either. A
+VAE that injects noise in its decoder (LTX-Video 0.9.1) draws it from torch's global generator,
+unseeded in the pipeline; here each decode pass draws it under a fixed seed, so decoding is a
+deterministic function of the latent. That noise is one (H, W) plane per layer, shared by every
+clip, channel and frame of the pass, so a clip also decodes the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_times
 
 from diffsearch.pipelines._adapter import NEGATIVE
 from diffsearch.pipelines._flow import FlowDenoiser
+
+DECODE_SEED = 0
+"""The seed of the noise a noise-injecting VAE decoder draws (see module docstring)."""
 
 
 def pipeline_default(pipe: Any, name: str) -> Any:
@@ -147,7 +153,11 @@ class LTXDenoiser(FlowDenoiser):
             if vae.config.timestep_conditioning:
                 timestep = torch.full((rows.shape[0],), self.decode_timestep,
                                       device=self.device, dtype=vae.dtype)
-            video = vae.decode(self._to_vae(rows).to(vae.dtype), timestep, return_dict=False)[0]
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(DECODE_SEED)
+                video = vae.decode(self._to_vae(rows).to(vae.dtype), timestep,
+                                   return_dict=False)[0]
             return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
         with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import LTXPipeline
-from tiny_ltx import LTX_DEFAULTS, tiny_ltx_pipeline
+from tiny_ltx import LTX_DEFAULTS, tiny_ltx_pipeline, tiny_ltx_vae
 
 from diffsearch.cli import main as cli_main
 from diffsearch.pipelines.loading import load_denoiser
@@ -121,6 +121,25 @@ def test_decode_gives_the_pipelines_clips(pipe, denoiser):
                   output_type="pt", **SIZE).frames
     torch.testing.assert_close(clips, theirs, atol=1e-3, rtol=0)
     assert torch.equal(denoiser.decode(final[1:])[0], clips[1])
+
+
+def test_a_noise_injecting_decoder_decodes_reproducibly(pipe):
+    """LTX-Video 0.9.1's decoder adds noise from the global generator: decoding draws it under
+    a fixed seed (leaving the caller's generator alone), the same for a clip alone or in a
+    batch."""
+    noisy = LTXPipeline(**{**pipe.components, "vae": tiny_ltx_vae(inject_noise=True)})
+    denoiser = LTXDenoiser(noisy, num_steps=STEPS, guidance_scale=GUIDANCE, compute_batch=3,
+                           **SIZE)
+    latents = torch.randn(2, *LATENT, generator=torch_generator(0))
+    with torch.random.fork_rng():
+        raw = [noisy.vae.decode(latents, torch.zeros(2), return_dict=False)[0]
+               for _ in range(2)]
+        assert not torch.equal(*raw)  # the noise is real
+        state = torch.get_rng_state()
+        clips = denoiser.decode(latents)
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(denoiser.decode(latents), clips)
+    assert torch.equal(denoiser.decode(latents[1:])[0], clips[1])
 
 
 @pytest.mark.parametrize(("options", "message"), [

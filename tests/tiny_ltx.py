@@ -27,18 +27,25 @@ LTX_DEFAULTS = {"num_steps": 3, "guidance_scale": 3.0, "height": 64, "width": 96
 161 frames, 50 steps) would be far too slow for tests."""
 
 
-def tiny_ltx_vae() -> AutoencoderKLLTXVideo:
-    return AutoencoderKLLTXVideo(
+def tiny_ltx_vae(*, inject_noise: bool = False) -> AutoencoderKLLTXVideo:
+    """The tiny LTX VAE; ``inject_noise`` adds noise in its decoder's first block, as
+    LTX-Video 0.9.1's does (its noise scales are set nonzero, so the noise shows)."""
+    vae = AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
         block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True, False),
         decoder_spatio_temporal_scaling=(True, True, True, False),
-        decoder_inject_noise=(False, False, False, False, False),
+        decoder_inject_noise=(inject_noise, False, False, False, False),
         upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
         timestep_conditioning=True, patch_size=4, patch_size_t=1, scaling_factor=1.5,
         encoder_causal=True, decoder_causal=False,
     )
+    with torch.no_grad():
+        for name, parameter in vae.named_parameters():
+            if "per_channel_scale" in name:
+                parameter.fill_(0.5)
+    return vae
 
 
 def tiny_ltx_pipeline(tmp_path: Path, *, name: str = "tiny-ltx",
