@@ -49,8 +49,13 @@ class FlowDenoiser(DiffusersDenoiser):
         if sampler not in allowed:
             raise ValueError(f"sampler {sampler!r} is not for flow-matching models; they take: "
                              f"{', '.join(allowed)}")
-        self._scheduler_config = {**pipe.scheduler.config, "stochastic_sampling": False}
+        self._scheduler_config = self._euler_config(pipe.scheduler)
         super().__init__(pipe, network, sampler=sampler, **options)
+
+    @staticmethod
+    def _euler_config(scheduler: Any) -> dict[str, Any]:
+        """The ``FlowMatchEulerDiscreteScheduler`` config of the model's ``scheduler``."""
+        return {**scheduler.config, "stochastic_sampling": False}
 
     @abstractmethod
     def _set_timesteps(self, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
