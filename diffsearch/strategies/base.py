@@ -19,8 +19,13 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from diffsearch.pipelines.samplers import SamplerNeed
-from diffsearch.strategies.options import Check, OptionError
+from diffsearch.strategies.options import Check, OptionError, rule
+from diffsearch.strategies.selection import ARGMAX, Selection, check_select
 from diffsearch.tasks import Outcome, ScoreOn, Task
+
+COMMON_OPTION_CHECKS: Mapping[str, Check] = {"select": rule(check_select)}
+"""Options every strategy takes besides its own: ``select`` (which answer is returned,
+:mod:`~diffsearch.strategies.selection`)."""
 
 
 class Strategy(ABC):
@@ -45,25 +50,35 @@ class Strategy(ABC):
     sampler_needs: ClassVar[frozenset[SamplerNeed]] = frozenset()
     """What its tasks ask of the job's sampler (:mod:`diffsearch.pipelines.samplers`): the
     pre-run checks refuse a sampler that cannot do it, naming both."""
+    selects: ClassVar[bool] = False
+    """Whether it carries out a ``select`` other than argmax (the round-based strategies do;
+    the others refuse one by name rather than ignore it)."""
 
     def __init__(self, *, prompt_index: int, prompt: str, num_steps: int, budget_nfe: int,
-                 seed: int) -> None:
+                 seed: int, select: Selection = ARGMAX) -> None:
         self.prompt_index = prompt_index
         self.prompt = prompt
         self.num_steps = num_steps
         self.budget_nfe = budget_nfe
         self.seed = seed
+        self.select = select
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options, each checked by its rule and in its Python type; raises
         :class:`~diffsearch.strategies.options.OptionError` naming the first unknown or bad
         one. Needs no model: jobs call it when they are validated."""
+        checks = {**cls.option_checks, **COMMON_OPTION_CHECKS}
         for name in options:
-            if name not in cls.option_checks:
-                known = ", ".join(cls.option_checks) or "no options"
+            if name not in checks:
+                known = ", ".join(checks)
                 raise OptionError(name, f"unknown option; {cls.name} takes: {known}")
-        return {name: cls.option_checks[name](name, value) for name, value in options.items()}
+        checked = {name: checks[name](name, value) for name, value in options.items()}
+        select = checked.get("select", ARGMAX)
+        if select.method != "argmax" and not cls.selects:
+            raise OptionError("select.method", f"{cls.name} returns the guide's best answer "
+                                               f"only (argmax), got {select.method!r}")
+        return checked
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, prompt_index: int, prompt: str,
@@ -76,8 +91,9 @@ class Strategy(ABC):
         """The verifiers this strategy's tasks name beyond the job's guiding verifier, by the
         option that names them (``verifiers.6``, ``image_verifier``). Whoever checks a job's
         verifiers (the pre-run checks, a service's allow-list) checks these too: an option must
-        not reach a verifier the job's own fields could not."""
-        return {}
+        not reach a verifier the job's own fields could not. Subclasses that name their own
+        add them to this (the ``select`` option's)."""
+        return self.select.named_verifiers()
 
     def is_answer(self, task: Task) -> bool:
         """Whether ``task``'s outcome competes for :meth:`best`: a finished result scored by
@@ -102,4 +118,5 @@ class Strategy(ABC):
     @abstractmethod
     def best(self) -> Outcome | None:
         """The answer so far: :func:`~diffsearch.strategies.common.best_of` the outcomes of
-        every task told for which :meth:`is_answer` holds (None before any)."""
+        every task told for which :meth:`is_answer` holds (None before any); once ``done``,
+        the answer the ``select`` option picks among them (the same one by default)."""

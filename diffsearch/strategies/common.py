@@ -1,6 +1,6 @@
 """What the search strategies share: how outcomes are ranked and the best one chosen, and the
 base of the round-based strategies (candidate ids and seeds, the ask/tell bookkeeping, the NFEs
-planned so far and the best answer).
+planned so far, the best answer and the ``select`` option's pick).
 
 Subclasses of :class:`RoundStrategy` implement :meth:`RoundStrategy._next_round` (the tasks
 of the next round, [] when finished) and :meth:`RoundStrategy._receive` (the outcomes of the
@@ -8,6 +8,10 @@ last round, in task order). The base checks the engine's side of the contract (o
 task, in order), because a mismatch would silently attach scores to the wrong candidates. The
 strategy's side (never ask past the budget) is checked by the engine, for every strategy and in
 the NFEs it actually charges.
+
+A ``select`` that needs other verifiers (:mod:`~diffsearch.strategies.selection`) adds one
+round after the search: 0-NFE tasks re-scoring the chosen answers, which the subclass never
+sees. ``done`` holds once the pick is made.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from diffsearch.seeding import derive_seed
-from diffsearch.strategies import options
+from diffsearch.strategies import options, selection
 from diffsearch.strategies.base import Strategy
 from diffsearch.tasks import Outcome, Perturbation, ScoreOn, Task
 
@@ -78,14 +82,23 @@ def count_within_budget(n: int | None, *, budget_nfe: int, cost: int, plural: st
 class RoundStrategy(Strategy):
     """A strategy that asks in rounds of tasks it builds with :meth:`_task`."""
 
+    selects = True
+
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
         self._next_candidate = 0
         self._pending: list[Task] | None = None
+        self._searched = False
+        """The subclass's search is over (it may still wait for the pick's re-scoring)."""
         self._done = False
         self._best: Outcome | None = None
+        self._answers: list[Outcome] = []
+        """Every answer told, for a ``select`` other than argmax."""
+        self._rescoring: dict[int, int] = {}
+        """The pick's re-scoring tasks: task candidate -> the answer it re-scores."""
+        self._chosen: Outcome | None = None
         self.planned_nfe = 0
         """NFEs of every task asked so far, in the strategy's unit (one per step): what is left
         of the budget for the next round."""
@@ -121,7 +134,28 @@ class RoundStrategy(Strategy):
         return task.denoise_nfe(self.num_steps)
 
     def _finish(self) -> None:
+        """The search is over: pick the answer now, or once its re-scoring round is told."""
+        self._searched = True
+        if not self.select.rescores:
+            self._pick({})
+
+    def _pick(self, rescored: dict[int, dict[str, float]]) -> None:
+        self._chosen = selection.pick(self.select, ranked(self._answers), rescored,
+                                      seed=self.seed, prompt=self.prompt)
         self._done = True
+
+    def _rescoring_round(self) -> list[Task]:
+        """A 0-NFE task per answer the pick needs re-scored, per verifier: from the answer's
+        final latent (``start == end`` = the last step), scored by that verifier."""
+        tasks = []
+        last = self.num_steps
+        for answer in selection.to_rescore(self.select, ranked(self._answers), last):
+            for verifier in self.select.verifiers:
+                task = self._task(start=last, end=last, score_on=ScoreOn.FINAL,
+                                  source=answer.candidate, verifier=verifier)
+                self._rescoring[task.candidate] = answer.candidate
+                tasks.append(task)
+        return tasks
 
     # ---- the Strategy interface ---------------------------------------------------------------
     def ask(self) -> list[Task]:
@@ -129,10 +163,16 @@ class RoundStrategy(Strategy):
             raise RuntimeError(f"{self.name}: ask() called again before the last round was told")
         if self._done:
             return []
-        tasks = self._next_round()
+        tasks = [] if self._searched else self._next_round()
         if not tasks:
-            self._done = True
-            return []
+            if not self._searched:
+                self._finish()
+            if not self._done:
+                tasks = self._rescoring_round()
+                if not tasks:  # no answer to re-score: the guide's argmax
+                    self._pick({})
+            if not tasks:
+                return []
         self.planned_nfe += sum(self._cost(t) for t in tasks)
         self._pending = tasks
         return tasks
@@ -144,8 +184,13 @@ class RoundStrategy(Strategy):
         if [o.candidate for o in outcomes] != [t.candidate for t in tasks]:
             raise ValueError(f"{self.name}: tell() needs one outcome per asked task, in order")
         self._pending = None
-        self._best = best_of([self._best, *(outcome for task, outcome in zip(tasks, outcomes)
-                                            if self.is_answer(task))])
+        if self._rescoring:
+            self._pick(_rescored_scores(tasks, outcomes, self._rescoring))
+            return
+        answers = [outcome for task, outcome in zip(tasks, outcomes) if self.is_answer(task)]
+        self._best = best_of([self._best, *answers])
+        if self.select.method != "argmax":
+            self._answers.extend(answers)
         self._receive(tasks, outcomes)
         self._rounds_told += 1
 
@@ -154,4 +199,15 @@ class RoundStrategy(Strategy):
         return self._done
 
     def best(self) -> Outcome | None:
-        return self._best
+        """The guide's best answer while the search runs, the ``select`` pick once done."""
+        return self._chosen if self._done and self.select.method != "argmax" else self._best
+
+
+def _rescored_scores(tasks: Sequence[Task], outcomes: Sequence[Outcome],
+                     answer_of: dict[int, int]) -> dict[int, dict[str, float]]:
+    """By re-scored answer: each verifier's score of it (absent where re-scoring failed)."""
+    scores: dict[int, dict[str, float]] = {}
+    for task, outcome in zip(tasks, outcomes):
+        if outcome.ok and outcome.reward is not None:
+            scores.setdefault(answer_of[task.candidate], {})[task.verifier] = outcome.reward  # type: ignore[index]
+    return scores

@@ -122,6 +122,14 @@ def text(name: str, value: Any) -> str:
     return value
 
 
+def text_list(name: str, value: Any) -> list[str]:
+    """A non-empty list of names, each checked like :func:`text`, none repeated."""
+    items = [text(f"{name}.{i}", item) for i, item in enumerate(_items(name, value, "names"))]
+    if len(set(items)) != len(items):
+        raise OptionError(name, f"repeats a name: {items}")
+    return items
+
+
 def step_mapping(name: str, value: Any) -> dict[int, str] | str | os.PathLike[str]:
     """A mapping of denoising step (an integer >= 1, or its digits as a JSON key) to a name, or
     a folder (a string or path) the strategy reads the mapping from when it is built."""

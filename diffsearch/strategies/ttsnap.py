@@ -153,7 +153,8 @@ class TTSnap(RoundStrategy):
         """Candidates whose state at the last pruning step the next round continues."""
 
     def named_verifiers(self) -> dict[str, str]:
-        return {f"verifiers.{step}": spec for step, spec in self.verifiers.items()}
+        return {**super().named_verifiers(),
+                **{f"verifiers.{step}": spec for step, spec in self.verifiers.items()}}
 
     def _distilled(self, folder: str | os.PathLike[str]) -> dict[int, str]:
         """The checkpoints of a distill output folder, which must cover exactly the pruning
