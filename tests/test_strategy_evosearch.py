@@ -34,16 +34,29 @@ def test_plan_cost_reproduces_the_reference_budget() -> None:
 
 
 @pytest.mark.parametrize("multiple", [4, 8, 16, 32, 100])
-def test_populations_fill_the_budget(multiple: int) -> None:
-    s = EvoSearch(**common(budget=20 * multiple))
+@pytest.mark.parametrize("leftover", ["early", "last"])
+def test_populations_fill_the_budget(multiple: int, leftover: str) -> None:
+    s = EvoSearch(leftover=leftover, **common(budget=20 * multiple))
     cost = plan_cost(s.schedule, s.population, s.elites, 20)
     assert cost <= s.budget_nfe
     # what is left cannot pay for one more child of the last generation
     assert s.budget_nfe - cost < 20 - s.schedule[-1]
-    if len(s.schedule) > 1:  # [2p, p, ..., p, p + what is left]
+    if len(s.schedule) > 1:  # [2p, p, ..., p] plus what is left
         p = s.population[0] // 2
         assert s.population[0] == 2 * p and p > s.elites
-        assert s.population[1:-1] == [p] * (len(s.schedule) - 2) and s.population[-1] >= p
+        if leftover == "last":
+            assert s.population[1:-1] == [p] * (len(s.schedule) - 2)
+        assert all(size >= p for size in s.population[1:])
+
+
+def test_the_leftover_goes_to_early_generations_by_default() -> None:
+    # 16x at 20 steps: [8, 4, 4, 4, 4] costs 280 of 320; the 40 left buy two more children
+    # bred at step 0 (where noise mutation still changes the image), not ten at step 16
+    assert EvoSearch(**common(budget=320)).population == [8, 6, 4, 4, 4]
+    assert EvoSearch(leftover="last", **common(budget=320)).population == [8, 4, 4, 4, 14]
+    # 32x: 616 of 640; 20 more buy one child at step 0, the last 4 one child at step 16
+    assert fit_populations([0, 0, 8, 12, 16], 2, 20, 640) == [16, 9, 8, 8, 9]
+    assert fit_populations([0, 0, 8, 12, 16], 2, 20, 640, "last") == [16, 8, 8, 8, 14]
 
 
 def test_small_budgets_shorten_the_default_schedule_down_to_best_of_n() -> None:
@@ -118,6 +131,39 @@ def test_an_elite_survives_worse_children_and_is_bred_from_where_it_was_carried(
     assert s.best().candidate == 0
 
 
+def _archive_families(crowding: int | None) -> list[int]:
+    """Families of the elites carried by generation 2, after generation 1's children (all of
+    family 0, candidate 0's noise: a whole-pool tournament always picks the best) beat
+    every other member."""
+    s = EvoSearch(schedule=[0, 0, 8, 12], population=[4, 5, 5, 5], elites=2, tournament=10,
+                  crowding=crowding, **common(budget=1000))
+    tasks = s.ask()
+    s.tell([by_candidate({0: 0.9, 1: 0.5, 2: 0.4, 3: 0.1})(t) for t in tasks])
+    gen1 = s.ask()
+    tasks += gen1
+    children = [t.candidate for t in gen1 if t.score_on is ScoreOn.FINAL]
+    assert {t.source_candidate for t in gen1 if t.score_on is ScoreOn.FINAL} == {0}
+    s.tell([by_candidate({c: 0.95 - 0.01 * i for i, c in enumerate(children)})(t)
+            for t in gen1])
+    source = {t.candidate: t.source_candidate for t in tasks}
+
+    def family(candidate: int) -> int:
+        while source[candidate] is not None:
+            candidate = source[candidate]
+        return candidate
+
+    return [family(t.source_candidate) for t in s.ask() if t.score_on is ScoreOn.NONE]
+
+
+def test_without_crowding_one_family_fills_the_archive() -> None:
+    assert _archive_families(None) == [0, 0]
+
+
+def test_crowding_keeps_distinct_families_in_the_archive() -> None:
+    # at most one member per family: family 0's best child, then family 1's member
+    assert _archive_families(1) == [0, 1]
+
+
 def test_tournaments_never_pick_the_worst_of_two() -> None:
     s = EvoSearch(schedule=[0, 0], population=[6, 40], elites=0, tournament=2,
                   **common(budget=2000))
@@ -158,6 +204,8 @@ def test_same_outcomes_same_tasks_and_the_seed_matters() -> None:
     ({"elites": True}, "elites: must be an integer"),
     ({"tournament": 0}, "tournament: "),
     ({"step_noise_scale": 0.0}, "step_noise_scale: "),
+    ({"crowding": 0}, "crowding: must be >= 1"),
+    ({"leftover": "middle"}, "leftover: must be one of 'early', 'last', got 'middle'"),
     ({"schedule": [4, 8]}, "schedule: must start at step 0"),
     ({"schedule": [0, 8, 4]}, "schedule: must be non-decreasing"),
     ({"schedule": [0, 20]}, r"schedule: steps must be below the model's 20 steps, got \[0, 20\]"),

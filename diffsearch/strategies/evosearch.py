@@ -14,14 +14,27 @@ The default schedule mirrors the reference (0, 20, 30, 40 of 50 steps: evolution
 and 80% of the steps), with a random generation 0 *and* a noise-evolution generation at step 0:
 for T=20 it is [0, 0, 8, 12, 16]. That is how the reference's populations 42, 26, 26, 26, 30
 add up to its 5,000 NFE at 50 steps (42*50 + 26*50 + 26*30 + 26*20 + 30*10). Populations are
-fitted to the budget, generation 0 twice the others, what is left over going to the last (and
-cheapest) generation, as in the reference. Schedule [0] is best-of-N, task for task.
+fitted to the budget, generation 0 twice the others. What is left over goes by default
+(``leftover: early``) to the earliest generations it pays children for: a child bred at step 0
+costs a whole sample but its noise mutation still changes the image, while a child of the last
+generation (step 16 of 20) is cheap but its step noise is so small that it is nearly a copy of
+its parent. ``leftover: last`` gives it all to the last generation, as the reference does (and
+as diffsearch did before ``leftover`` existed). Schedule [0] is best-of-N, task for task.
 
 Elites are not rolled out again: with deterministic steps (eta = 0) and no mutation their final
 image would be the same. A kept elite only has to be carried to the next generation's step
 (an unscored task of a few steps), which is cheaper than the reference's re-evaluation.
-Selection is over the current generation, which holds the archive's elites, because a parent
-must have a stored state at the step where its child is bred.
+The elites are the archive across generations: the best members of every generation so far,
+each carried to the step where the next generation breeds (a parent must have a stored state
+there). Selection is over them and the last generation's children; the reference selects from
+every trajectory so far, which for a near-greedy tournament is the same pool's top. A larger
+archive is ``elites``; a near-greedy selection is a larger ``tournament``.
+
+Diversity: a family is every descendant of one generation-0 noise. Mutations at later steps are
+small, so a family's members are near copies, and without a limit the best family soon fills
+the whole pool (its top-k images collapse to one). ``crowding: c`` keeps at most the ``c`` best
+members of each family in the pool that elites and tournaments are drawn from, so the archive
+holds ``elites`` distinct families when c = 1 and children are bred from several lineages.
 """
 
 from __future__ import annotations
@@ -63,10 +76,15 @@ def plan_cost(schedule: Sequence[int], population: Sequence[int], elites: int,
     return cost
 
 
+LEFTOVER = ("early", "last")
+"""Where the budget left after fitting [2p, p, ..., p] goes (see the module docstring)."""
+
+
 def fit_populations(schedule: Sequence[int], elites: int, num_steps: int,
-                    budget: int) -> list[int]:
+                    budget: int, leftover: str = "early") -> list[int]:
     """The largest populations [2p, p, ..., p] (p > elites) that fit, the rest of the budget
-    added to the last generation; raises when even p = elites + 1 does not fit."""
+    added as children to the earliest generations it pays for (``early``) or to the last
+    (``last``); raises when even p = elites + 1 does not fit."""
     if len(schedule) == 1:
         if budget < num_steps:
             raise ValueError(f"budget of {budget} NFE buys no sample of {num_steps} steps")
@@ -84,7 +102,11 @@ def fit_populations(schedule: Sequence[int], elites: int, num_steps: int,
         p += 1
     population = sizes(p)
     left = budget - plan_cost(schedule, population, elites, num_steps)
-    population[-1] += left // (num_steps - schedule[-1])
+    order = range(1, len(schedule)) if leftover == "early" else [len(schedule) - 1]
+    for g in order:  # a child of generation g costs its rollout from schedule[g]
+        added = left // (num_steps - schedule[g])
+        population[g] += added
+        left -= added * (num_steps - schedule[g])
     return population
 
 
@@ -118,8 +140,10 @@ class _Next:
 
 class EvoSearch(RoundStrategy):
     """EvoSearch; see the module docstring. Options: ``schedule`` (generation steps),
-    ``population`` (one size per generation, elites included), ``elites`` (2), ``tournament``
-    (size, 2), ``beta`` (noise mutation, 0.25), ``step_noise_scale`` (times sigma_k, 1.0)."""
+    ``population`` (one size per generation, elites included), ``elites`` (the archive, 2),
+    ``tournament`` (size, 2), ``beta`` (noise mutation, 0.25), ``step_noise_scale`` (times
+    sigma_k, 1.0), ``crowding`` (most members per family in the pool; unset: no limit),
+    ``leftover`` (``early`` or ``last``: where the budget the populations leave goes)."""
 
     name = "evosearch"
     sampler_needs = frozenset({"resume", "deterministic"})
@@ -130,12 +154,14 @@ class EvoSearch(RoundStrategy):
         "tournament": options.rule(options.integer, minimum=1),
         "beta": options.rule(options.number, low=0.0, high=1.0, low_open=True),
         "step_noise_scale": options.rule(options.number, low=0.0, low_open=True),
+        "crowding": options.rule(options.integer, minimum=1, allow_none=True),
+        "leftover": options.rule(options.choice, choices=LEFTOVER),
     }
 
     def __init__(
         self, *, schedule: Sequence[int] | None = None, population: Sequence[int] | None = None,
         elites: int = 2, tournament: int = 2, beta: float = 0.25, step_noise_scale: float = 1.0,
-        **common: Any,
+        crowding: int | None = None, leftover: str = "early", **common: Any,
     ) -> None:
         super().__init__(**common)
         t = self.num_steps
@@ -143,6 +169,10 @@ class EvoSearch(RoundStrategy):
         self.tournament = tournament
         self.beta = beta
         self.step_noise_scale = step_noise_scale
+        self.crowding = crowding
+        self.leftover = leftover
+        self._family: dict[int, int] = {}
+        """Candidate -> the generation-0 candidate it descends from (its family)."""
         if schedule is None:
             self.schedule = default_schedule(t)
         else:
@@ -155,7 +185,8 @@ class EvoSearch(RoundStrategy):
         elif schedule is None:
             self._fit_default()
         else:
-            self.population = fit_populations(self.schedule, self.elites, t, self.budget_nfe)
+            self.population = fit_populations(self.schedule, self.elites, t, self.budget_nfe,
+                                              self.leftover)
         self._generation = 0
         self._members: list[_Member] = []
         self._round: list[_Next] = []
@@ -167,7 +198,7 @@ class EvoSearch(RoundStrategy):
         for length in range(len(full), 1, -1):
             try:
                 self.population = fit_populations(full[:length], self.elites, self.num_steps,
-                                                  self.budget_nfe)
+                                                  self.budget_nfe, self.leftover)
                 self.schedule = full[:length]
                 return
             except ValueError:
@@ -205,9 +236,10 @@ class EvoSearch(RoundStrategy):
         if g == 0:
             tasks = [self._task(start=0, end=end, score_on=ScoreOn.FINAL)
                      for _ in range(self.population[0])]
+            self._family.update((task.candidate, task.candidate) for task in tasks)
             self._round = [_Next(task=task) for task in tasks]
             return tasks
-        pool = ranked(m.fitness for m in self._members)
+        pool = self._crowded(ranked(m.fitness for m in self._members))
         if not pool:  # every member failed: nothing left to breed from
             return []
         holder = {m.fitness.candidate: m.candidate for m in self._members}
@@ -218,6 +250,7 @@ class EvoSearch(RoundStrategy):
             if end > step and g + 1 < len(self.schedule):
                 carry = self._task(start=step, end=end, score_on=ScoreOn.NONE,
                                    source=holder[elite.candidate])
+                self._family[carry.candidate] = self._family[elite.candidate]
                 tasks.append(carry)
                 self._round.append(_Next(task=carry, inherited=elite))
             else:  # its stored state already is where it would be carried (or it is the end)
@@ -231,9 +264,23 @@ class EvoSearch(RoundStrategy):
             winner = pool[int(entrants.min())]  # the pool is ranked: the lowest index wins
             child = self._task(start=step, end=end, score_on=ScoreOn.FINAL,
                                source=holder[winner.candidate], perturbation=mutation)
+            self._family[child.candidate] = self._family[winner.candidate]
             tasks.append(child)
             self._round.append(_Next(task=child))
         return tasks
+
+    def _crowded(self, pool: list[Outcome]) -> list[Outcome]:
+        """The ranked pool with at most ``crowding`` members of each family (their best)."""
+        if self.crowding is None:
+            return pool
+        seen: dict[int, int] = {}
+        kept_members = []
+        for member in pool:
+            family = self._family[member.candidate]
+            seen[family] = seen.get(family, 0) + 1
+            if seen[family] <= self.crowding:
+                kept_members.append(member)
+        return kept_members
 
     def _receive(self, tasks: Sequence[Task], outcomes: Sequence[Outcome]) -> None:
         told = {o.candidate: o for o in outcomes}
