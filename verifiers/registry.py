@@ -62,6 +62,7 @@ BUILTINS: dict[str, str] = {
     "shapes-video-oracle": "diffsearch.verifiers.video:ShapesVideoOracleVerifier",
     "frames": "diffsearch.verifiers.frames:FramesVerifier",
     "temporal-consistency": "diffsearch.verifiers.temporal:TemporalConsistencyVerifier",
+    "video-reward": "diffsearch.verifiers.video_reward:VideoRewardVerifier",
 }
 """Built-in name -> ``"module:Class"``."""
 
