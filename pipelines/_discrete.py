@@ -132,7 +132,11 @@ class DDIMSampler(DiscreteSampler):
         return tuple(scheduler.step(output, t, x, return_dict=False))  # type: ignore[return-value]
 
     def step_noise_std(self, step: int) -> float:
-        a_t, a_next = self._alpha_bar(step), self._alpha_bar(step + 1)
+        # DDIM's step takes its input to be at its own timestep's alpha-bar; where the previous
+        # step landed is the same level only for "leading"/"trailing" spacing ("linspace",
+        # PixArt's, lands between timesteps), so the step's variance is read from the former.
+        s = self.schedule
+        a_t, a_next = float(s.alphas_cumprod[int(s.timesteps[step])]), self._alpha_bar(step + 1)
         return math.sqrt(max((1 - a_next) / (1 - a_t) * (1 - a_t / a_next), 0.0))
 
     def renoise(self, x: torch.Tensor, from_step: int, to_step: int, noise: torch.Tensor
