@@ -145,12 +145,14 @@ class VideoRewardVerifier(VideoVerifier):
             raise VerifierError(f"video-reward: output must be one of {', '.join(choices)}, got "
                                 f"{output!r}")
         self.folder, self.output, self.frames, self.chunk = folder, output, frames, chunk
+        self.mean = torch.tensor([self.manifest["mean"][o] for o in self.manifest["outputs"]])
+        self.std = torch.tensor([self.manifest["std"][o] for o in self.manifest["outputs"]])
         self.dtype = DTYPES[dtype] if dtype else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._load()
 
     def _load(self) -> None:
-        from safetensors.torch import load_file
+        """Config, head and tokenizer first, each checked; the (slow) backbone last."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         folder = self.folder
@@ -160,7 +162,12 @@ class VideoRewardVerifier(VideoVerifier):
                 raise VerifierError(f"video-reward: {folder} holds a {config.model_type!r} "
                                     f"model; the backbone must be one of "
                                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            self._load_head(config.get_text_config().hidden_size)
             self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            self.tokenizer = self.processor.tokenizer
+            self.tokenizer.padding_side = "right"  # as the head was trained: rows end unpadded
+            self.reward_token_ids = [self._token_id(t)
+                                     for t in self.manifest["reward_tokens"] or []]
             model = AutoModelForImageTextToText.from_pretrained(
                 folder, local_files_only=True, dtype=self.dtype)
         except OSError as error:
@@ -168,16 +175,15 @@ class VideoRewardVerifier(VideoVerifier):
             raise MissingWeightsError(f"video-reward: {folder} is not a complete Qwen2-VL "
                                       f"folder: {reason}") from error
         self.model = model.to(self.device).eval().requires_grad_(False)
-        tokenizer = self.processor.tokenizer
-        tokenizer.padding_side = "right"  # as the head was trained; rows read at their own ends
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id
-        head_path = folder / HEAD_WEIGHTS
+
+    def _load_head(self, hidden: int) -> None:
+        from safetensors.torch import load_file
+
+        head_path = self.folder / HEAD_WEIGHTS
         if not head_path.is_file():
             raise MissingWeightsError(f"video-reward: {head_path} not found (the reward head: "
                                       f"'weight' (N, hidden_size), optionally 'bias' (N,))")
         head = load_file(str(head_path))
-        hidden = self.model.config.get_text_config().hidden_size
         outputs = len(self.manifest["outputs"])
         allowed = [outputs] if self.manifest["pooling"] == "last" else sorted({outputs, 1})
         weight, bias = head.get("weight"), head.get("bias")
@@ -190,16 +196,13 @@ class VideoRewardVerifier(VideoVerifier):
                                 f"'bias' of one value per row; got {shapes}")
         self.weight = weight.float().to(self.device)
         self.bias = None if bias is None else bias.float().to(self.device)
-        self.reward_token_ids: list[int] = []
-        if self.manifest["pooling"] == "tokens":
-            for token in self.manifest["reward_tokens"]:
-                ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-                if len(ids) != 1:
-                    raise VerifierError(f"video-reward: reward token {token!r} is not one token "
-                                        f"of {folder}'s tokenizer (add it as a special token)")
-                self.reward_token_ids.append(int(ids[0]))
-        self.mean = torch.tensor([self.manifest["mean"][o] for o in self.manifest["outputs"]])
-        self.std = torch.tensor([self.manifest["std"][o] for o in self.manifest["outputs"]])
+
+    def _token_id(self, token: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise VerifierError(f"video-reward: reward token {token!r} is not one token of "
+                                f"{self.folder}'s tokenizer (add it as a special token)")
+        return int(ids[0])
 
     def _text(self, prompt: str) -> str:
         question = self.manifest["question"].replace("{prompt}", prompt)
