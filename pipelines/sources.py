@@ -95,6 +95,9 @@ FAMILIES = {
     "PixArtSigmaPipeline": Family(
         "pixart-sigma", "diffsearch.pipelines.pixart:PixArtSigmaDenoiser", 20, 4.5, "float16",
         denoiser="transformer", packing=None),
+    "SanaPipeline": Family(
+        "sana", "diffsearch.pipelines.sana:SanaDenoiser", 20, 4.5, "bfloat16",
+        flow=True, denoiser="transformer", packing=None),
 }
 
 
@@ -314,7 +317,7 @@ def _vae_compression(vae: dict) -> tuple[int | None, int | None]:
         levels = 2 ** sum(vae["spatio_temporal_scaling"])
         return (vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * levels,
                 vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * levels)
-    blocks = vae.get("block_out_channels")
+    blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")  # DC-AE
     return (vae.get("spatial_compression_ratio") or (2 ** (len(blocks) - 1) if blocks else None),
             vae.get("temporal_compression_ratio"))
 
