@@ -13,6 +13,11 @@ but never with the clip's length.
   times the clip's temporal consistency (:func:`temporal_consistency`).
 * ``shapes-video-oracle``: the mean over frames of the exact shapes oracle's score; 1.0 exactly
   when every frame is right. A held-out judge for benchmarks.
+
+The video verifiers for any model are in their own modules: ``frames`` (any image verifier over
+sampled frames, :mod:`~diffsearch.verifiers.frames`), ``temporal-consistency``
+(:mod:`~diffsearch.verifiers.temporal`) and ``video-reward`` (a Qwen2-VL reward head,
+:mod:`~diffsearch.verifiers.video_reward`).
 """
 
 from __future__ import annotations
