@@ -61,6 +61,8 @@ class Family:
     """Whether its classifier-free guidance takes a negative prompt (FLUX has no such pass)."""
     denoiser: str = "unet"
     """The pipeline component that denoises (its config has the ``patch_size``)."""
+    samplers: tuple[str, ...] | None = None
+    """The sampler names it takes (None: every sampler of its kind, flow or UNet)."""
     packing: int | None = 1
     """Latent pixels per side of one denoiser token: a size must be a multiple of the VAE factor
     times this. FLUX packs 2x2 latent pixels into a token; None: the denoiser's ``patch_size``
@@ -91,6 +93,10 @@ FAMILIES = {
     "LTXPipeline": Family(
         "ltx", "diffsearch.pipelines.ltx:LTXDenoiser", 50, 3.0, "bfloat16",
         adapter_options=("num_frames", "frame_rate"), flow=True, denoiser="transformer",
+        packing=None),
+    "CogVideoXPipeline": Family(
+        "cogvideox", "diffsearch.pipelines.cogvideox:CogVideoXDenoiser", 50, 6.0, "bfloat16",
+        adapter_options=("num_frames",), denoiser="transformer", samplers=("ddim",),
         packing=None),
     "PixArtSigmaPipeline": Family(
         "pixart-sigma", "diffsearch.pipelines.pixart:PixArtSigmaDenoiser", 20, 4.5, "float16",
@@ -280,7 +286,7 @@ def _component_config(source: ModelSource, component: str, name: str = "config.j
 
 
 def _check_sampler(plan: ModelPlan) -> None:
-    allowed = sampler_names(flow=plan.family.flow)
+    allowed = list(plan.family.samplers or sampler_names(flow=plan.family.flow))
     if plan.sampler not in SAMPLERS:
         raise ModelLoadError(f"sampler: unknown sampler {plan.sampler!r}; choose one of: "
                              f"{', '.join(allowed)}")
