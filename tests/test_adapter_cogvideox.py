@@ -215,11 +215,15 @@ def test_bad_settings_are_refused_from_the_configs(folder, tmp_path, defaults, o
 
 
 def test_the_folder_loads_by_its_family_with_its_clip_length(folder, tmp_path, denoiser):
+    """The folder's num_frames reaches the adapter; the loaded model samples the clips of the
+    one built in memory; the VAE memory options reach its VAE."""
     loaded = load_denoiser(str(with_defaults(folder, tmp_path, num_frames=5)), device="cpu",
                            compute_batch=3)
     assert isinstance(loaded, CogVideoXDenoiser) and loaded.sampler.name == "ddim"
     assert loaded.latent_shape == (4, 2, 4, 4) and loaded.num_steps == STEPS
-    same = load_denoiser(str(folder), device="cpu", compute_batch=3)
+    same = load_denoiser(str(folder), device="cpu", compute_batch=3, vae_tiling=True,
+                         vae_slicing=True)
+    assert same.pipe.vae.use_tiling and same.pipe.vae.use_slicing
     noise = same.initial_noise([3])
     ours = same.denoise(noise, [same.encode("a red circle")], 0, STEPS).latents
     theirs = denoiser.denoise(noise, [denoiser.encode("a red circle")], 0, STEPS).latents

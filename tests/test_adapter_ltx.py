@@ -161,11 +161,14 @@ def test_clip_shaped_latents_are_checked(denoiser):
 
 def test_the_folder_is_planned_and_loaded_by_its_family(folder, denoiser):
     """Sizes are refused from the configs alone; the loaded model takes the folder's defaults
-    (size, frames) and samples the clips of the one built in memory."""
+    (size, frames) and samples the clips of the one built in memory; the VAE memory options
+    reach its VAE."""
     with pytest.raises(ModelLoadError, match="height: ltx models take multiples of 32"):
         plan_model(str(folder), height=48)
-    loaded = load_denoiser(str(folder), device="cpu", compute_batch=3)
+    loaded = load_denoiser(str(folder), device="cpu", compute_batch=3, vae_tiling=True,
+                           vae_slicing=True)
     assert isinstance(loaded, LTXDenoiser)
+    assert loaded.pipe.vae.use_tiling and loaded.pipe.vae.use_slicing
     assert loaded.latent_shape == LATENT and loaded.num_steps == LTX_DEFAULTS["num_steps"]
     noise = loaded.initial_noise([3])
     ours = loaded.denoise(noise, [loaded.encode("a red circle")], 0, STEPS).latents
