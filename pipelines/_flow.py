@@ -19,8 +19,12 @@ Forward process from s to a noisier r > s (``renoise``): the Markov chain with t
     x_r = (1 - r) / (1 - s) x_s + sqrt(r^2 - ((1 - r) s / (1 - s))^2) z.
 
 The scheduler's own ``stochastic_sampling`` option (a fresh, un-seeded draw each step) is turned
-off: all randomness comes from the per-candidate generators. The one sampler of these families
-is this flow-matching Euler step (``flow-euler``), with the schedule the pipeline sets.
+off: all randomness comes from the per-candidate generators. The sampler of these families is
+this flow-matching Euler step (``flow-euler``), with the schedule the pipeline sets. A model
+that ships a multistep flow solver (Wan: UniPC in flow mode) may also run it, as ``flow-unipc``:
+its own scheduler and config, 0 -> T in one call (its earlier model outputs live in the
+scheduler, as for the UNet families' multistep samplers in :mod:`~diffsearch.pipelines._discrete`),
+its x0 estimate the data prediction it stored for the step.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from abc import abstractmethod
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from diffsearch.pipelines._adapter import DiffusersDenoiser
-from diffsearch.pipelines.samplers import sampler_names
+from diffsearch.pipelines.samplers import OWN_SCHEDULERS, sampler_names
+
+MULTISTEP: dict[str, type] = {"flow-unipc": UniPCMultistepScheduler}
+"""The multistep flow samplers' scheduler classes (see :data:`~diffsearch.pipelines.samplers
+.OWN_SCHEDULERS`: each is built from the model's own config)."""
 
 
 class FlowDenoiser(DiffusersDenoiser):
@@ -49,6 +57,10 @@ class FlowDenoiser(DiffusersDenoiser):
         if sampler not in allowed:
             raise ValueError(f"sampler {sampler!r} is not for flow-matching models; they take: "
                              f"{', '.join(allowed)}")
+        shipped = type(pipe.scheduler).__name__
+        if sampler in OWN_SCHEDULERS and shipped != OWN_SCHEDULERS[sampler]:
+            raise ValueError(f"sampler {sampler} runs the model's own "
+                             f"{OWN_SCHEDULERS[sampler]}; this model's scheduler is {shipped}")
         self._scheduler_config = self._euler_config(pipe.scheduler)
         super().__init__(pipe, network, sampler=sampler, **options)
 
@@ -61,8 +73,10 @@ class FlowDenoiser(DiffusersDenoiser):
     def _set_timesteps(self, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
         """Set ``num_steps`` timesteps (sigmas, shift) exactly as the pipeline's ``__call__``."""
 
-    def _new_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self._scheduler_config)
+    def _new_scheduler(self) -> Any:
+        multistep = MULTISTEP.get(self.sampler.name)
+        scheduler = (multistep.from_config(self.pipe.scheduler.config) if multistep else
+                     FlowMatchEulerDiscreteScheduler.from_config(self._scheduler_config))
         self._set_timesteps(scheduler)
         if len(scheduler.timesteps) != self.num_steps:
             raise ValueError(f"the schedule has {len(scheduler.timesteps)} steps, "
@@ -78,6 +92,8 @@ class FlowDenoiser(DiffusersDenoiser):
     def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
               eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         x_next = scheduler.step(output, scheduler.timesteps[step], x, return_dict=False)[0]
+        if self.sampler.name in MULTISTEP:  # no stochastic step: refused in _check_call
+            return x_next, scheduler.model_outputs[-1].float()
         sigma = self._sigma(step)
         x0 = x - sigma * output
         if eta > 0:

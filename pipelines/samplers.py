@@ -56,8 +56,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             "UniPC (multistep: runs 0 -> T in one call only)"),
     Sampler("flow-euler", True, True, True, True,
             "flow-matching Euler; eta > 0 takes the flow SDE step"),
+    Sampler("flow-unipc", True, False, False, True,
+            "the model's own UniPC in flow mode, as Wan ships it (multistep: 0 -> T in one call "
+            "only)"),
 )}
 """Every sampler name, in the order help texts list them."""
+
+OWN_SCHEDULERS = {"flow-unipc": "UniPCMultistepScheduler"}
+"""Samplers that run the model's own scheduler, with its config as shipped: only a model whose
+scheduler config names that class takes them."""
 
 DISCRETE_DEFAULTS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler"}
 """The sampler a UNet model runs when the job names none: its own scheduler's. Any other class

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 from diffsearch.errors import DiffsearchError
-from diffsearch.pipelines.samplers import SAMPLERS, default_sampler, sampler_names
+from diffsearch.pipelines.samplers import (
+    OWN_SCHEDULERS,
+    SAMPLERS,
+    default_sampler,
+    sampler_names,
+)
 
 DEFAULTS_FILE = "diffsearch_defaults.json"
 """Optional file in a model folder with the recommended num_steps, guidance_scale, height, width."""
@@ -104,6 +109,10 @@ FAMILIES = {
     "SanaPipeline": Family(
         "sana", "diffsearch.pipelines.sana:SanaDenoiser", 20, 4.5, "bfloat16",
         flow=True, denoiser="transformer", packing=None),
+    "HunyuanVideoPipeline": Family(
+        "hunyuan-video", "diffsearch.pipelines.hunyuan_video:HunyuanVideoDenoiser", 50, 6.0,
+        "bfloat16", adapter_options=("num_frames",), flow=True, negative_prompt=False,
+        denoiser="transformer", packing=None),
 }
 
 
@@ -293,6 +302,12 @@ def _check_sampler(plan: ModelPlan) -> None:
     if plan.sampler not in allowed:
         raise ModelLoadError(f"sampler: {plan.sampler!r} is not for {plan.family.name} models; "
                              f"they take: {', '.join(allowed)}")
+    own = OWN_SCHEDULERS.get(plan.sampler)
+    shipped = _component_config(plan.source, "scheduler", "scheduler_config.json").get(
+        "_class_name")
+    if own and shipped and shipped != own:
+        raise ModelLoadError(f"sampler: {plan.sampler} runs the model's own {own}; "
+                             f"{plan.source.name!r} ships {shipped}")
 
 
 def size_multiple(source: ModelSource, family: Family) -> int | None:

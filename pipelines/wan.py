@@ -7,10 +7,12 @@ multiples of s times the transformer's spatial patch (16). Sizes diffusers would
 refused instead, so a stored latent always matches the size the job asked for.
 
 Sampling: flow matching. Wan's checkpoints ship ``UniPCMultistepScheduler`` in flow mode, a
-multistep solver whose state is more than the latent; the sampler here is ``flow-euler``,
-``FlowMatchEulerDiscreteScheduler`` with the model's shift (UniPC's ``flow_shift``), the
-scheduler diffusers' own Wan examples swap in, and it serves every strategy (resume,
-re-noising, the SDE step for eta > 0; :mod:`diffsearch.pipelines._flow`).
+multistep solver whose state is more than the latent. The default sampler is ``flow-euler``:
+``FlowMatchEulerDiscreteScheduler`` with the model's shift (UniPC's ``flow_shift``), what
+diffusers' Wan pipeline runs with that scheduler swapped in. It serves every strategy (resume,
+re-noising, the SDE step for eta > 0; :mod:`diffsearch.pipelines._flow`). ``flow-unipc`` runs
+the shipped UniPC itself, exactly as the pipeline does, but only 0 -> T in one call, so only
+strategies that neither resume nor re-noise take it (best-of-N).
 
 Guidance: diffusers runs the conditional and the unconditional pass as two forward calls, and
 so does this adapter, each over the same fixed chunk of rows. A video transformer's activation
@@ -57,7 +59,9 @@ IMAGE_EMBEDS = "image_embeds"
 class WanDenoiser(FlowDenoiser):
     """A ``WanPipeline`` (2.1, or 2.2 with ``transformer_2``) as a resumable, batched, seeded
     sampler of whole clips (see the module docstring). ``max_sequence_length`` is the T5 token
-    count (diffusers' 512); ``guidance_scale_2`` the low-noise stage's scale (Wan 2.2)."""
+    count (diffusers' 512); ``guidance_scale_2`` the low-noise stage's scale (Wan 2.2), an
+    argument of this class only: a job's ``guidance_scale`` sets both stages, as diffusers'
+    default does."""
 
     def __init__(
         self,

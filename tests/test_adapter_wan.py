@@ -49,7 +49,8 @@ def adapter(pipe, cls: type[WanDenoiser] = WanDenoiser, **options) -> WanDenoise
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("wan")
     return {"wan2.1": tiny_wan_pipeline(root, name="wan21"),
-            "wan2.2": tiny_wan_pipeline(root, two_stage=True, name="wan22")}
+            "wan2.2": tiny_wan_pipeline(root, two_stage=True, name="wan22"),
+            "unipc": tiny_wan_pipeline(root, scheduler="unipc", name="wan21-unipc")}
 
 
 @pytest.fixture(scope="module", params=["wan2.1", "wan2.2"])
@@ -163,16 +164,43 @@ def test_wan22_5b_takes_a_timestep_per_token(tmp_path):
 
 
 # ---- the schedule and the sizes -----------------------------------------------------------------
-def test_a_unipc_checkpoint_samples_flow_euler_at_its_flow_shift(tmp_path):
-    """Real Wan folders ship UniPC in flow mode; flow-euler runs FlowMatchEulerDiscreteScheduler
-    with UniPC's flow_shift, which is the pipeline with that scheduler swapped in."""
-    pipe = checks.load_pipeline(WanPipeline, tiny_wan_pipeline(tmp_path, scheduler="unipc"))
-    denoiser = adapter(pipe)
+@pytest.fixture(scope="module")
+def unipc_pipe(folders) -> WanPipeline:
+    """Wan 2.1 with the scheduler real Wan folders ship: UniPC in flow mode."""
+    return checks.load_pipeline(WanPipeline, folders["unipc"])
+
+
+def test_a_unipc_checkpoint_samples_flow_euler_at_its_flow_shift(unipc_pipe, folders):
+    """flow-euler, the default, runs FlowMatchEulerDiscreteScheduler at UniPC's flow_shift:
+    the pipeline with that scheduler swapped in."""
+    denoiser = adapter(unipc_pipe)
     assert denoiser.sampler.name == "flow-euler"
-    euler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
-    reference = checks.load_pipeline(WanPipeline, tiny_wan_pipeline(tmp_path, name="euler"))
-    reference.scheduler = euler
+    reference = checks.load_pipeline(WanPipeline, folders["unipc"])
+    reference.scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=unipc_pipe.scheduler.config.flow_shift)
     checks.check_matches_pipeline(denoiser, wan_reference(reference))
+
+
+def test_the_shipped_unipc_runs_zero_to_t_as_the_pipeline_does(unipc_pipe):
+    pipe = unipc_pipe
+    denoiser = adapter(pipe, sampler="flow-unipc")
+    checks.check_matches_pipeline(denoiser, wan_reference(pipe))
+    checks.check_resume_is_refused(denoiser, k=2)
+    euler = adapter(pipe).denoise(denoiser.initial_noise([1]), checks.conds_for(denoiser)[:1],
+                                  0, STEPS).latents
+    unipc = denoiser.denoise(denoiser.initial_noise([1]), checks.conds_for(denoiser)[:1],
+                             0, STEPS).latents
+    assert not torch.allclose(euler, unipc, atol=1e-3)  # another solver, not a renamed Euler
+
+
+def test_flow_unipc_is_refused_for_a_model_without_it(folders, pipe):
+    with pytest.raises(ModelLoadError, match="sampler: flow-unipc runs the model's own "
+                                             "UniPCMultistepScheduler; .* ships "
+                                             "FlowMatchEulerDiscreteScheduler"):
+        plan_model(str(folders["wan2.1"]), sampler="flow-unipc")
+    with pytest.raises(ValueError, match="this model's scheduler is "
+                                         "FlowMatchEulerDiscreteScheduler"):
+        adapter(pipe, sampler="flow-unipc")
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -212,14 +240,21 @@ def test_a_saved_folder_loads_as_wan_with_its_clip_size(folders):
     assert denoiser.pipe.transformer_2 is not None
 
 
-@pytest.mark.parametrize("strategy", ["best-of-n", "evosearch"])
-def test_the_cli_searches_a_wan_folder(folders, tmp_path, strategy):
-    out = tmp_path / strategy
-    result = CliRunner().invoke(cli_main, [
-        "generate", "a red circle moving from left to right", "--model",
-        str(folders["wan2.2"]), "--strategy", strategy, "--verifier", "shapes-video-oracle",
-        "--budget", "4x", "--batch-size", "2", "--executor", "local", "--threads", "1",
-        "--quiet", "--out", str(out)])
+def generate(folder: Path, out: Path, *flags: str):
+    return CliRunner().invoke(cli_main, [
+        "generate", "a red circle moving from left to right", "--model", str(folder),
+        "--verifier", "shapes-video-oracle", "--budget", "4x", "--batch-size", "2",
+        "--executor", "local", "--threads", "1", "--quiet", "--out", str(out), *flags])
+
+
+@pytest.mark.parametrize(("model", "flags"), [
+    ("wan2.2", ["--strategy", "best-of-n"]),
+    ("wan2.2", ["--strategy", "evosearch"]),
+    ("unipc", ["--strategy", "best-of-n", "--sampler", "flow-unipc"]),
+], ids=["best-of-n", "evosearch", "best-of-n-flow-unipc"])
+def test_the_cli_searches_a_wan_folder(folders, tmp_path, model, flags):
+    out = tmp_path / "run"
+    result = generate(folders[model], out, *flags)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     prompt = results["prompts"][0]
@@ -227,6 +262,15 @@ def test_the_cli_searches_a_wan_folder(folders, tmp_path, strategy):
     assert results["model"]["latent_shape"] == list(LATENT)  # the Wan adapter's clips
     assert len(prompt["candidates"]) >= 4
     assert all("shapes-video-oracle" in c["scores"] for c in prompt["candidates"])
+
+
+def test_the_cli_refuses_a_resuming_strategy_with_flow_unipc(folders, tmp_path):
+    result = generate(folders["unipc"], tmp_path / "run", "--strategy", "evosearch",
+                      "--sampler", "flow-unipc")
+    assert result.exit_code == 2
+    assert "sampler: strategy evosearch continues states at later steps, which flow-unipc " \
+        "cannot" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 # ---- image-to-video -----------------------------------------------------------------------------
