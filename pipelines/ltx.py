@@ -10,9 +10,10 @@ pipeline's own ``_pack_latents`` / ``_unpack_latents`` (pure reshapes, bit-exact
 Sizes come from the VAE and transformer configs: height and width are multiples of the VAE's
 spatial compression (x32 for LTX-Video) times the patch size, and the frame count is
 r * k + 1 for the VAE's temporal compression r (x8: 9, 17, ..., 161 frames). The transformer's
-rotary embeddings are scaled by the frame rate (``frame_rate``: (r / frame_rate, x32, x32)), so
-it is an option of the model as it is of the pipeline. Defaults (size, frames, frame rate, text
-length, decode timestep) are the pipeline's own ``__call__`` defaults.
+rotary embeddings are scaled by the frame rate ((r / frame_rate, x32, x32)), so ``frame_rate``
+is a setting of the model as it is of the pipeline: like ``num_frames``, it is read from the
+model folder's ``diffsearch_defaults.json``. Defaults (size, frames, frame rate, text length,
+decode timestep) are the pipeline's own ``__call__`` defaults.
 
 Latents are normalised with the per-channel mean and std the VAE stores in its weights and the
 VAE's scaling factor. A timestep-conditioned VAE (LTX-Video 0.9.1 and later) is decoded at the
