@@ -19,6 +19,7 @@ from diffsearch.cli import main as cli_main
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE, ModelLoadError, plan_model
 from diffsearch.pipelines.wan import WanDenoiser, WanImageToVideoDenoiser
+from diffsearch.run_folder import best_clip
 
 STEPS, GUIDANCE = 4, 3.0
 FRAMES, HEIGHT, WIDTH = SIZE["num_frames"], SIZE["height"], SIZE["width"]
@@ -251,17 +252,22 @@ def generate(folder: Path, out: Path, *flags: str):
     ("wan2.2", ["--strategy", "best-of-n"]),
     ("wan2.2", ["--strategy", "evosearch"]),
     ("unipc", ["--strategy", "best-of-n", "--sampler", "flow-unipc"]),
-], ids=["best-of-n", "evosearch", "best-of-n-flow-unipc"])
+    ("unipc", ["--strategy", "ttsnap"]),
+    ("unipc", ["--strategy", "particles"]),
+    ("unipc", ["--strategy", "paths"]),
+], ids=["best-of-n", "evosearch", "best-of-n-flow-unipc", "ttsnap", "particles", "paths"])
 def test_the_cli_searches_a_wan_folder(folders, tmp_path, model, flags):
+    """Every strategy on whole clips (the UniPC folder runs its default, flow-euler)."""
     out = tmp_path / "run"
     result = generate(folders[model], out, *flags)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    prompt = results["prompts"][0]
-    assert results["nfe"] == 4 * STEPS
     assert results["model"]["latent_shape"] == list(LATENT)  # the Wan adapter's clips
-    assert len(prompt["candidates"]) >= 4
-    assert all("shapes-video-oracle" in c["scores"] for c in prompt["candidates"])
+    assert 0 < results["nfe"] <= 4 * STEPS
+    best = results["prompts"][0]["best"]
+    assert "shapes-video-oracle" in best["scores"]
+    with Image.open(out / best_clip(0)) as gif:
+        assert gif.n_frames == FRAMES and gif.size == (WIDTH, HEIGHT)
 
 
 def test_the_cli_refuses_a_resuming_strategy_with_flow_unipc(folders, tmp_path):
