@@ -1,21 +1,22 @@
-"""The testbed's yardsticks: exact expected maxima, MMD to a Gaussian mixture in closed form,
-importance-weight ESS and bootstrap intervals over independent runs.
+"""The testbed's yardsticks: exact expected maxima, MMD to a Gaussian mixture in closed form
+(with its bootstrap interval over independent runs) and importance-weight ESS.
 
-Intervals resample runs (prompts), not points: points of one run (a particle population, a
-best-of-N batch) are dependent, runs are independent.
+The MMD interval resamples runs (prompts), not points: points of one run (a particle
+population, a best-of-N batch) are dependent, runs are independent. Means of per-run values
+(best rewards) take the benchmarks' cluster bootstrap (benchmarks/_stats.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import integrate, stats
 
 from diffsearch.pipelines.gmm import GaussianMixture
 
-BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def expected_max(weights: np.ndarray, means: np.ndarray, stds: np.ndarray, n: int) -> float:
@@ -117,21 +118,6 @@ class MmdToMixture:
         draws = rng.multinomial(self.runs, np.full(self.runs, 1 / self.runs),
                                 size=BOOTSTRAP_RESAMPLES)
         return _percentiles([self.value(c) for c in draws], level)
-
-
-def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, level: float = 0.95
-                   ) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of independent values and its percentile interval."""
-    return bootstrap(values, np.mean, rng, level)
-
-
-def bootstrap(values: np.ndarray, statistic: Callable[[np.ndarray], float],
-              rng: np.random.Generator, level: float = 0.95) -> tuple[float, float, float]:
-    """(statistic, low, high) with a percentile bootstrap over the first axis of ``values``."""
-    n = len(values)
-    index = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
-    return (float(statistic(values)),
-            *_percentiles([float(statistic(values[i])) for i in index], level))
 
 
 def _percentiles(draws: Sequence[float], level: float) -> tuple[float, float]:
