@@ -17,13 +17,28 @@ import torch
 from click.testing import CliRunner
 from diffusers import (
     AutoencoderDC,
+    AutoencoderKLHunyuanVideo,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
 )
-from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
 
 from diffsearch.cli import main
 from tiny_pipelines import (
@@ -31,6 +46,7 @@ from tiny_pipelines import (
     TRANSFORMER_WIDTH,
     tiny_t5,
     tiny_vae,
+    write_clip_tokenizer,
     write_defaults,
     write_t5_tokenizer,
 )
@@ -125,13 +141,82 @@ def tiny_sana_pipeline(tmp_path: Path, *, out_channels: int = 4, defaults: dict 
     return folder
 
 
-def generate(folder: Path, out: Path, strategy: str, verifier: str, budget: str,
-             *options: str) -> dict:
+# ---- HunyuanVideo -------------------------------------------------------------------------------
+HUNYUAN_SIZE = {"height": 32, "width": 32, "num_frames": 5}
+"""The tiny HunyuanVideo's clip (4x2x4x4 latents: the VAE is x8 in space and x4 in time)."""
+LLAMA_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "<unk>"]
+PROMPT_WORDS = ("a an the red blue green yellow circle circles square squares triangle two three "
+                "at top bottom left right moving from to of on in").split()
+
+
+def write_llama_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of HunyuanVideo's chat template and of the test
+    prompts, with Llama-3's header tokens. Words, punctuation runs and single newlines are one
+    token each and no BOS is added, so the template's prefix is exactly its ``crop_start`` (95)
+    tokens, as with the real Llama-3 tokenizer: the crop lands on the prompt's first token."""
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    text = template
+    for special in LLAMA_SPECIALS:
+        text = text.replace(special, " ")
+    pre = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), "removed", invert=True)
+    words = {piece for piece, _ in pre.pre_tokenize_str(text)} | set(PROMPT_WORDS)
+    vocab = {token: i for i, token in enumerate([*LLAMA_SPECIALS, "{", "}", *sorted(words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=LLAMA_SPECIALS[:3])
+    tokenizer.save_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    prefix = template.split("{}")[0]
+    assert len(tokenizer(prefix).input_ids) == DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    return tokenizer
+
+
+def tiny_hunyuan_pipeline(tmp_path: Path, *, name: str = "tiny-hunyuan") -> Path:
+    """Save a tiny HunyuanVideoPipeline: a guidance-distilled video transformer (2x2 patches),
+    a 3-layer Llama encoder (its third-to-last hidden state is the text embedding), a CLIP
+    encoder for the pooled embedding, a 3-D causal VAE (x8, x4 in time) and the flow-matching
+    Euler scheduler at HunyuanVideo's shift 7. Its defaults file names the tiny clip size."""
+    folder = tmp_path / name
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokenizer = write_llama_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_clip_tokenizer(folder / "tokenizer_2")
+        text_encoder = LlamaModel(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id))
+        text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id))
+        levels = 4
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * levels,
+            up_block_types=("HunyuanVideoUpBlock3D",) * levels, block_out_channels=(32,) * levels,
+            layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+            temporal_compression_ratio=4)
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2,
+            attention_head_dim=TRANSFORMER_WIDTH // 2, num_layers=1, num_single_layers=1,
+            num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))
+        pipe = HunyuanVideoPipeline(
+            text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    write_defaults(folder, {"num_steps": 3, **HUNYUAN_SIZE})
+    return folder
+
+
+def generate(folder: Path, out: Path, strategy: str, verifier: str, budget: str) -> dict:
     """``diffsearch generate --model <folder>`` in-process on one thread, run to completion:
-    the run's ``results.json``. ``options`` are ``--option`` values (``key=value``)."""
-    flags = [flag for option in options for flag in ("--option", option)]
+    the run's ``results.json``."""
     result = CliRunner().invoke(main, [
-        "generate", "a red circle", "--model", str(folder), "--strategy", strategy, *flags,
+        "generate", "a red circle on the left", "--model", str(folder), "--strategy", strategy,
         "--verifier", verifier, "--budget", budget, "--executor", "local", "--threads", "1",
         "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
