@@ -113,10 +113,6 @@ FAMILIES = {
         "hunyuan-video", "diffsearch.pipelines.hunyuan_video:HunyuanVideoDenoiser", 50, 6.0,
         "bfloat16", adapter_options=("num_frames",), flow=True, negative_prompt=False,
         denoiser="transformer", packing=None),
-    "HunyuanVideoPipeline": Family(
-        "hunyuan-video", "diffsearch.pipelines.hunyuan_video:HunyuanVideoDenoiser", 50, 6.0,
-        "bfloat16", adapter_options=("num_frames",), flow=True, negative_prompt=False,
-        denoiser="transformer", packing=None),
 }
 
 
