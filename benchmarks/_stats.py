@@ -12,8 +12,10 @@ A difference whose interval contains 0 is not a result: the reports say so besid
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import itertools
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -75,3 +77,37 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float],
                          f"and {len(baseline)}")
     differences = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
     return mean_interval(differences, clusters, **options)  # type: ignore[arg-type]
+
+
+def summarise(records: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]] | None,
+              metrics: Sequence[str], baseline_name: str) -> dict[str, Any]:
+    """Per metric: the mean of ``records`` with its interval, and (with ``baseline``) the
+    paired difference from the baseline's record of the same prompt and seed as
+    ``<metric>_vs_<baseline_name>``. Records are mappings with ``prompt``, ``seed`` and the
+    metrics (None where a metric does not apply, e.g. diversity with one image: such pairs are
+    left out of that metric)."""
+    summary: dict[str, Any] = {}
+    partner = {(b["prompt"], b["seed"]): b for b in baseline or records}
+    for metric in metrics:
+        pairs = [(r, b) for r in records
+                 if (b := partner.get((r["prompt"], r["seed"]))) is not None
+                 and r[metric] is not None and b[metric] is not None]
+        if not pairs:
+            summary[metric] = None
+            continue
+        clusters = [r["prompt"] for r, _ in pairs]
+        summary[metric] = mean_interval([r[metric] for r, _ in pairs], clusters).to_json()
+        if baseline is not None:
+            summary[f"{metric}_vs_{baseline_name}"] = paired_difference(
+                [r[metric] for r, _ in pairs], [b[metric] for _, b in pairs],
+                clusters).to_json()
+    return summary
+
+
+def pixel_spread(images: Sequence[np.ndarray]) -> float | None:
+    """Diversity of a top-k: mean pairwise RMS distance between images (pixels in [0, 1]);
+    0 for copies, None for fewer than two images."""
+    if len(images) < 2:
+        return None
+    return float(np.mean([np.sqrt(np.mean((a - b) ** 2))
+                          for a, b in itertools.combinations(images, 2)]))

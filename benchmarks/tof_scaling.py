@@ -1,27 +1,35 @@
-"""Tree-of-Frames against linear search (N independent clips) at equal NFE budgets.
+"""Tree-of-Frames against linear search (N independent clips, best-of-N for clips) at equal
+NFE budgets, and at half linear's budget, with paired intervals.
 
 Both make frame-chain clips with the bundled shapes model (frame 0 from noise, each later frame
 img2img from the previous one at ``--strength`` under its own prompt) for a fixed seeded set of
-shapes motion prompts (``a red circle moving from left to right``), guided by ``shapes-video``
-(per-frame shapes-clip score + temporal consistency). ``shapes-video-oracle`` judges the
-returned clip (held out: no strategy sees it); a clip is right when every frame is. Budgets are
-multiples of one linear clip's cost, T + (F - 1) * (T - k) NFE. Per (strategy, budget):
+shapes motion prompts (``a red circle moving from left to right``), under each of ``--seeds``
+(the job seed), guided by ``shapes-video`` (per-frame shapes-clip score + temporal
+consistency). ``shapes-video-oracle`` judges the returned clip (held out: no strategy sees it);
+a clip is right when every frame is. Budgets are multiples of one linear clip's cost,
+T + (F - 1) * (T - k) NFE. Per (strategy, budget), each a mean with a 95% cluster-bootstrap
+interval over prompts (``_stats.py``):
 
 - guiding clip score (shapes-video) and oracle accuracy / mean oracle score of the best clip;
+- diversity of the top-k finished clips (mean pairwise RMS distance of their last frames);
 - NFEs actually spent per prompt, failed candidates and wall time;
 
-and per linear budget, the smallest ToF budget whose mean guiding score (and oracle accuracy)
-reaches linear's, as a share of linear's NFE (the target: 0.5 or less).
+and for Tree-of-Frames the paired differences (same prompt and seed) from linear clips at the
+same budget (``*_vs_linear-clips``) and at twice its budget (``*_vs_linear-clips_at_2x``:
+the target is a difference >= 0 at half the NFE). A difference whose interval contains 0 is
+not a result ("n.s." in the printed table).
 
-Prints and saves ``benchmarks/results/tof_scaling.json`` and a plot ``tof_scaling.png``::
+Prints and saves ``benchmarks/results/<name>.json`` and a plot ``<name>.png``::
 
-    python benchmarks/tof_scaling.py [--prompts 20] [--budgets 1 2 4 8] [--strength 0.7]
-        [--frames 3] [--tof-options JSON] [--executor local|dask] [--threads 1]
+    python benchmarks/tof_scaling.py [--prompts 20] [--seeds 0 1 2] [--budgets 1 2 4 8]
+        [--strength 0.7] [--frames 3] [--tof-options JSON] [--executor local|dask]
+        [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -29,49 +37,85 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from diffsearch import run_folder
 from diffsearch.api import run_job
 from diffsearch.job import Job
 from diffsearch.pipelines.frame_chain import FrameChain
 from diffsearch.pipelines.shapes import bundled_defaults
 from diffsearch.pipelines.shapes.motion import motion_prompts
-from diffsearch.results import RunResult
+from diffsearch.results import PromptResult, RunResult
 
 from _report import command_line, save_plot, save_report
+from _stats import Interval, pixel_spread, summarise
 
 GUIDE = "shapes-video"
 JUDGE = "shapes-video-oracle"
 STRATEGIES = ("linear-clips", "tree-of-frames")
 
 
-def summarise(result: RunResult) -> dict[str, Any]:
-    bests = [p.best for p in result.prompts]
-    oracle = [b.scores.get(JUDGE, 0.0) if b else 0.0 for b in bests]
-    return {
-        "guiding_score": round(statistics.fmean(
-            b.reward if b and b.reward is not None else 0.0 for b in bests), 4),
-        "oracle_accuracy": round(statistics.fmean(s >= 1.0 for s in oracle), 4),
-        "oracle_score": round(statistics.fmean(oracle), 4),
-        "nfe_per_prompt": result.nfe / len(result.prompts),
-        "failed_candidates": result.failed_candidates,
-        "wall_seconds": round(result.wall_seconds, 1),
-    }
+LINEAR = "linear-clips"
+METRICS = ("oracle_accuracy", "oracle_score", "guiding_score", "diversity")
 
 
-def nfe_to_match(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """For each linear budget: the cheapest ToF budget at least as good on ``metric``."""
-    tof = sorted((r for r in rows if r["strategy"] == "tree-of-frames"),
-                 key=lambda r: r["budget_nfe"])
-    matches = []
-    for linear in sorted((r for r in rows if r["strategy"] == "linear-clips"),
-                         key=lambda r: r["budget_nfe"]):
-        match = next((r for r in tof if r[metric] >= linear[metric]), None)
-        matches.append({
-            "linear_budget_nfe": linear["budget_nfe"], "linear": linear[metric],
-            "tof_budget_nfe": match["budget_nfe"] if match else None,
-            "tof": match[metric] if match else None,
-            "nfe_share": round(match["budget_nfe"] / linear["budget_nfe"], 3) if match else None,
+def finished_clips(prompt: PromptResult, num_frames: int) -> list[Any]:
+    """The prompt's finished clips (last frames whose chain holds ``num_frames`` frames), best
+    first by the guide."""
+    parent = {c.candidate: c.parent for c in prompt.candidates}
+
+    def depth(candidate: int | None) -> int:
+        frames = 0
+        while candidate is not None and candidate in parent:
+            candidate, frames = parent[candidate], frames + 1
+        return frames
+
+    clips = [c for c in prompt.candidates if c.has_final and c.reward is not None
+             and c.scores.get(GUIDE) == c.reward and depth(c.candidate) == num_frames]
+    return sorted(clips, key=lambda c: (-c.reward, c.candidate))
+
+
+def units(result: RunResult, run_dir: Path, num_frames: int, top: int) -> list[dict[str, Any]]:
+    """One record per prompt of a run: the returned clip's scores and the top-k spread."""
+    records = []
+    for prompt in result.prompts:
+        best = prompt.best
+        oracle = best.scores.get(JUDGE, 0.0) if best else 0.0
+        last_frames = [np.asarray(Image.open(run_dir / run_folder.candidate_image(
+            prompt.prompt_index, c.candidate)), dtype=np.float64) / 255
+            for c in finished_clips(prompt, num_frames)[:top]]
+        records.append({
+            "prompt": prompt.prompt_index, "oracle_accuracy": float(oracle >= 1.0),
+            "oracle_score": oracle,
+            "guiding_score": best.reward if best and best.reward is not None else 0.0,
+            "diversity": pixel_spread(last_frames),
         })
-    return matches
+    return records
+
+
+def report_rows(records: dict[tuple[str, float], list[dict[str, Any]]],
+                spent: dict[tuple[str, float], list[tuple[float, float, int]]],
+                clip_nfe: int) -> list[dict[str, Any]]:
+    """One row per (strategy, budget) run so far; Tree-of-Frames paired with linear clips at
+    the same budget and at twice it where those have run."""
+    rows = []
+    for (strategy, multiple), mine in records.items():
+        row: dict[str, Any] = {"strategy": strategy, "budget_clips": multiple,
+                               "budget_nfe": int(round(multiple * clip_nfe))}
+        row.update(summarise(mine, None, METRICS, LINEAR))
+        if strategy != LINEAR:
+            for suffix, factor in (("", 1), ("_at_2x", 2)):
+                linear = records.get((LINEAR, multiple * factor))
+                if linear:
+                    paired = summarise(mine, linear, METRICS, LINEAR)
+                    row.update({f"{m}_vs_{LINEAR}{suffix}": paired.get(f"{m}_vs_{LINEAR}")
+                                for m in METRICS})
+        nfe, wall, failed = zip(*spent[(strategy, multiple)])
+        row.update({"nfe_per_prompt": statistics.fmean(nfe), "failed_candidates": sum(failed),
+                    "wall_seconds": round(sum(wall), 1), "units": mine})
+        rows.append(row)
+    return rows
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -80,21 +124,36 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("guiding_score", f"guiding clip score ({GUIDE})"),
+              ("oracle_accuracy", f"all frames right ({JUDGE}, held out)"),
+              ("diversity", "top-k diversity (last frames)"))
     for strategy in STRATEGIES:
         mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["budget_nfe"])
-        nfe = [r["budget_nfe"] for r in mine]
-        axes[0].plot(nfe, [r["guiding_score"] for r in mine], marker="o", label=strategy)
-        axes[1].plot(nfe, [r["oracle_accuracy"] for r in mine], marker="o", label=strategy)
-    for axis, title in ((axes[0], f"guiding clip score ({GUIDE})"),
-                        (axes[1], f"all frames right ({JUDGE}, held out)")):
+        for axis, (metric, _) in zip(axes, panels):
+            shown = [(r["budget_nfe"], r[metric]) for r in mine if r.get(metric)]
+            if not shown:
+                continue
+            mean = np.array([m["mean"] for _, m in shown])
+            errors = [mean - [m["low"] for _, m in shown], [m["high"] for _, m in shown] - mean]
+            axis.errorbar([n for n, _ in shown], mean, yerr=errors, marker="o", capsize=3,
+                          label=strategy)
+    for axis, (_, title) in zip(axes, panels):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("NFE per prompt")
-        axis.set_title(title)
+        axis.set_title(f"{title}, 95% CI", fontsize=9)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return str(Interval(value["mean"], value["low"], value["high"], value["n"],
+                        value["prompts"]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--frames", type=int, default=3)
     parser.add_argument("--strength", type=float, default=0.7)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="job seeds (the noises); every one runs every strategy")
+    parser.add_argument("--prompt-seed", type=int, default=0,
+                        help="seed of the motion prompt draw")
+    parser.add_argument("--top", type=int, default=4, help="k of the top-k diversity")
     parser.add_argument("--model", default="shapes", help="the bundled model or a pipeline folder")
     parser.add_argument("--clip-weights", help="shapes-clip weights folder (default: bundled)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
@@ -125,41 +188,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.clip_weights:
         guide = {"name": GUIDE, "frame_verifier": {"name": "shapes-clip",
                                                    "weights": args.clip_weights}}
-    prompts = motion_prompts(args.prompts, seed=args.seed)
+    prompts = motion_prompts(args.prompts, seed=args.prompt_seed)
     clip_nfe = FrameChain.for_prompt(prompts[0], args.frames, args.strength).clip_nfe(steps)
     common = {"num_frames": args.frames, "strength": args.strength}
-    rows: list[dict[str, Any]] = []
+    records: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    spent: dict[tuple[str, float], list[tuple[float, float, int]]] = {}
     started = time.perf_counter()
-    for strategy in args.strategies:
+    rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for multiple, seed, strategy in itertools.product(args.budgets, args.seeds,
+                                                      args.strategies):
         options = {**common, **(args.tof_options if strategy == "tree-of-frames" else {})}
-        for multiple in args.budgets:
-            budget = int(round(multiple * clip_nfe))
-            run_dir = args.work / f"{strategy}-{multiple:g}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            job = Job.model_validate({
-                "prompts": prompts, "model": args.model, "num_steps": steps,
-                "strategy": {"name": strategy, **options}, "budget": budget,
-                "verifier": guide, "eval_verifiers": [JUDGE], "seed": args.seed,
-                "executor": args.executor, "threads": args.threads, "batch_size": 16,
-            })
-            result = run_job(job, run_dir, progress_bar=False)
-            row = {"strategy": strategy, "budget_clips": multiple, "budget_nfe": budget,
-                   **summarise(result)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    report = {
-        "benchmark": "tof_scaling", "prompts": len(prompts), "seed": args.seed,
-        "num_steps": steps, "num_frames": args.frames, "strength": args.strength,
-        "model": args.model, "tof_options": args.tof_options, "clip_nfe": clip_nfe,
-        "guide": guide, "judge": JUDGE, "rows": rows,
-        "nfe_to_match_guiding_score": nfe_to_match(rows, "guiding_score"),
-        "nfe_to_match_oracle_accuracy": nfe_to_match(rows, "oracle_accuracy"),
-        "total_wall_seconds": round(time.perf_counter() - started, 1),
-        "command": command_line(argv),
-    }
-    print(json.dumps({k: report[k] for k in ("nfe_to_match_guiding_score",
-                                             "nfe_to_match_oracle_accuracy")}, indent=2))
-    save_report(report, args.name, show=False)
+        budget = int(round(multiple * clip_nfe))
+        run_dir = args.work / f"{strategy}-{multiple:g}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        job = Job.model_validate({
+            "prompts": prompts, "model": args.model, "num_steps": steps,
+            "strategy": {"name": strategy, **options}, "budget": budget,
+            "verifier": guide, "eval_verifiers": [JUDGE], "seed": seed,
+            "executor": args.executor, "threads": args.threads, "batch_size": 16,
+            "images": "all",
+        })
+        result = run_job(job, run_dir, progress_bar=False)
+        mine = [record | {"seed": seed}
+                for record in units(result, run_dir, args.frames, args.top)]
+        records.setdefault((strategy, multiple), []).extend(mine)
+        spent.setdefault((strategy, multiple), []).append(
+            (result.nfe / len(result.prompts), result.wall_seconds, result.failed_candidates))
+        print(json.dumps({"strategy": strategy, "budget_clips": multiple, "seed": seed,
+                          "oracle_accuracy": statistics.fmean(r["oracle_accuracy"]
+                                                              for r in mine),
+                          "wall_seconds": round(result.wall_seconds, 1)}), flush=True)
+        rows = report_rows(records, spent, clip_nfe)
+        report = {
+            "benchmark": "tof_scaling", "prompts": len(prompts), "seeds": args.seeds,
+            "prompt_seed": args.prompt_seed, "num_steps": steps, "num_frames": args.frames,
+            "strength": args.strength, "model": args.model, "tof_options": args.tof_options,
+            "clip_nfe": clip_nfe, "guide": guide, "judge": JUDGE, "top_k": args.top,
+            "intervals": "95% percentile bootstrap over prompts (each with all its seeds), "
+                         "10,000 resamples, seed 0; differences paired on prompt and seed",
+            "rows": rows, "total_wall_seconds": round(time.perf_counter() - started, 1),
+            "command": command_line(argv),
+        }
+        save_report(report, args.name, show=False)  # after every run: a stopped one keeps it
+    keys = [*METRICS, *(f"{m}_vs_{LINEAR}" for m in METRICS[:3]),
+            *(f"{m}_vs_{LINEAR}_at_2x" for m in METRICS[:3])]
+    for row in rows:
+        print(f"{row['strategy']} {row['budget_clips']:g}x")
+        for key in keys:
+            if key in row:
+                print(f"  {key:<40}{_cell(row, key)}")
     save_plot(lambda path: plot(rows, path), args.name)
     return report
 
