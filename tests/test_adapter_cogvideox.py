@@ -13,12 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, DDIMScheduler
+from PIL import Image
 from tiny_cogvideox import COGVIDEOX_DEFAULTS, TEXT_LENGTH, tiny_cogvideox_pipeline
 
 from diffsearch.cli import main as cli_main
 from diffsearch.pipelines.cogvideox import CogVideoXDenoiser
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE, ModelLoadError, plan_model
+from diffsearch.run_folder import best_clip
 from diffsearch.seeding import torch_generator
 
 STEPS, GUIDANCE = 3, 3.0
@@ -230,8 +232,11 @@ def test_the_folder_loads_by_its_family_with_its_clip_length(folder, tmp_path, d
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "8x")])
+@pytest.mark.parametrize(("strategy", "budget"), [
+    ("best-of-n", "3x"), ("evosearch", "8x"), ("ttsnap", "4x"), ("particles", "4x"),
+    ("paths", "4x")])
 def test_generate_runs_the_saved_folder(folder, tmp_path, strategy, budget):
+    """Every strategy on whole clips, the adapter picked by the folder's pipeline class."""
     out = tmp_path / "run"
     result = CliRunner().invoke(cli_main, [
         "generate", "a red circle moving right", "--model", str(folder), "--strategy",
@@ -239,5 +244,9 @@ def test_generate_runs_the_saved_folder(folder, tmp_path, strategy, budget):
         "--threads", "1", "--quiet", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
-    assert data["nfe"] == int(budget[:-1]) * STEPS
-    assert (out / data["prompts"][0]["best"]["image"]).is_file()
+    assert data["model"]["latent_shape"] == list(LATENT)
+    assert 0 < data["nfe"] <= int(budget[:-1]) * STEPS
+    if strategy in ("best-of-n", "evosearch"):
+        assert data["nfe"] == int(budget[:-1]) * STEPS
+    with Image.open(out / best_clip(0)) as gif:
+        assert gif.n_frames == 9 and gif.size == (32, 32)

@@ -12,12 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import LTXPipeline
+from PIL import Image
 from tiny_ltx import LTX_DEFAULTS, tiny_ltx_pipeline, tiny_ltx_vae
 
 from diffsearch.cli import main as cli_main
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.ltx import LTXDenoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE, ModelLoadError, plan_model
+from diffsearch.run_folder import best_clip
 from diffsearch.seeding import torch_generator
 
 STEPS, GUIDANCE = 3, 3.0
@@ -194,8 +196,11 @@ def test_a_frame_count_the_vae_cannot_take_is_refused_from_the_configs(folder, t
         plan_model(str(with_defaults(folder, tmp_path, num_frames=16)))
 
 
-@pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "8x")])
+@pytest.mark.parametrize(("strategy", "budget"), [
+    ("best-of-n", "3x"), ("evosearch", "8x"), ("ttsnap", "4x"), ("particles", "4x"),
+    ("paths", "4x")])
 def test_generate_runs_the_saved_folder(folder, tmp_path, strategy, budget):
+    """Every strategy on whole clips, the adapter picked by the folder's pipeline class."""
     out = tmp_path / "run"
     result = CliRunner().invoke(cli_main, [
         "generate", "a red circle moving right", "--model", str(folder), "--strategy",
@@ -203,5 +208,9 @@ def test_generate_runs_the_saved_folder(folder, tmp_path, strategy, budget):
         "--threads", "1", "--quiet", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
-    assert data["nfe"] == int(budget[:-1]) * STEPS
-    assert (out / data["prompts"][0]["best"]["image"]).is_file()
+    assert data["model"]["latent_shape"] == list(LATENT)
+    assert 0 < data["nfe"] <= int(budget[:-1]) * STEPS
+    if strategy in ("best-of-n", "evosearch"):
+        assert data["nfe"] == int(budget[:-1]) * STEPS
+    with Image.open(out / best_clip(0)) as gif:
+        assert gif.n_frames == 17 and gif.size == (96, 64)
