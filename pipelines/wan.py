@@ -33,6 +33,11 @@ the condition latents concatenated to the noisy ones (a frame mask and the VAE e
 image followed by empty frames) and, for Wan 2.1's model, CLIP image-encoder embeddings. Both
 are per-candidate tensors of the :class:`~diffsearch.pipelines.base.Conditioning`, added by
 :meth:`WanImageToVideoDenoiser.condition_on_image`, so one batch may continue different clips.
+Wan 2.2's TI2V-5B (``expand_timesteps``) conditions otherwise: the image's latent frame stands
+in for the clip's first latent frame, whose tokens get timestep 0, and replaces it in the
+result. The pipeline lets its own first frame drift meanwhile (the network never sees it);
+here every returned state has the image's frame in place, so stored states and x0 estimates
+decode to clips that start with the image, and the final clip is the pipeline's.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from PIL import Image
 
 from diffsearch.pipelines._adapter import NEGATIVE
 from diffsearch.pipelines._flow import FlowDenoiser
-from diffsearch.pipelines.base import Conditioning
+from diffsearch.pipelines.base import Conditioning, DenoiseResult
 
 DEFAULT_SIZE = {"height": 480, "width": 832, "num_frames": 81}
 """diffusers' defaults for both Wan pipelines (480p, 81 frames)."""
@@ -160,13 +165,18 @@ class WanDenoiser(FlowDenoiser):
         return x.to(self.dtype)
 
     def _timestep(self, t: torch.Tensor, n: int) -> torch.Tensor:
-        """One timestep per row, or per row and token for Wan 2.2's 5B model."""
+        """One timestep per row, or per row and token for Wan 2.2's 5B model (the pipeline's
+        token mask times t)."""
         t = t.to(self.device)
         if not self.pipe.config.expand_timesteps:
             return t.expand(n)
+        return (self._token_mask() * t).flatten().expand(n, -1)
+
+    def _token_mask(self) -> torch.Tensor:
+        """Which latent tokens (F', H / patch, W / patch) are denoised: all of them."""
         _, frames, h, w = self.latent_shape  # type: ignore[misc]
         patch_h, patch_w = self.patch_size
-        return t.expand(n, frames * (h // patch_h) * (w // patch_w))
+        return torch.ones(frames, h // patch_h, w // patch_w, device=self.device)
 
     def _predict_rows(self, x: torch.Tensor, t: torch.Tensor, **rows: torch.Tensor
                       ) -> torch.Tensor:
@@ -201,16 +211,12 @@ class WanImageToVideoDenoiser(WanDenoiser):
     """A ``WanImageToVideoPipeline`` (Wan 2.1 I2V with its CLIP image encoder, or Wan 2.2 I2V's
     two transformers) as a sampler of clips that continue a first frame.
 
-    :meth:`encode` gives the prompt alone; :meth:`condition_on_image` adds a first frame, and
-    every candidate of a :meth:`denoise` call needs one. Wan 2.2's 5B model (``expand_timesteps``,
-    which pins the first latent frame instead) is not adapted.
-    """
+    Wan 2.2's TI2V-5B (``expand_timesteps``) pins the first latent frame instead (see the
+    module docstring).
 
-    def __init__(self, pipe: Any, **options: Any) -> None:
-        if pipe.config.expand_timesteps:
-            raise ValueError("WanImageToVideoPipeline with expand_timesteps (Wan 2.2 TI2V 5B) "
-                             "is not supported; use its text-to-video WanPipeline")
-        super().__init__(pipe, **options)
+    :meth:`encode` gives the prompt alone; :meth:`condition_on_image` adds a first frame, and
+    every candidate of a :meth:`denoise` call needs one.
+    """
 
     @staticmethod
     def _latent_channels(pipe: Any) -> int:
@@ -229,10 +235,10 @@ class WanImageToVideoDenoiser(WanDenoiser):
         with torch.no_grad():
             pixels = pipe.video_processor.preprocess(picture, height=self.height,
                                                      width=self.width)
-            _, condition = pipe.prepare_latents(
+            condition = pipe.prepare_latents(
                 pixels.to(self.device, torch.float32), 1, self.latent_shape[0], self.height,
                 self.width, self.num_frames, torch.float32, self.device, None,
-                torch.zeros(1, *self.latent_shape))  # no draw: the candidates bring noise
+                torch.zeros(1, *self.latent_shape))[1]  # no draw: the candidates bring noise
             tensors = {IMAGE_CONDITION: condition}
             if self.network.config.image_dim is not None:  # Wan 2.1's image cross-attention
                 tensors[IMAGE_EMBEDS] = pipe.encode_image(picture, self.device).to(self.dtype)
@@ -246,8 +252,32 @@ class WanImageToVideoDenoiser(WanDenoiser):
             raise ValueError("image-to-video needs a first frame for every candidate: "
                              "condition each prompt with condition_on_image")
 
+    def denoise(self, latents: torch.Tensor, conds: Sequence[Conditioning], start: int,
+                end: int, **options: Any) -> DenoiseResult:
+        result = super().denoise(latents, conds, start, end, **options)
+        if not self.pipe.config.expand_timesteps:
+            return result
+        first = torch.cat([c.tensors[IMAGE_CONDITION] for c in conds]).to("cpu", torch.float32)
+        return DenoiseResult(latents=_with_first_frame(result.latents, first),
+                             x0=_with_first_frame(result.x0, first), rows=result.rows)
+
     def _network_input(self, x: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pipe.config.expand_timesteps:
+            return _with_first_frame(x, rows[IMAGE_CONDITION]).to(self.dtype)
         return torch.cat([x, rows[IMAGE_CONDITION]], dim=1).to(self.dtype)
+
+    def _token_mask(self) -> torch.Tensor:
+        """TI2V-5B: the first latent frame's tokens are the image's, at timestep 0."""
+        mask = super()._token_mask()
+        mask[0] = 0
+        return mask
+
+
+def _with_first_frame(clips: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``clips`` (B, C, F', h, w) with their first latent frame replaced by ``first``
+    (B, C, 1, h, w): the pipeline's (1 - mask) * condition + mask * latents, whose mask is 0 on
+    that frame and 1 elsewhere, without the arithmetic."""
+    return torch.cat([first.to(clips.dtype), clips[:, :, 1:]], dim=2)
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

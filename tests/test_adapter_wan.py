@@ -325,11 +325,31 @@ def test_image_to_video_matches_the_pipeline_with_the_same_image(i2v_pipe, i2v):
 
 def test_wan22_image_to_video_has_no_image_encoder_and_two_transformers(tmp_path):
     pipe = checks.load_pipeline(WanImageToVideoPipeline,
-                                tiny_wan_i2v_pipeline(tmp_path, two_stage=True))
+                                tiny_wan_i2v_pipeline(tmp_path, kind="wan2.2"))
     denoiser = adapter(pipe, WanImageToVideoDenoiser)
     tensors = denoiser.condition_on_image(denoiser.encode("a red circle"), first_frame(7)).tensors
     assert "image_embeds" not in tensors
     check_i2v_matches_the_pipeline(pipe, denoiser)
+
+
+def test_ti2v_5b_pins_the_images_latent_frame(tmp_path):
+    """Wan 2.2 TI2V-5B (expand_timesteps): the pipeline's clip from the same image; every state
+    and x0 estimate starts with the image's latent frame, and resuming changes no bit."""
+    pipe = checks.load_pipeline(WanImageToVideoPipeline,
+                                tiny_wan_i2v_pipeline(tmp_path, kind="ti2v"))
+    denoiser = adapter(pipe, WanImageToVideoDenoiser)
+    assert denoiser.latent_shape == LATENT
+    check_i2v_matches_the_pipeline(pipe, denoiser)
+    conds = image_conds(denoiser, [1, 2, 3, 4])
+    checks.check_batch_invariance(denoiser, conds=conds)
+    noise = denoiser.initial_noise(checks.SEEDS)
+    head = denoiser.denoise(noise, conds, 0, 2)
+    first = torch.cat([c.tensors["image_condition"] for c in conds])
+    assert first.shape == (4, LATENT[0], 1, *LATENT[2:])
+    assert torch.equal(head.latents[:, :, :1], first) and torch.equal(head.x0[:, :, :1], first)
+    assert not torch.equal(head.x0, head.latents)
+    whole = denoiser.denoise(noise, conds, 0, STEPS).latents
+    assert torch.equal(denoiser.denoise(head.latents, conds, 2, STEPS).latents, whole)
 
 
 def test_an_image_to_video_folder_loads_as_wan_i2v(i2v_folder):

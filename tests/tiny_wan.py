@@ -95,31 +95,43 @@ def tiny_wan_pipeline(tmp_path: Path, *, two_stage: bool = False, scheduler: str
     return folder
 
 
-def tiny_wan_i2v_pipeline(tmp_path: Path, *, two_stage: bool = False,
+I2V_KINDS = ("wan2.1", "wan2.2", "ti2v")
+
+
+def tiny_wan_i2v_pipeline(tmp_path: Path, *, kind: str = "wan2.1",
                           name: str = "tiny-wan-i2v") -> Path:
-    """Save a tiny WanImageToVideoPipeline: the first-frame condition latents (a frame mask and
-    the VAE latents) concatenated to the noisy ones, and either Wan 2.1's CLIP image encoder or,
-    with ``two_stage``, Wan 2.2's pair of transformers and no image encoder."""
+    """Save a tiny WanImageToVideoPipeline of one of Wan's three kinds:
+
+    - ``wan2.1``: the first-frame condition latents (a frame mask and the VAE latents of the
+      image followed by empty frames) concatenated to the noisy ones, and a CLIP image encoder;
+    - ``wan2.2``: the same condition latents, no image encoder, two transformers;
+    - ``ti2v`` (Wan 2.2 TI2V-5B, ``expand_timesteps``): the image's latent frame stands in for
+      the clip's first latent frame, whose tokens get timestep 0.
+    """
+    if kind not in I2V_KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
     folder = tmp_path / name
     temporal_mask = 4  # one mask channel per frame folded into a latent frame
-    in_channels = 2 * LATENT_CHANNELS + temporal_mask
+    in_channels = LATENT_CHANNELS if kind == "ti2v" else 2 * LATENT_CHANNELS + temporal_mask
+    two_stage = kind == "wan2.2"
     with torch.random.fork_rng():
         torch.manual_seed(0)
         tokenizer = write_t5_tokenizer(folder / "tokenizer")
-        image_encoder = None if two_stage else CLIPVisionModel(CLIPVisionConfig(
+        image_encoder = None if kind != "wan2.1" else CLIPVisionModel(CLIPVisionConfig(
             hidden_size=IMAGE_WIDTH, projection_dim=IMAGE_WIDTH, num_hidden_layers=2,
             num_attention_heads=2, image_size=32, intermediate_size=2 * IMAGE_WIDTH,
             patch_size=8))
-        image_dim = None if two_stage else IMAGE_WIDTH
         pipe = WanImageToVideoPipeline(
             tokenizer=tokenizer, text_encoder=tiny_umt5(tokenizer), vae=tiny_wan_vae(),
             scheduler=wan_scheduler("euler"),
-            image_processor=None if two_stage else CLIPImageProcessor(crop_size=32, size=32),
+            image_processor=(CLIPImageProcessor(crop_size=32, size=32) if image_encoder
+                             else None),
             image_encoder=image_encoder,
-            transformer=tiny_wan_transformer(in_channels=in_channels, image_dim=image_dim),
-            transformer_2=(tiny_wan_transformer(in_channels=in_channels) if two_stage
-                           else None),
-            boundary_ratio=BOUNDARY_RATIO if two_stage else None)
+            transformer=tiny_wan_transformer(in_channels=in_channels,
+                                             image_dim=IMAGE_WIDTH if image_encoder else None),
+            transformer_2=tiny_wan_transformer(in_channels=in_channels) if two_stage else None,
+            boundary_ratio=BOUNDARY_RATIO if two_stage else None,
+            expand_timesteps=kind == "ti2v")
     pipe.save_pretrained(folder, safe_serialization=True)
     write_defaults(folder, WAN_DEFAULTS)
     return folder
