@@ -61,7 +61,8 @@ class Family:
     model's ``num_frames``)."""
     flow: bool = False
     """A flow-matching transformer (samplers: :func:`~diffsearch.pipelines.samplers
-    .sampler_names` with ``flow=True``); otherwise a UNet on a discrete noise schedule."""
+    .sampler_names` with ``flow=True``); otherwise a network on a discrete noise schedule (the
+    UNets, and CogVideoX's transformer)."""
     negative_prompt: bool = True
     """Whether its classifier-free guidance takes a negative prompt (FLUX has no such pass)."""
     denoiser: str = "unet"
