@@ -13,6 +13,9 @@ import torch
 from strategy_harness import MemoryWorker, common, greenness, play, redness, scripted
 
 from diffsearch.api import run_job
+from diffsearch.errors import JobError
+from diffsearch.job import Job
+from diffsearch.preflight import check_strategies, check_verifiers
 from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
 from diffsearch.strategies.best_of_n import BestOfN
 from diffsearch.strategies.evosearch import EvoSearch
@@ -193,3 +196,14 @@ def test_the_engine_returns_the_held_out_pick_at_the_same_nfe(tmp_path: Path) ->
         assert argmax["best"]["candidate"] == top4[0]["candidate"]
         assert chosen["best"]["score"] == next(c["reward"] for c in finals
                                                if c["candidate"] == chosen["best"]["candidate"])
+
+
+def test_an_unknown_select_verifier_is_refused_before_the_run() -> None:
+    job = Job.model_validate({
+        "prompts": ["a red circle"], "model": "shapes", "verifier": "shapes-clip",
+        "strategy": {"name": "best-of-n",
+                     "select": {"method": "held-out", "verifiers": ["no-such-judge"]}}})
+    strategy = check_strategies(job, num_steps=20)
+    with pytest.raises(JobError, match="strategy.select.verifiers.0: unknown verifier "
+                                       "'no-such-judge'"):
+        check_verifiers(job, strategy)
