@@ -255,7 +255,7 @@ def search(
     if isinstance(executor, str):
         fields["executor"] = executor
     job = job_from_mapping(fields, source="search()", base_dir=Path.cwd())
-    run_dir = Path(out) if out is not None else default_run_dir(job.prompts[0])
+    run_dir = Path(out) if out is not None else default_run_dir(job.prompt_texts[0])
     shared = executor if isinstance(executor, Executor) else None
     run = run_job(job, run_dir, resume=resume, on_progress=on_progress, executor=shared,
                   cancel=cancel)

@@ -14,7 +14,7 @@ import click
 
 from diffsearch.cli_errors import one_line_errors
 from diffsearch.errors import DistillError
-from diffsearch.job import load_prompts_file
+from diffsearch.job import prompt_texts_file
 
 
 def _steps(text: str | None, num_steps: int) -> list[int]:
@@ -41,9 +41,9 @@ def _prompts(model: str, count: int | None, prompts_file: Path | None, eval_coun
                            f"(--prompts N draws shapes-world prompts, only for --model shapes)")
     from diffsearch.pipelines.shapes import world
 
-    train = (load_prompts_file(prompts_file) if prompts_file is not None
+    train = (prompt_texts_file(prompts_file) if prompts_file is not None
              else world.distinct_prompts("train", 200 if count is None else count, seed))
-    held_out = (load_prompts_file(eval_file) if eval_file is not None
+    held_out = (prompt_texts_file(eval_file) if eval_file is not None
                 else world.distinct_prompts("heldout", eval_count, seed))
     return train, held_out
 

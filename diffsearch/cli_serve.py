@@ -15,6 +15,13 @@ from pathlib import Path
 import click
 
 from diffsearch.cli_errors import fail
+from diffsearch.model_cache import (
+    DEFAULT_MAX_MODELS,
+    DEFAULT_MAX_VERIFIERS,
+    MAX_MODELS_ENV,
+    MAX_VERIFIERS_ENV,
+    set_limits,
+)
 from diffsearch.service.config import A1111Defaults, Limits, ServiceConfig
 
 TOKEN_ENV = "DIFFSEARCH_TOKEN"
@@ -128,6 +135,13 @@ def _limit(name: str, help_text: str) -> click.Option:
               show_default=True, envvar="DIFFSEARCH_MAX_EVENTS", show_envvar=True,
               help="Events each search's log keeps in memory (a client that needs an older one "
                    "gets a snapshot of the search).")
+@click.option("--max-loaded", type=click.IntRange(min=1), default=DEFAULT_MAX_MODELS,
+              show_default=True, envvar=MAX_MODELS_ENV, show_envvar=True,
+              help="Models kept loaded (one copy per model, device and dtype, whatever the "
+                   "searches' steps, sizes or verifiers); the least recently used goes first.")
+@click.option("--max-loaded-verifiers", type=click.IntRange(min=1),
+              default=DEFAULT_MAX_VERIFIERS, show_default=True, envvar=MAX_VERIFIERS_ENV,
+              show_envvar=True, help="Verifiers kept loaded; the least recently used goes first.")
 @click.option("--a1111-strategy", default=_A1111.strategy, show_default=True,
               envvar="DIFFSEARCH_A1111_STRATEGY", show_envvar=True,
               help="Strategy of an A1111 txt2img request that names none.")
@@ -149,7 +163,8 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
           batch_size: int,
           max_budget_nfe: int, max_prompts: int, max_prompt_chars: int, max_queue: int,
           max_image_side: int, max_pixels: int, max_body_bytes: int, max_event_streams: int,
-          max_records: int, max_events: int, a1111_strategy: str, a1111_budget: str,
+          max_records: int, max_events: int, max_loaded: int, max_loaded_verifiers: int,
+          a1111_strategy: str, a1111_budget: str,
           a1111_verifier: str | None, a1111_max_images: int, log_level: str) -> None:
     """Serve searches over HTTP (/v1, OpenAPI at /openapi.json) with a page at /."""
     import uvicorn
@@ -183,6 +198,7 @@ def serve(host: str, port: int, data_dir: Path, token_file: Path | None,
         a1111=A1111Defaults(strategy=a1111_strategy,
                             budget=int(a1111_budget) if a1111_budget.isdigit() else a1111_budget,
                             verifier=a1111_verifier, max_images=a1111_max_images))
+    set_limits(models=max_loaded, verifiers=max_loaded_verifiers)
     try:
         app = create_app(config)
     except ValueError as error:  # an A1111 default is no strategy, budget or verifier offered

@@ -30,11 +30,19 @@ from diffsearch import run_folder
 from diffsearch.errors import StoreError
 from diffsearch.executor import Executor
 from diffsearch.image_output import ImageOutput
-from diffsearch.job import Job
+from diffsearch.job import Job, PromptSettings, Sampling
 from diffsearch.preflight import preflight
 from diffsearch.results import PromptResult, RunResult, collect_results
-from diffsearch.runtime import ClipFrames, ImageWanted, ModelInfo, Render, RuntimeSpec, WorkBatch
-from diffsearch.store import LatentRef, RunStore
+from diffsearch.runtime import (
+    ClipFrames,
+    ImageWanted,
+    ModelInfo,
+    Render,
+    RuntimeSpec,
+    SamplingInfo,
+    WorkBatch,
+)
+from diffsearch.store import LatentRef, PromptLayout, RunStore
 from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import best_of
 from diffsearch.strategies.registry import build_strategies
@@ -70,6 +78,9 @@ ProgressCallback = Callable[[ProgressEvent], None]
 @dataclass
 class _PromptState:
     strategy: Strategy
+    settings: PromptSettings
+    sampling: SamplingInfo
+    """What the prompt's sampling setting resolved to on the model."""
     round_tasks: list[Task] = field(default_factory=list)
     received: dict[int, Outcome] = field(default_factory=dict)
     nfe: int = 0
@@ -94,9 +105,12 @@ class WorkPool:
     and none waits forever, since with nothing in flight every slot is free.
     """
 
-    def __init__(self, batch_size: int, compute_batch: int) -> None:
+    def __init__(self, batch_size: int, compute_batch: int,
+                 sampling_of: Callable[[int], Sampling] | None = None) -> None:
         self.batch_size = batch_size
         self.compute_batch = compute_batch
+        self._sampling_of = sampling_of
+        """Each prompt's sampling setting: prompts of different ones never share a unit."""
         self._groups: dict[tuple, list[Task]] = {}  # in order of arrival
 
     def __bool__(self) -> bool:
@@ -104,7 +118,8 @@ class WorkPool:
 
     def add(self, tasks: list[Task]) -> None:
         for task in tasks:
-            self._groups.setdefault(_unit_key(task), []).append(task)
+            sampling = None if self._sampling_of is None else self._sampling_of(task.prompt_index)
+            self._groups.setdefault((sampling, *_unit_key(task)), []).append(task)
 
     def full_units(self) -> list[list[Task]]:
         """Every full unit the pool holds, oldest tasks first."""
@@ -171,11 +186,10 @@ class Engine:
         if num_steps is not None and model.num_steps != num_steps:
             raise RuntimeError(f"the loaded model runs {model.num_steps} steps, its config said "
                                f"{num_steps}: the pre-run checks read the model differently")
-        states = self._build_strategies(model.num_steps, model.nfe_per_step)
+        states = self._build_strategies(model)
         images = ImageOutput(self.run_dir, self.job.images)
         try:
-            with open_store(self.run_dir, self.job, model,
-                            [s.strategy.prompt for s in states.values()]) as store:
+            with open_store(self.run_dir, self.job, model, states) as store:
                 return self._search(store, images, states, model, started)
         finally:
             images.close()
@@ -189,8 +203,9 @@ class Engine:
         usage: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         waited = 0.0
         nfe_done = 0
-        pool = WorkPool(self.job.batch_size, model.compute_batch)
-        units = _UnitBuilder(store, states, images, model.num_steps)
+        pool = WorkPool(self.job.batch_size, model.compute_batch,
+                        lambda index: states[index].settings.sampling)
+        units = _UnitBuilder(store, states, images, self.spec)
         in_flight = 0
 
         def dispatch() -> None:
@@ -211,7 +226,7 @@ class Engine:
                 tasks = state.strategy.ask()
                 if not tasks:
                     break
-                self._check_round(state, tasks, model)
+                self._check_round(state, tasks, model.nfe_per_step)
                 units.asked(tasks)
                 replayed = {t.candidate: store.lookup(t) for t in tasks}
                 state.round_tasks = tasks
@@ -270,7 +285,8 @@ class Engine:
             raise RuntimeError(f"executor stopped with prompts {unfinished} unfinished")
         self._render_missing(store, images, units, states)
         prompts = [
-            PromptResult.from_store(store, index, state.strategy, state.nfe, self.job.images)
+            PromptResult.from_store(store, index, state.strategy, state.nfe, self.job.images,
+                                    settings=_settings_json(state))
             for index, state in states.items()
         ]
         stage_seconds["wait"] = waited
@@ -293,27 +309,32 @@ class Engine:
         wanted = list(dict.fromkeys([*stale_best, *missing]))
         if not wanted:
             return
-        self.executor.submit(units.render_batch(wanted))
+        for batch in units.render_batches(wanted):
+            self.executor.submit(batch)
         for _, result in self.executor.as_completed():
             images.offer(result.images)
             for index, candidate in stale_best:
                 images.write_best(index, candidate, result.images[(index, candidate)])
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _build_strategies(self, num_steps: int, nfe_per_step: int) -> dict[int, _PromptState]:
-        strategies = build_strategies(self.job, num_steps, nfe_per_step)
-        return {index: _PromptState(strategy) for index, strategy in strategies.items()}
+    def _build_strategies(self, model: ModelInfo) -> dict[int, _PromptState]:
+        settings = [self.job.prompt_settings(i) for i in range(len(self.job.prompts))]
+        sampling = [model.sampling(s.sampling) for s in settings]
+        strategies = build_strategies(self.job, [s.num_steps for s in sampling],
+                                      model.nfe_per_step)
+        return {index: _PromptState(strategy, settings[index], sampling[index])
+                for index, strategy in strategies.items()}
 
-    def _check_round(self, state: _PromptState, tasks: list[Task], model: ModelInfo) -> None:
+    def _check_round(self, state: _PromptState, tasks: list[Task], nfe_per_step: int) -> None:
         """The strategy's side of the contract, for every strategy: distinct candidates, and no
         ask past the budget in the NFEs the model actually charges (a strategy bug, never the
         user's: strategies size themselves to their budget)."""
         candidates = [t.candidate for t in tasks]
         if len(set(candidates)) != len(candidates):
             raise RuntimeError(f"strategy {state.strategy.name} asked one candidate twice")
-        planned = state.nfe + sum(t.denoise_nfe(model.num_steps, model.nfe_per_step)
+        planned = state.nfe + sum(t.denoise_nfe(state.sampling.num_steps, nfe_per_step)
                                   for t in tasks)
-        if planned > state.strategy.budget_nfe * model.nfe_per_step:
+        if planned > state.strategy.budget_nfe * nfe_per_step:
             raise BudgetExceededError(
                 f"strategy {state.strategy.name} asked for {planned} NFE in total, over its "
                 f"budget of {state.strategy.budget_nfe}")
@@ -352,15 +373,35 @@ def prepare_run_dir(run_dir: Path, job: Job) -> None:
     (run_dir / run_folder.JOB).write_text(job.model_dump_json(indent=2))
 
 
-def open_store(run_dir: Path, job: Job, model: ModelInfo, prompts: list[str]) -> RunStore:
+def open_store(run_dir: Path, job: Job, model: ModelInfo, states: dict[int, _PromptState]
+               ) -> RunStore:
     """The run's store: the existing one when resuming (its job was checked before the run
-    started), else a new one."""
+    started), else a new one, with each prompt's own steps and latent shape."""
     path = run_dir / run_folder.STORE
     if path.exists():
         return RunStore.open(path)
-    return RunStore.create(path, job=job.model_dump(mode="json"), result_key=job.result_key(),
-                           latent_shape=model.latent_shape, num_steps=model.num_steps,
-                           prompts=prompts)
+    return RunStore.create(
+        path, job=job.model_dump(mode="json"), result_key=job.result_key(),
+        latent_shape=model.latent_shape, num_steps=model.num_steps,
+        prompts=[s.strategy.prompt for s in states.values()],
+        prompt_layouts={index: PromptLayout(s.sampling.num_steps, s.sampling.latent_shape)
+                        for index, s in states.items()})
+
+
+def _settings_json(state: _PromptState) -> dict[str, object]:
+    """What a prompt ran with, as results.json records it: its own settings, else the job's,
+    with the model's defaults filled in where the adapter says what they resolved to."""
+    settings, sampling = state.settings, state.settings.sampling
+    resolved = state.sampling
+    return {
+        "negative_prompt": settings.negative_prompt, "seed": settings.seed,
+        "num_steps": resolved.num_steps,
+        "guidance_scale": (sampling.guidance_scale if resolved.guidance_scale is None
+                           else resolved.guidance_scale),
+        "width": sampling.width if resolved.width is None else resolved.width,
+        "height": sampling.height if resolved.height is None else resolved.height,
+        "latent_shape": list(resolved.latent_shape),
+    }
 
 
 class _UnitBuilder:
@@ -369,11 +410,11 @@ class _UnitBuilder:
     store's index, the strategies' answers, the best so far)."""
 
     def __init__(self, store: RunStore, states: dict[int, _PromptState], images: ImageOutput,
-                 num_steps: int) -> None:
+                 spec: RuntimeSpec) -> None:
         self.store = store
         self.states = states
         self.images = images
-        self.num_steps = num_steps
+        self.spec = spec
         self._clip_candidates: set[tuple[int, int]] = set()
         self._final_candidates: list[tuple[int, int]] = []
 
@@ -402,16 +443,27 @@ class _UnitBuilder:
             best = {index: self.states[index].best for index in {t.prompt_index for t in tasks}}
             to_beat = tuple(None if best[t.prompt_index] is None
                             else best[t.prompt_index].reward for t in tasks)  # type: ignore[union-attr]
+        negatives = tuple(self.states[t.prompt_index].settings.negative_prompt for t in tasks)
         return WorkBatch(tasks=tuple(tasks), store_path=str(store.path),
                          sources=sources if any(sources) else (), clips=clips,
                          images=wanted if any(w is not ImageWanted.NO for w in wanted) else (),
-                         to_beat=to_beat)
+                         to_beat=to_beat, sampling=self._sampling(tasks[0].prompt_index),
+                         negative_prompts=() if set(negatives) == {self.spec.negative_prompt}
+                         else negatives)
 
-    def render_batch(self, wanted: list[tuple[int, int]]) -> WorkBatch:
-        renders = tuple(Render(prompt_index=index, candidate=candidate,
-                               frames=self._frames(index, candidate))
-                        for index, candidate in wanted)
-        return WorkBatch(tasks=(), store_path=str(self.store.path), renders=renders)
+    def render_batches(self, wanted: list[tuple[int, int]]) -> list[WorkBatch]:
+        """Decode-only units for ``wanted`` candidates, one per sampling setting."""
+        by_sampling: dict[Sampling | None, list[Render]] = {}
+        for index, candidate in wanted:
+            by_sampling.setdefault(self._sampling(index), []).append(Render(
+                prompt_index=index, candidate=candidate, frames=self._frames(index, candidate)))
+        return [WorkBatch(tasks=(), store_path=str(self.store.path), renders=tuple(renders),
+                          sampling=sampling) for sampling, renders in by_sampling.items()]
+
+    def _sampling(self, index: int) -> Sampling | None:
+        """The prompt's sampling setting as a unit names it (None: the job's)."""
+        sampling = self.states[index].settings.sampling
+        return None if sampling == self.spec.job_sampling else sampling
 
     def _wanted(self, task: Task) -> ImageWanted:
         if task.score_on not in (ScoreOn.FINAL, ScoreOn.CLIP):

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictInt,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -76,6 +79,66 @@ class StrategySpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PromptSpec(BaseModel):
+    """One prompt with settings of its own (a mapping in ``prompts``, a line of a ``.jsonl``
+    prompts file). Each unset field takes the job's value. The bounds are the job's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, strict=True)
+    width: int | None = Field(default=None, ge=8, le=8192, strict=True)
+    height: int | None = Field(default=None, ge=8, le=8192, strict=True)
+    guidance_scale: float | None = Field(default=None, ge=0, strict=True)
+    num_steps: int | None = Field(default=None, ge=1, le=1000, strict=True)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("is empty")
+        return prompt
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_not_blank(cls, negative_prompt: str | None) -> str | None:
+        return _check_negative_prompt(negative_prompt)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings that need an adapter of their own: prompts that differ in any of them never
+    share a forward pass (a size is a latent shape, steps are a schedule, a guidance scale
+    decides whether the unconditional pass runs). None: the model's default."""
+
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """What one prompt of a job runs with: its own fields, else the job's."""
+
+    text: str
+    negative_prompt: str | None
+    """Travels with each row's conditioning, so prompts that differ only in it still share
+    forward passes."""
+    seed: int
+    sampling: Sampling
+
+
+_TEXT_TAG, _SETTINGS_TAG = "text", "settings"
+PromptEntry = Annotated[
+    Annotated[str, Tag(_TEXT_TAG)] | Annotated[PromptSpec, Tag(_SETTINGS_TAG)],
+    Discriminator(lambda entry: _TEXT_TAG if isinstance(entry, str) else _SETTINGS_TAG),
+]
+"""A prompt's text, or a mapping with its settings. The tag makes a mapping's error name its
+own field (``prompts.3.width``), not also say it is not a string."""
+
+
 class Job(BaseModel):
     """Everything that decides a run's results, plus how to execute it.
 
@@ -87,7 +150,8 @@ class Job(BaseModel):
     # Numbers are strict: true/false (or "8") is refused, not read as 1/0 (or 8), as a job
     # file, a request body and the OpenAPI schema all say they are numbers.
 
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[PromptEntry] = Field(min_length=1)
+    """Prompt texts, or mappings that give a prompt its own settings (:class:`PromptSpec`)."""
     model: str = "shapes"
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     budget: StrictInt | str = "8x"
@@ -152,19 +216,18 @@ class Job(BaseModel):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts_not_blank(cls, prompts: list[str]) -> list[str]:
+    def _prompts_not_blank(cls, prompts: list[str | PromptSpec]) -> list[str | PromptSpec]:
         for index, prompt in enumerate(prompts):
-            if not prompt.strip():
+            if isinstance(prompt, str) and not prompt.strip():
                 raise ValueError(f"prompt {index} is empty")
-        return prompts
+        # a mapping that sets nothing of its own is its text: one job, one identity
+        return [p.prompt if isinstance(p, PromptSpec) and not p.model_fields_set - {"prompt"}
+                else p for p in prompts]
 
     @field_validator("negative_prompt")
     @classmethod
     def _negative_prompt_not_blank(cls, negative_prompt: str | None) -> str | None:
-        if negative_prompt is not None and not negative_prompt.strip():
-            raise ValueError("is blank; leave it out for the model's default unconditional "
-                             "prompt")
-        return negative_prompt
+        return _check_negative_prompt(negative_prompt)
 
     @field_validator("sampler")
     @classmethod
@@ -207,6 +270,38 @@ class Job(BaseModel):
             raise ValueError("scheduler: only used with executor: dask")
         return self
 
+    @property
+    def prompt_texts(self) -> list[str]:
+        """Every prompt's text, in order."""
+        return [p if isinstance(p, str) else p.prompt for p in self.prompts]
+
+    def prompt_settings(self, index: int) -> PromptSettings:
+        """Prompt ``index``'s settings: its own, else the job's."""
+        entry = self.prompts[index]
+        own = entry if isinstance(entry, PromptSpec) else PromptSpec(prompt=entry)
+
+        def pick(name: str) -> Any:
+            value = getattr(own, name)
+            return getattr(self, name) if value is None else value
+
+        return PromptSettings(
+            text=own.prompt, negative_prompt=pick("negative_prompt"), seed=pick("seed"),
+            sampling=Sampling(num_steps=pick("num_steps"), guidance_scale=pick("guidance_scale"),
+                              width=pick("width"), height=pick("height")))
+
+    @property
+    def job_sampling(self) -> Sampling:
+        """The job's own sampling settings: what prompts without settings of their own use."""
+        return Sampling(num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                        width=self.width, height=self.height)
+
+    def samplings(self) -> list[Sampling]:
+        """The distinct sampling settings of the job's prompts, the job's own first."""
+        found = dict.fromkeys([self.job_sampling])
+        found.update(dict.fromkeys(self.prompt_settings(i).sampling
+                                   for i in range(len(self.prompts))))
+        return list(found)
+
     def budget_nfe(self, num_steps: int) -> int:
         """The per-prompt budget in NFEs for a model with ``num_steps`` steps."""
         if isinstance(self.budget, int):
@@ -225,6 +320,12 @@ EXECUTION_FIELDS = {
 }
 
 
+def _check_negative_prompt(negative_prompt: str | None) -> str | None:
+    if negative_prompt is not None and not negative_prompt.strip():
+        raise ValueError("is blank; leave it out for the model's default unconditional prompt")
+    return negative_prompt
+
+
 def verifier_label(spec: VerifierSpec) -> str:
     """The name a verifier's scores are stored under (``label`` option, else its name)."""
     if isinstance(spec, str):
@@ -232,41 +333,66 @@ def verifier_label(spec: VerifierSpec) -> str:
     return str(spec.get("label") or spec.get("name"))
 
 
-def load_prompts_file(path: Path) -> list[str]:
+def load_prompts_file(path: Path) -> list[str | dict[str, Any]]:
     """Prompts from a .txt (one per line, blank lines and # comments skipped) or .jsonl file
-    (one object per line with a "prompt" field)."""
+    (one object per line: ``prompt`` and optionally the :class:`PromptSpec` settings; a line
+    with only ``prompt`` is its text). A .jsonl line's settings are checked with the job."""
+    return [entry for _, entry in _numbered_prompts(path)]
+
+
+def prompt_texts_file(path: Path) -> list[str]:
+    """Only the texts of a prompts file (for tools that take no per-prompt settings)."""
+    return [p if isinstance(p, str) else str(p["prompt"]) for p in load_prompts_file(path)]
+
+
+def _numbered_prompts(path: Path) -> list[tuple[int, str | dict[str, Any]]]:
+    """The prompts of a prompts file with their line numbers."""
     if not path.is_file():
         raise JobError(f"{path}: prompts file not found")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
-        prompts = []
+        prompts: list[tuple[int, str | dict[str, Any]]] = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise JobError(f'{path}:{number}: expected a JSON object with a "prompt" field')\
-                    from None
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+                raise JobError(f'{path}:{number}: expected a JSON object with a "prompt" '
+                               f'string')
+            prompts.append((number, entry["prompt"] if entry.keys() == {"prompt"} else entry))
         return prompts
     if path.suffix == ".txt":
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return [(number, line.strip()) for number, line in enumerate(lines, 1)
+                if line.strip() and not line.startswith("#")]
     raise JobError(f"{path}: prompts file must be .txt or .jsonl")
 
 
 def job_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path,
                      names: dict[str, str] | None = None) -> Job:
     """Validate a job given as a mapping; ``prompts_file`` is resolved against ``base_dir``.
-    Errors read ``source: field: problem``, with fields renamed by ``names``."""
+    Errors read ``source: field: problem``, with fields renamed by ``names``; an error in a
+    prompts file's line reads ``file:line: field: problem``."""
     data = dict(data)
     prompts_file = data.pop("prompts_file", None)
+    numbered: list[tuple[int, str | dict[str, Any]]] = []
     if prompts_file is not None:
         if "prompts" in data:
             raise JobError(f"{source}: give either prompts or prompts_file, not both")
-        data["prompts"] = load_prompts_file(base_dir / str(prompts_file))
+        path = base_dir / str(prompts_file)
+        numbered = _numbered_prompts(path)
+        data["prompts"] = [entry for _, entry in numbered]
     try:
         return Job.model_validate(data)
     except ValidationError as error:
+        loc = error.errors()[0]["loc"]
+        if numbered and len(loc) > 1 and loc[0] == "prompts" and isinstance(loc[1], int):
+            field = describe_validation_error(error).split(": ", 1)
+            inner = field[0].split(".", 2)[2:]  # the field within the line, if any
+            where = f"{path}:{numbered[loc[1]][0]}"
+            raise JobError(f"{where}: {': '.join([*inner, field[1]])}") from None
         raise JobError(f"{source}: {describe_validation_error(error, names)}") from None
 
 
@@ -293,11 +419,15 @@ def describe_validation_error(error: ValidationError, names: dict[str, str] | No
     """pydantic's first error as ``field.path: message`` on one line. ``names`` renames
     top-level fields for the user (the CLI names its flags: ``num_steps`` -> ``--steps``)."""
     first = error.errors()[0]
-    parts = [str(part) for part in first["loc"]]
+    parts = [str(part) for part in first["loc"]
+             if part not in (_TEXT_TAG, _SETTINGS_TAG)]  # tags of a prompts entry
     if parts and names and parts[0] in names:
         parts[0] = names[parts[0]]
     location = ".".join(parts) or "job"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
+    elif first["type"] == "model_type" and _SETTINGS_TAG in first["loc"]:
+        message = ("must be a prompt's text or a mapping of prompt and its own settings "
+                   f"({', '.join(PromptSpec.model_fields)})")
     return f"{location}: {message}"

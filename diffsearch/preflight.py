@@ -45,6 +45,27 @@ def plan_job(job: Job) -> ModelPlan | None:
                       height=job.height, width=job.width, negative_prompt=job.negative_prompt)
 
 
+def prompt_steps(job: Job, plan: ModelPlan) -> list[int]:
+    """Each prompt's number of denoising steps, checking the sampling settings prompts set for
+    themselves (a size the family cannot take, say) from config files: the error names the
+    first prompt that set it, ``prompts.3: width: ...``."""
+    steps_of = {job.job_sampling: plan.num_steps}
+    steps = []
+    for index in range(len(job.prompts)):
+        sampling = job.prompt_settings(index).sampling
+        if sampling not in steps_of:
+            try:
+                steps_of[sampling] = plan_model(
+                    job.model, num_steps=sampling.num_steps,
+                    guidance_scale=sampling.guidance_scale, allow_download=job.allow_download,
+                    sampler=job.sampler, height=sampling.height, width=sampling.width,
+                    negative_prompt=job.negative_prompt).num_steps
+            except DiffsearchError as error:
+                raise JobError(f"prompts.{index}: {error}") from None
+        steps.append(steps_of[sampling])
+    return steps
+
+
 def check_model(job: Job) -> int | None:
     """The number of denoising steps the job will run (None: see :func:`plan_job`)."""
     plan = plan_job(job)
@@ -106,9 +127,10 @@ def check_verifiers(job: Job, strategy: Strategy | None = None) -> None:
             raise JobError(f"{field}: {error}") from None
 
 
-def check_strategies(job: Job, num_steps: int) -> Strategy:
+def check_strategies(job: Job, num_steps: int | list[int]) -> Strategy:
     """Build the job's strategies as the engine will, to refuse options that do not fit the
     model or the budget (``n`` past the budget, a schedule past the last step).
+    ``num_steps``: one number, or one per prompt (:func:`prompt_steps`).
 
     The NFEs a step costs are known only once the model is loaded; one per step is the least
     any adapter charges, so the budget here is the most generous one: whatever fails here
@@ -143,7 +165,7 @@ def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     check_attention(job)
     plan = plan_job(job)
     num_steps = None if plan is None else plan.num_steps
-    strategy = None if num_steps is None else check_strategies(job, num_steps)
+    strategy = None if plan is None else check_strategies(job, prompt_steps(job, plan))
     if plan is not None and strategy is not None:
         check_sampler(plan.sampler, strategy)
     check_verifiers(job, strategy)

@@ -7,7 +7,7 @@ exactly what an uninterrupted run reports.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,17 @@ class PromptResult:
 
     images: str = "best"
     """The job's ``images``: which image paths exist in the run folder."""
+    settings: dict[str, Any] | None = None
+    """What the prompt ran with (negative prompt, seed, steps, guidance, size)."""
 
     @classmethod
     def from_store(cls, store: RunStore, index: int, strategy: Strategy, nfe: int,
-                   images: str) -> PromptResult:
+                   images: str, settings: dict[str, Any] | None = None) -> PromptResult:
         candidates = store.finished_candidates(index) if store.has_prompt(index) else []
         winner = strategy.best()
         best = next((c for c in candidates if winner and c.candidate == winner.candidate), None)
         return cls(prompt_index=index, prompt=strategy.prompt, nfe=nfe, best=best,
-                   candidates=candidates, images=images)
+                   candidates=candidates, images=images, settings=settings)
 
     def _candidate_image(self, candidate: CandidateRecord) -> str | None:
         """A candidate's image in the run folder; only ``images: all`` writes them."""
@@ -59,6 +61,7 @@ class PromptResult:
         return {
             "index": self.prompt_index,
             "prompt": self.prompt,
+            "settings": self.settings,
             "nfe": self.nfe,
             "best": best,
             "candidates": [
@@ -105,7 +108,7 @@ class RunResult:
         return {
             "job": job.model_dump(mode="json"),
             "result_key": job.result_key(),
-            "model": asdict(self.model),
+            "model": self.model.to_json(),
             "executor": self.executor,
             "nfe": self.nfe,
             "rows": self.rows,

@@ -1,11 +1,14 @@
 """What a worker does: hold a loaded model and verifiers, run units of tasks, hand back results.
 
 The same code runs in-process (the local executor) and inside Dask workers, so both give the
-same bits. A :class:`WorkerRuntime` is built once per process and spec (models are loaded once
-and kept). A :class:`WorkBatch` carries only ids, seeds and where its source latents are; a
-:class:`UnitResult` carries the numbers, the new latents (for the driver, the store's only
-writer) and the few images the driver asked for as raw pixels. Nothing is encoded or written
-here, so the denoiser's process only computes.
+same bits. A :class:`WorkerRuntime` is built once per process and spec; the model and
+verifiers under it are loaded once per process whatever the spec's steps, sizes or verifier
+sets (:mod:`diffsearch.model_cache`), and each sampling setting of the job's prompts
+(:class:`~diffsearch.job.Sampling`) is an adapter over the one model. A :class:`WorkBatch`
+carries only ids, seeds and where its source latents are; a :class:`UnitResult` carries the
+numbers, the new latents (for the driver, the store's only writer) and the few images the
+driver asked for as raw pixels. Nothing is encoded or written here, so the denoiser's process
+only computes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from diffsearch import model_cache
 from diffsearch.clips import assemble_clips
-from diffsearch.job import Job, VerifierSpec, verifier_label
+from diffsearch.job import Job, Sampling, VerifierSpec, verifier_label
+from diffsearch.model_cache import ModelKey, verifier_key
 from diffsearch.perturb import apply_perturbations
 from diffsearch.pipelines.base import Conditioning, Denoiser
 from diffsearch.scoring import same_shape_groups, score_in_chunks
@@ -34,6 +39,9 @@ from diffsearch.verifiers.video import VideoVerifier
 T = TypeVar("T")
 
 _RUNTIMES: dict[RuntimeSpec, WorkerRuntime] = {}
+"""This process's runtimes. A loaded one is dropped when the model or a verifier it uses is
+evicted from :mod:`diffsearch.model_cache` (so the memory is freed), and is rebuilt cheaply
+over what is still loaded when asked again."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,21 @@ class RuntimeSpec:
     width: int | None = None
     height: int | None = None
     negative_prompt: str | None = None
+    samplings: tuple[Sampling, ...] = ()
+    """The job's prompts' own sampling settings besides the job's (:meth:`Job.samplings`)."""
+
+    @property
+    def job_sampling(self) -> Sampling:
+        return Sampling(num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                        width=self.width, height=self.height)
+
+    @property
+    def model_key(self) -> ModelKey:
+        """What decides the loaded weights (shared by every spec with the same key)."""
+        return ModelKey(model=self.model, device=self.device, dtype=self.dtype,
+                        compute_batch=self.compute_batch, allow_download=self.allow_download,
+                        compile=self.compile, attention=self.attention, offload=self.offload,
+                        vae_tiling=self.vae_tiling, vae_slicing=self.vae_slicing)
 
     @classmethod
     def from_job(cls, job: Job) -> RuntimeSpec:
@@ -71,8 +94,27 @@ class RuntimeSpec:
             allow_download=job.allow_download, compile=job.compile, attention=job.attention,
             offload=job.offload, vae_tiling=job.vae_tiling, vae_slicing=job.vae_slicing,
             sampler=job.sampler, width=job.width, height=job.height,
-            negative_prompt=job.negative_prompt,
+            negative_prompt=job.negative_prompt, samplings=tuple(job.samplings()[1:]),
         )
+
+
+@dataclass(frozen=True)
+class SamplingInfo:
+    """What one sampling setting makes of the model: its schedule length and latent shape, and
+    the guidance scale and size it resolved to (None where the adapter does not say)."""
+
+    num_steps: int
+    latent_shape: tuple[int, ...]
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @classmethod
+    def of(cls, denoiser: Denoiser) -> SamplingInfo:
+        return cls(num_steps=denoiser.num_steps, latent_shape=tuple(denoiser.latent_shape),
+                   guidance_scale=getattr(denoiser, "guidance_scale", None),
+                   width=getattr(denoiser, "width", None),
+                   height=getattr(denoiser, "height", None))
 
 
 @dataclass(frozen=True)
@@ -86,6 +128,20 @@ class ModelInfo:
     dtype: str
     compute_batch: int = Denoiser.compute_batch
     """Rows per forward pass: the engine packs work units in multiples of it."""
+    samplings: dict[Sampling, SamplingInfo] = field(default_factory=dict, compare=False)
+    """Each sampling setting the runtime serves, the job's included."""
+
+    def sampling(self, sampling: Sampling | None) -> SamplingInfo:
+        """What ``sampling`` resolved to (None or not served: the job's own setting)."""
+        if sampling is not None and sampling in self.samplings:
+            return self.samplings[sampling]
+        return SamplingInfo(num_steps=self.num_steps, latent_shape=self.latent_shape)
+
+    def to_json(self) -> dict[str, object]:
+        """The model as results.json reports it (each prompt reports its own settings)."""
+        return {"num_steps": self.num_steps, "latent_shape": list(self.latent_shape),
+                "nfe_per_step": self.nfe_per_step, "device": self.device, "dtype": self.dtype,
+                "compute_batch": self.compute_batch}
 
 
 class ImageWanted(str, Enum):
@@ -144,6 +200,11 @@ class WorkBatch:
     """Per task: its prompt's best reward when the unit was sent (for ``IF_BEST``)."""
     renders: tuple[Render, ...] = ()
     """Decode-only work; a batch has either tasks or renders."""
+    sampling: Sampling | None = None
+    """The sampling setting every task (or render) of the unit runs with (None: the job's);
+    prompts of other settings go in other units."""
+    negative_prompts: tuple[str | None, ...] = ()
+    """Per task: its prompt's negative prompt. Empty: the job's for every task."""
 
 
 @dataclass(frozen=True)
@@ -177,9 +238,10 @@ class _Timer:
 
 def get_runtime(spec: RuntimeSpec) -> WorkerRuntime:
     """This process's runtime for ``spec``, loading the model and verifiers on first use."""
-    if spec not in _RUNTIMES:
-        _RUNTIMES[spec] = WorkerRuntime.load(spec)
-    return _RUNTIMES[spec]
+    runtime = _RUNTIMES.get(spec)
+    if runtime is None:
+        runtime = _RUNTIMES[spec] = WorkerRuntime.load(spec)
+    return runtime
 
 
 def register_runtime(runtime: WorkerRuntime) -> None:
@@ -192,39 +254,94 @@ def register_runtime(runtime: WorkerRuntime) -> None:
     hold_in_process(runtime.spec.model)
 
 
+def _drop_runtimes_of_model(key: object) -> None:
+    for spec in [s for s, r in _RUNTIMES.items() if r.model_key == key]:
+        _RUNTIMES.pop(spec, None)
+
+
+def _drop_runtimes_of_verifier(key: object) -> None:
+    for spec in [s for s, r in _RUNTIMES.items() if key in r.verifier_keys]:
+        _RUNTIMES.pop(spec, None)
+
+
+model_cache.MODELS.on_evict.append(_drop_runtimes_of_model)
+model_cache.VERIFIERS.on_evict.append(_drop_runtimes_of_verifier)
+
+
 class WorkerRuntime:
-    """A loaded model and verifiers. Build with :meth:`load`; tests may assemble one from
-    components (a fake denoiser) and :func:`register_runtime` it for the in-process executor."""
+    """A model's adapters and the verifiers of one spec. Build with :meth:`load`; tests may
+    assemble one from components (a fake denoiser) and :func:`register_runtime` it for the
+    in-process executor."""
 
     def __init__(self, spec: RuntimeSpec, denoiser: Denoiser,
-                 create_verifier: Callable[..., Verifier]) -> None:
+                 create_verifier: Callable[..., Verifier],
+                 adapt: Callable[[Sampling], Denoiser] | None = None) -> None:
+        """``denoiser`` runs the job's sampling setting; ``adapt`` builds one for each of the
+        spec's other settings (None: the spec must have none)."""
         self.spec = spec
         self.denoiser = denoiser
+        """The job's sampling setting's adapter."""
+        self._denoisers: dict[Sampling, Denoiser] = {spec.job_sampling: denoiser}
+        for sampling in spec.samplings:
+            if adapt is None:
+                raise ValueError(f"{spec.model}: this runtime serves only the job's own "
+                                 f"sampling settings, not {sampling}")
+            self._denoisers[sampling] = adapt(sampling)
         self._create_verifier = create_verifier
         self._default_device = str(denoiser.device)
+        self.model_key: ModelKey | None = None
+        """The cached model it adapts (None: assembled from components)."""
+        self.verifier_keys: set[tuple[str, str]] = set()
+        """The cached verifiers it holds."""
         self.verifiers: dict[str, Verifier] = {}
         self._guiding_label = self._add_verifier(json.loads(spec.verifier))
         self._eval_labels = [self._add_verifier(json.loads(v)) for v in spec.eval_verifiers]
-        self._conditionings: dict[str, Conditioning] = {}
         self._usage_seen: dict[str, dict[str, int]] = {}
         """Each verifier's usage() counters when the last work unit ended."""
 
     @classmethod
     def load(cls, spec: RuntimeSpec) -> WorkerRuntime:
-        """Load the model and verifiers named by ``spec`` (pins the CPU thread count first)."""
-        from diffsearch.pipelines.loading import load_denoiser
+        """The runtime of ``spec`` over this process's loaded model and verifiers, loading
+        what is not loaded yet (pins the CPU thread count first)."""
+        from diffsearch.pipelines.loading import load_model
         from diffsearch.verifiers.registry import create_verifier
 
         torch.set_num_threads(spec.threads)
-        denoiser = load_denoiser(
-            spec.model, num_steps=spec.num_steps, guidance_scale=spec.guidance_scale,
-            device=spec.device, dtype=spec.dtype, compute_batch=spec.compute_batch,
+        key = spec.model_key
+        for sampling in (spec.job_sampling, *spec.samplings):  # refused before any load
+            _plan(spec, sampling)
+        loaded = model_cache.MODELS.get(key, lambda: load_model(
+            spec.model, device=spec.device, dtype=spec.dtype, compute_batch=spec.compute_batch,
             allow_download=spec.allow_download, compile=spec.compile, attention=spec.attention,
-            offload=spec.offload, vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing,
-            sampler=spec.sampler, width=spec.width, height=spec.height,
-            negative_prompt=spec.negative_prompt,
-        )
-        return cls(spec, denoiser, create_verifier)
+            offload=spec.offload, vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing))
+        keys: set[tuple[str, str]] = set()
+
+        def cached_verifier(options: str | dict, *, device: str) -> Verifier:
+            cache_key = verifier_key(options, device)
+            keys.add(cache_key)
+            return model_cache.VERIFIERS.get(
+                cache_key, lambda: create_verifier(options, device=device))
+
+        def adapt(sampling: Sampling) -> Denoiser:
+            return loaded.adapter(num_steps=sampling.num_steps,
+                                  guidance_scale=sampling.guidance_scale, sampler=spec.sampler,
+                                  height=sampling.height, width=sampling.width,
+                                  negative_prompt=spec.negative_prompt)
+
+        runtime = cls(spec, adapt(spec.job_sampling), cached_verifier, adapt)
+        runtime.model_key = key
+        runtime.verifier_keys = keys
+        return runtime
+
+    def denoiser_for(self, sampling: Sampling | None) -> Denoiser:
+        """The adapter of ``sampling`` (None: the job's)."""
+        if sampling is None:
+            return self.denoiser
+        try:
+            return self._denoisers[sampling]
+        except KeyError:
+            raise ValueError(f"this runtime was not built for sampling settings {sampling}; "
+                             f"its spec names them in RuntimeSpec.samplings") from None
 
     def _add_verifier(self, spec: VerifierSpec) -> str:
         """Build a verifier once per label; a dict spec may place it on its own ``device``."""
@@ -242,12 +359,8 @@ class WorkerRuntime:
         d = self.denoiser
         return ModelInfo(num_steps=d.num_steps, latent_shape=tuple(d.latent_shape),
                          nfe_per_step=d.nfe_per_step, device=str(d.device), dtype=str(d.dtype),
-                         compute_batch=d.compute_batch)
-
-    def conditioning(self, prompt: str) -> Conditioning:
-        if prompt not in self._conditionings:
-            self._conditionings[prompt] = self.denoiser.encode(prompt)
-        return self._conditionings[prompt]
+                         compute_batch=d.compute_batch,
+                         samplings={s: SamplingInfo.of(a) for s, a in self._denoisers.items()})
 
     # ---- one work unit --------------------------------------------------------------------
     def run(self, batch: WorkBatch) -> UnitResult:
@@ -262,10 +375,13 @@ class WorkerRuntime:
         timer = _Timer()
         if batch.renders:
             return ComputedUnit(batch, None, timer)
-        latents = timer.time("load", self._start_latents, batch)
-        conds = [self.conditioning(t.prompt) for t in batch.tasks]
-        return ComputedUnit(batch, timer.time("denoise", self._denoise, batch.tasks, latents,
-                                              conds), timer)
+        denoiser = self.denoiser_for(batch.sampling)
+        latents = timer.time("load", self._start_latents, denoiser, batch)
+        negatives = batch.negative_prompts or (self.spec.negative_prompt,) * len(batch.tasks)
+        conds = [denoiser.encode(t.prompt, negative)
+                 for t, negative in zip(batch.tasks, negatives)]
+        return ComputedUnit(batch, timer.time("denoise", self._denoise, denoiser, batch.tasks,
+                                              latents, conds), timer)
 
     def finish(self, unit: ComputedUnit) -> UnitResult:
         """The rest of a unit: decoding what is scored, scoring, and the pixels the driver
@@ -274,7 +390,8 @@ class WorkerRuntime:
         if run is None:
             return self._render(batch)
         tasks = batch.tasks
-        scored = timer.time("decode", self._to_score, batch, run)
+        denoiser = self.denoiser_for(batch.sampling)
+        scored = timer.time("decode", self._to_score, denoiser, batch, run)
         scores, calls = timer.time("score", self._score_rows, scored, run.errors)
         images = self._images_wanted(batch, scored, scores, run.errors)
         share = {stage: seconds / len(tasks) for stage, seconds in timer.stages.items()}
@@ -287,21 +404,22 @@ class WorkerRuntime:
             outcomes.append(Outcome(
                 prompt_index=task.prompt_index, candidate=task.candidate, step=task.end,
                 reward=reward, scores=scores[i],
-                nfe=task.denoise_nfe(self.denoiser.num_steps, self.denoiser.nfe_per_step),
+                nfe=task.denoise_nfe(denoiser.num_steps, denoiser.nfe_per_step),
                 rows=row_shares[i], verifier_calls=calls[i], error=run.errors[i],
                 timings=share, usage=spent if i == 0 else {}))
         return UnitResult(outcomes=tuple(outcomes), states=_numpy(run.states),
                           finals=None if run.finals is None else _numpy(run.finals),
                           images=images)
 
-    def _start_latents(self, batch: WorkBatch) -> torch.Tensor:
+    @staticmethod
+    def _start_latents(denoiser: Denoiser, batch: WorkBatch) -> torch.Tensor:
         """Each task's starting latent: its seed's noise, or its source (then perturbed)."""
         tasks = batch.tasks
         sources = batch.sources or (None,) * len(tasks)
         rows: list[torch.Tensor] = [None] * len(tasks)  # type: ignore[list-item]
         from_noise = [i for i, ref in enumerate(sources) if ref is None]
         if from_noise:
-            noise = self.denoiser.initial_noise([tasks[i].seed for i in from_noise])
+            noise = denoiser.initial_noise([tasks[i].seed for i in from_noise])
             for row, i in enumerate(from_noise):
                 rows[i] = noise[row]
         from_store = [i for i, ref in enumerate(sources) if ref is not None]
@@ -316,29 +434,31 @@ class WorkerRuntime:
                 latents[perturbed],
                 [tasks[i].perturbation for i in perturbed],  # type: ignore[misc]
                 [task_generator(tasks[i].seed, "perturb") for i in perturbed],
-                self.denoiser,
+                denoiser,
                 [0 if sources[i] is None else sources[i].step for i in perturbed],  # type: ignore[union-attr]
             )
         return latents
 
-    def _denoise(self, tasks: Sequence[Task], latents: torch.Tensor,
+    @staticmethod
+    def _denoise(denoiser: Denoiser, tasks: Sequence[Task], latents: torch.Tensor,
                  conds: list[Conditioning]) -> _Denoised:
         """The unit's steps; tasks scored on their final image are rolled out to the end."""
-        first, last = tasks[0], self.denoiser.num_steps
-        noisy = first.eta > 0 or not self.denoiser.deterministic  # e.g. euler-ancestral
+        first, last = tasks[0], denoiser.num_steps
+        noisy = first.eta > 0 or not denoiser.deterministic  # e.g. euler-ancestral
         generators = [task_generator(t.seed, "steps") for t in tasks] if noisy else None
-        result = self.denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
+        result = denoiser.denoise(latents, conds, first.start, first.end, eta=first.eta,
                                        generators=generators)
         run = _Denoised(states=result.latents, x0=result.x0, rows=result.rows,
                         errors=[_non_finite(row, first.end) for row in result.latents])
         if first.score_on is ScoreOn.FINAL and first.end < last:
-            rollout = self.denoiser.denoise(result.latents, conds, first.end, last,
+            rollout = denoiser.denoise(result.latents, conds, first.end, last,
                                             eta=first.eta, generators=generators)
             run.finals, run.rows = rollout.latents, run.rows + rollout.rows
             run.errors = [e or _non_finite(row, last) for e, row in zip(run.errors, run.finals)]
         return run
 
-    def _to_score(self, batch: WorkBatch, run: _Denoised) -> _ToScore | None:
+    def _to_score(self, denoiser: Denoiser, batch: WorkBatch, run: _Denoised
+                  ) -> _ToScore | None:
         """Decode what the unit's verifiers judge: x0 estimates, final images, or clips."""
         first = batch.tasks[0]
         if first.score_on is ScoreOn.NONE:
@@ -349,15 +469,15 @@ class WorkerRuntime:
                 raise VerifierError(f"tasks scored on clips need a video verifier (e.g. "
                                     f"shapes-video) as the job's verifier; {guide!r} scores "
                                     f"images")
-            clips = assemble_clips(self.denoiser, batch, run.states)
+            clips = assemble_clips(denoiser, batch, run.states)
             prompts = [plan.prompt for plan in batch.clips]  # type: ignore[union-attr]
             return _ToScore(clips, prompts, [guide, *self._eval_labels_for(video=True)],
                             clips)
         if first.score_on is ScoreOn.X0:
-            images = self.denoiser.decode(run.x0)
+            images = denoiser.decode(run.x0)
             return _ToScore(images, [t.prompt for t in batch.tasks],
                             [self._task_verifier(first)], None)
-        images = self.denoiser.decode(run.final_latents)
+        images = denoiser.decode(run.final_latents)
         whole_clips = images.ndim == 5  # a whole-clip video model (pipelines/video.py)
         labels = [self._task_verifier(first), *self._eval_labels_for(video=whole_clips)]
         return _ToScore(images, [t.prompt for t in batch.tasks], labels, images)
@@ -416,9 +536,10 @@ class WorkerRuntime:
     def _render(self, batch: WorkBatch) -> UnitResult:
         """Decode finished candidates again, for their images."""
         images = {}
+        denoiser = self.denoiser_for(batch.sampling)
         for render in batch.renders:
             latents = read_latent_rows(batch.store_path, render.frames)
-            decoded = self.denoiser.decode(latents)
+            decoded = denoiser.decode(latents)
             shown = decoded[0] if decoded.ndim == 5 or len(render.frames) == 1 else decoded
             images[(render.prompt_index, render.candidate)] = pixels(shown)
         return UnitResult(outcomes=(), images=images)
@@ -507,6 +628,17 @@ def _non_finite(latent: torch.Tensor, step: int) -> str | None:
     if torch.isfinite(latent).all():
         return None
     return f"non-finite values (NaN/inf) in the latent at step {step}"
+
+
+def _plan(spec: RuntimeSpec, sampling: Sampling) -> None:
+    """Check ``sampling`` against the model's family from its config files (a size it cannot
+    take, say), naming the field, before anything loads."""
+    from diffsearch.pipelines.sources import plan_model
+
+    plan_model(spec.model, num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
+               allow_download=spec.allow_download, sampler=spec.sampler,
+               height=sampling.height, width=sampling.width,
+               negative_prompt=spec.negative_prompt)
 
 
 def _canonical(spec: VerifierSpec) -> str:

@@ -2,12 +2,15 @@
 
 Layout::
 
-    store.zarr/               attrs: format, job, result_key, latent_shape, num_steps, prompts
+    store.zarr/               attrs: format, job, result_key, latent_shape, num_steps, prompts,
+                              prompt_layouts
       writer.lock             flock'ed by the one process writing the store
       state  (R, *latent)     float32, each row's state at its task's ``end``
       final  (R, *latent)     float32, the rolled-out clean latent of rows whose task ended
                               before the last step; other rows' final IS their state and is
                               not stored again (their inner chunks stay unwritten)
+      state_CxHxW, final_CxHxW  the same for prompts whose own size gives another latent shape
+                              (``prompt_layouts``); a row is in the arrays of its prompt's shape
       columns/                attrs: the code tables verifier_names, error_messages,
                               score_labels
         done, prompt, candidate, step, start, parent, source, seed, nfe, rows,
@@ -120,6 +123,21 @@ class LatentRef:
     step: int
     final: bool = False
     """Read the ``final`` array (the rolled-out clean latent) instead of ``state``."""
+    shape: str = ""
+    """The arrays' suffix for a prompt of another latent shape than the run's (``4x12x8``:
+    ``state_4x12x8``); empty for the run's own."""
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """A prompt's schedule length and latent shape, where they are not the run's."""
+
+    num_steps: int
+    latent_shape: tuple[int, ...]
+
+
+def shape_suffix(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape)
 
 
 @dataclass(frozen=True)
@@ -234,6 +252,8 @@ class _Pending:
     states: np.ndarray
     finals: np.ndarray | None
     """NaN where a row has no final of its own; None when no row has one."""
+    shape: str = ""
+    """Which arrays they go to (:attr:`LatentRef.shape`)."""
 
 
 @dataclass
@@ -244,8 +264,9 @@ class _Write:
     first: int
     stop: int
     chunk_start: int
-    states: np.ndarray
-    finals: np.ndarray | None
+    states: dict[str, np.ndarray]
+    """By array suffix: rows ``first:stop``, NaN for rows of other shapes."""
+    finals: dict[str, np.ndarray]
     columns: dict[str, np.ndarray]
     scores: list[np.ndarray]
     codes: dict[str, list[str]] | None
@@ -264,6 +285,10 @@ class RunStore:
         self._table = table
         self._codes = codes
         self._lock = lock
+        self._layouts = {int(index): PromptLayout(int(value["num_steps"]),
+                                                  tuple(value["latent_shape"]))
+                         for index, value in attrs.get("prompt_layouts", {}).items()}
+        """The prompts whose steps or latent shape are their own."""
         self._rows_of: dict[int, dict[int, int]] = {}
         """prompt -> candidate -> row, for finished candidates (recorded ones included)."""
         done = table.column("done")
@@ -289,6 +314,7 @@ class RunStore:
     def create(
         cls, path: Path, *, job: dict[str, Any], result_key: str,
         latent_shape: Sequence[int], num_steps: int, prompts: Sequence[str],
+        prompt_layouts: dict[int, PromptLayout] | None = None,
     ) -> RunStore:
         """A new store at ``path``, opened for writing. It is built in a folder beside
         ``path`` and renamed into place, so a kill during creation leaves no half store."""
@@ -302,11 +328,16 @@ class RunStore:
         except OSError as error:
             raise StoreError(f"cannot create the store at {path}: "
                              f"{error.strerror or error}") from None
+        layouts = {str(index): {"num_steps": layout.num_steps,
+                                "latent_shape": list(layout.latent_shape)}
+                   for index, layout in (prompt_layouts or {}).items()
+                   if (layout.num_steps, tuple(layout.latent_shape))
+                   != (num_steps, tuple(latent_shape))}
         try:
             _lay_out(building, {
                 "format": FORMAT_VERSION, "job": job, "result_key": result_key,
                 "latent_shape": list(latent_shape), "num_steps": num_steps,
-                "prompts": list(prompts),
+                "prompts": list(prompts), "prompt_layouts": layouts,
             })
             os.rename(building, path)
         except BaseException as error:
@@ -354,7 +385,7 @@ class RunStore:
             tables = root["columns"].attrs.asdict()
             codes = {name: _Codes(tables[name]) for name in _CODE_TABLES}
             disk = _Arrays(
-                root=root, latents={name: root[name] for name in ("state", "final")},
+                root=root, latents={name: root[name] for name in _latent_arrays(attrs)},
                 columns={name: done_array if name == "done" else root[f"columns/{name}"]
                          for name in _COLUMNS},
                 scores=[root[f"scores/{i}"] for i in range(len(codes["score_labels"].values))])
@@ -410,6 +441,20 @@ class RunStore:
     def num_steps(self) -> int:
         return int(self._attrs["num_steps"])
 
+    def num_steps_of(self, prompt_index: int) -> int:
+        """The prompt's schedule length (its own ``num_steps``, else the run's)."""
+        layout = self._layouts.get(prompt_index)
+        return self.num_steps if layout is None else layout.num_steps
+
+    def latent_shape_of(self, prompt_index: int) -> tuple[int, ...]:
+        """The prompt's latent shape (from its own size, else the run's)."""
+        layout = self._layouts.get(prompt_index)
+        return self.latent_shape if layout is None else layout.latent_shape
+
+    def _suffix_of(self, prompt_index: int) -> str:
+        shape = self.latent_shape_of(prompt_index)
+        return "" if shape == self.latent_shape else shape_suffix(shape)
+
     def prompt_text(self, prompt_index: int) -> str:
         self._check_prompt(prompt_index)
         return str(self._attrs["prompts"][prompt_index])
@@ -445,8 +490,14 @@ class RunStore:
             return
         if len(outcomes) != count:
             raise ValueError(f"record got {count} tasks but {len(outcomes)} outcomes")
-        block = self._latent_block(states, count, "states")
-        own_final = [self._has_own_final(t.score_on, t.end) for t in tasks]
+        shapes = {self.latent_shape_of(t.prompt_index) for t in tasks}
+        if len(shapes) > 1:
+            raise ValueError(f"record got tasks of latent shapes {sorted(shapes)}: a work "
+                             f"unit holds prompts of one shape")
+        shape = shapes.pop()
+        block = self._latent_block(states, count, "states", shape)
+        own_final = [self._has_own_final(t.score_on, t.end, self.num_steps_of(t.prompt_index))
+                     for t in tasks]
         final_block = None
         if any(own_final):
             if finals is None:
@@ -454,7 +505,7 @@ class RunStore:
                 raise ValueError(f"candidate {task.candidate} of prompt {task.prompt_index} "
                                  f"ends at step {task.end} and is scored on its final image, "
                                  f"but record got no finals")
-            given = self._latent_block(finals, count, "finals")
+            given = self._latent_block(finals, count, "finals", shape)
             final_block = np.full_like(block, math.nan)
             final_block[own_final] = given[own_final]
         self._check_new(tasks, outcomes)
@@ -463,16 +514,19 @@ class RunStore:
             first = self._table.append(*self._row_values(tasks, outcomes))
             for offset, task in enumerate(tasks):
                 self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
-            self._pending.append(_Pending(block, final_block))
+            self._pending.append(_Pending(block, final_block,
+                                          self._suffix_of(tasks[0].prompt_index)))
             self._changed.notify_all()
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                             name=f"store-writer {self.path.name}")
             self._writer.start()
 
-    def _latent_block(self, values: np.ndarray, count: int, name: str) -> np.ndarray:
+    @staticmethod
+    def _latent_block(values: np.ndarray, count: int, name: str, shape: tuple[int, ...]
+                      ) -> np.ndarray:
         block = np.array(values, dtype=np.float32)  # a copy: the caller may reuse its buffer
-        expected = (count, *self.latent_shape)
+        expected = (count, *shape)
         if block.shape != expected:
             raise ValueError(f"record: {name} has shape {block.shape}, expected {expected}")
         return block
@@ -586,12 +640,19 @@ class RunStore:
                    for name, (_, fill) in _COLUMNS.items()}
         scores = [self._table.padded(self._table.score(i), math.nan, lo, hi)
                   for i in range(self._table.score_count)]
-        states = np.concatenate([p.states for p in self._pending])
-        finals = None
-        if any(p.finals is not None for p in self._pending):
-            finals = np.concatenate([p.finals if p.finals is not None
-                                     else np.full_like(p.states, math.nan)
-                                     for p in self._pending])
+        states: dict[str, np.ndarray] = {}
+        finals: dict[str, np.ndarray] = {}
+        offset = 0
+        for pending in self._pending:
+            rows = slice(offset, offset + len(pending.states))
+            for slabs, values in ((states, pending.states), (finals, pending.finals)):
+                if values is None:
+                    continue
+                if pending.shape not in slabs:
+                    slabs[pending.shape] = np.full((stop - first, *values.shape[1:]), math.nan,
+                                                   dtype=np.float32)
+                slabs[pending.shape][rows] = values
+            offset = rows.stop
         codes = None
         if any(table.grown for table in self._codes.values()):
             codes = {name: list(table.values) for name, table in self._codes.items()}
@@ -605,9 +666,9 @@ class RunStore:
         """Latents first, then the columns and code tables, ``done`` last, so a kill at any
         point leaves the rows either finished or ignored."""
         self._grow_on_disk(write.stop, len(write.scores))
-        self._disk.latents["state"][write.first:write.stop] = write.states
-        if write.finals is not None:
-            self._disk.latents["final"][write.first:write.stop] = write.finals
+        for kind, slabs in (("state", write.states), ("final", write.finals)):
+            for suffix, slab in slabs.items():
+                self._disk.latents[_array_name(kind, suffix)][write.first:write.stop] = slab
         for name, values in write.columns.items():
             if name != "done":
                 self._write_chunks(self._disk.columns[name], values, write.chunk_start)
@@ -622,7 +683,7 @@ class RunStore:
         latent_rows = -(-rows // SHARD_ROWS) * SHARD_ROWS
         for array in self._disk.latents.values():
             if array.shape[0] < latent_rows:
-                array.resize((latent_rows, *self.latent_shape))
+                array.resize((latent_rows, *array.shape[1:]))
         column_rows = -(-rows // COLUMN_CHUNK) * COLUMN_CHUNK
         scores = [self._score_array(i) for i in range(score_count)]
         for array in [*self._disk.columns.values(), *scores]:
@@ -736,10 +797,11 @@ class RunStore:
         if row >= self._written:
             self._wait_written(row + 1)
         step = int(self._table.column("step")[row])
-        if not final or step == self.num_steps:
-            return LatentRef(row=row, step=step)
-        if self._has_own_final(int(self._table.column("score_on")[row]), step):
-            return LatentRef(row=row, step=self.num_steps, final=True)
+        num_steps, shape = self.num_steps_of(prompt_index), self._suffix_of(prompt_index)
+        if not final or step == num_steps:
+            return LatentRef(row=row, step=step, shape=shape)
+        if self._has_own_final(int(self._table.column("score_on")[row]), step, num_steps):
+            return LatentRef(row=row, step=num_steps, final=True, shape=shape)
         raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} has no "
                          f"final latent (its task stopped at step {step} and was not rolled "
                          f"out)")
@@ -750,11 +812,13 @@ class RunStore:
         refs = [self.latent_ref(prompt_index, c, final=final) for c in candidates]
         return read_latent_rows(self.path, refs)
 
-    def _has_own_final(self, score_on: ScoreOn | int, end: int) -> bool:
+    @staticmethod
+    def _has_own_final(score_on: ScoreOn | int, end: int, num_steps: int) -> bool:
         """Whether a task's final latent differs from its state: scored on the final image
-        and stopped before the last step, so the worker rolled it out."""
+        and stopped before the last step (of its prompt's ``num_steps``), so the worker rolled
+        it out."""
         code = score_on if isinstance(score_on, int) else _SCORE_CODES[score_on]
-        return code == _FINAL and end < self.num_steps
+        return code == _FINAL and end < num_steps
 
 
 class _LatentArrays:
@@ -779,13 +843,19 @@ class _LatentArrays:
         return cached[1]
 
     def read(self, refs: Sequence[LatentRef]) -> torch.Tensor:
-        state = self.array("state")
+        suffixes = {ref.shape for ref in refs}
+        if len(suffixes) > 1:
+            raise ValueError(f"refs of several latent shapes ({sorted(suffixes)}) cannot be "
+                             f"read as one tensor")
+        suffix = suffixes.pop() if suffixes else ""
+        state = self.array(_array_name("state", suffix))
         out = np.empty((len(refs), *state.shape[1:]), dtype=np.float32)
-        for name in ("state", "final"):
-            positions = [i for i, ref in enumerate(refs) if ref.final == (name == "final")]
+        for kind in ("state", "final"):
+            positions = [i for i, ref in enumerate(refs) if ref.final == (kind == "final")]
             if not positions:
                 continue
-            array = state if name == "state" else self.array(name)
+            name = _array_name(kind, suffix)
+            array = state if kind == "state" else self.array(name)
             rows = np.array([refs[i].row for i in positions])
             if rows.min() < 0 or rows.max() >= array.shape[0]:
                 raise IndexError(f"{self.path}: row {int(rows.max())} of {name} is not "
@@ -815,8 +885,7 @@ def read_latent_rows(store_path: str | Path, refs: Sequence[LatentRef]) -> torch
 def _lay_out(path: Path, attrs: dict[str, Any]) -> None:
     """Create the empty arrays of a new store at ``path``."""
     root = zarr.open_group(store=str(path), mode="a")  # holds only the lock file yet
-    latent_shape = tuple(attrs["latent_shape"])
-    for name in ("state", "final"):
+    for name, latent_shape in _latent_arrays(attrs).items():
         root.create_array(
             name, shape=(0, *latent_shape), chunks=(1, *latent_shape),
             shards=(SHARD_ROWS, *latent_shape), dtype="float32", fill_value=math.nan,
@@ -828,6 +897,20 @@ def _lay_out(path: Path, attrs: dict[str, Any]) -> None:
     columns.attrs.update({name: [] for name in _CODE_TABLES})
     root.create_group("scores")
     root.attrs.update(attrs)
+
+
+def _array_name(kind: str, suffix: str) -> str:
+    """``state`` / ``final``, or ``state_4x12x8`` for a prompt of another latent shape."""
+    return f"{kind}_{suffix}" if suffix else kind
+
+
+def _latent_arrays(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every latent array of a store with these attributes, by name, with its row shape."""
+    main = tuple(attrs["latent_shape"])
+    shapes = dict.fromkeys([main, *(tuple(layout["latent_shape"]) for layout
+                                    in attrs.get("prompt_layouts", {}).values())])
+    return {_array_name(kind, "" if shape == main else shape_suffix(shape)): shape
+            for shape in shapes for kind in ("state", "final")}
 
 
 def _root_attrs(path: Path) -> dict[str, Any]:

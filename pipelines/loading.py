@@ -1,7 +1,8 @@
 """``load_denoiser``: a model name to a ready adapter (bundled, local folder, or Hugging Face id).
 
-Loading is pure: every call reads the model again. The worker runtime keeps what it loaded, so a
-cache here would only hold a second copy of the weights. Finding the model's files and reading
+Loading is pure: every call reads the model again. The worker runtime keeps what it loaded
+(:mod:`diffsearch.model_cache`), one :class:`LoadedModel` per model and device, with an adapter
+per sampling setting over it. Finding the model's files and reading
 its config (no weights, no torch) is :mod:`diffsearch.pipelines.sources`.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import torch
@@ -57,25 +59,86 @@ def load_denoiser(
     width: int | None = None,
     negative_prompt: str | None = None,
 ) -> Denoiser:
-    """Load ``model`` ("shapes", a pipeline folder, or a Hugging Face id) as a Denoiser.
+    """Load ``model`` ("shapes", a pipeline folder, or a Hugging Face id) as a Denoiser:
+    :func:`load_model` and then :meth:`LoadedModel.adapter` (see both for the options)."""
+    plan_model(model, num_steps=num_steps, guidance_scale=guidance_scale,
+               allow_download=allow_download, sampler=sampler, height=height, width=width,
+               negative_prompt=negative_prompt)  # the settings are refused before any weights load
+    loaded = load_model(model, device=device, dtype=dtype, compute_batch=compute_batch,
+                        allow_download=allow_download, compile=compile, attention=attention,
+                        offload=offload, vae_tiling=vae_tiling, vae_slicing=vae_slicing)
+    return loaded.adapter(num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
+                          height=height, width=width, negative_prompt=negative_prompt)
 
-    Unset sampling options come from the model's ``diffsearch_defaults.json`` if it has one,
-    else from the family's diffusers defaults. ``sampler`` is a name of
-    :data:`~diffsearch.pipelines.samplers.SAMPLERS` (None: the model's own scheduler);
-    ``height`` / ``width`` set the image size (the latent shape follows); ``negative_prompt``
-    is the unconditional prompt of classifier-free guidance; all three are checked against the
-    model's family before any weights are read. ``device`` None means CUDA when available;
-    ``dtype`` None means float16 (SD, SDXL) or bfloat16 (SD3, FLUX) on CUDA, float32 on CPU.
 
-    For large models and fast GPUs: ``compile`` runs ``torch.compile`` on the denoiser network
-    (its first forward pass compiles); ``attention`` picks the kernels (:data:`Attention`);
-    ``offload`` keeps weights in CPU memory (:data:`Offload`); ``vae_tiling`` decodes images in
-    overlapping tiles and ``vae_slicing`` one image at a time, to bound the VAE's memory.
-    Options a device cannot run are refused before any weights are read.
+@dataclass
+class LoadedModel:
+    """One loaded pipeline. Every sampling setting (steps, guidance, sampler, size, negative
+    prompt) is an adapter over it (:meth:`adapter`), and adapters are cheap: they share the
+    pipeline's weights, so a process serving many settings holds one copy of the model."""
+
+    name: str
+    pipe: Any
+    family: Family
+    compute_batch: int | None
+    allow_download: bool
+    adapter_options: dict[str, Any]
+    """The model's ``diffsearch_defaults.json`` entries the family's adapter takes."""
+
+    def adapter(self, *, num_steps: int | None = None, guidance_scale: float | None = None,
+                sampler: str | None = None, height: int | None = None,
+                width: int | None = None, negative_prompt: str | None = None) -> Denoiser:
+        """A Denoiser with these sampling settings over the loaded weights.
+
+        Unset options come from the model's ``diffsearch_defaults.json`` if it has one, else from
+        the family's diffusers defaults. ``sampler`` is a name of
+        :data:`~diffsearch.pipelines.samplers.SAMPLERS` (None: the model's own scheduler);
+        ``height`` / ``width`` set the image size (the latent shape follows); ``negative_prompt``
+        is the unconditional prompt of classifier-free guidance. All are checked against the
+        model's family from its config files first, each error naming its field.
+        """
+        plan = plan_model(self.name, num_steps=num_steps, guidance_scale=guidance_scale,
+                          allow_download=self.allow_download, sampler=sampler, height=height,
+                          width=width, negative_prompt=negative_prompt)
+        module, _, cls = self.family.adapter.partition(":")
+        adapter = getattr(importlib.import_module(module), cls)
+        return adapter(
+            self.pipe,
+            num_steps=plan.num_steps,
+            guidance_scale=plan.guidance_scale,
+            compute_batch=self.compute_batch,
+            height=plan.height,
+            width=plan.width,
+            sampler=sampler,  # None: the adapter keeps the model's own scheduler, saying so
+            negative_prompt=plan.negative_prompt,
+            **self.adapter_options,
+        )
+
+
+def load_model(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    compute_batch: int | None = None,
+    allow_download: bool = False,
+    compile: bool = False,
+    attention: Attention = "auto",
+    offload: Offload = "none",
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
+) -> LoadedModel:
+    """Load ``model``'s weights once, for adapters of any sampling settings.
+
+    ``device`` None means CUDA when available; ``dtype`` None means float16 (SD, SDXL) or
+    bfloat16 (SD3, FLUX) on CUDA, float32 on CPU. For large models and fast GPUs: ``compile``
+    runs ``torch.compile`` on the denoiser network (its first forward pass compiles);
+    ``attention`` picks the kernels (:data:`Attention`); ``offload`` keeps weights in CPU memory
+    (:data:`Offload`); ``vae_tiling`` decodes images in overlapping tiles and ``vae_slicing``
+    one image at a time, to bound the VAE's memory. Options a device cannot run are refused
+    before any weights are read.
     """
-    plan = plan_model(model, num_steps=num_steps, guidance_scale=guidance_scale,
-                      allow_download=allow_download, sampler=sampler, height=height,
-                      width=width, negative_prompt=negative_prompt)
+    plan = plan_model(model, allow_download=allow_download)
     source, family = plan.source, plan.family
     torch_device = _device(device)
     torch_dtype = _dtype(dtype, family, torch_device)
@@ -88,23 +151,13 @@ def load_denoiser(
     _choose_attention(pipe, torch_device, attention)
     _offload(pipe, offload, torch_device)
     _bound_vae_memory(pipe.vae, tiling=vae_tiling, slicing=vae_slicing)
-    module, _, cls = family.adapter.partition(":")
-    adapter = getattr(importlib.import_module(module), cls)
-    denoiser = adapter(
-        pipe,
-        num_steps=plan.num_steps,
-        guidance_scale=plan.guidance_scale,
-        compute_batch=compute_batch,
-        height=plan.height,
-        width=plan.width,
-        sampler=sampler,  # None: the adapter keeps the model's own scheduler, saying so
-        negative_prompt=plan.negative_prompt,
-        **{key: source.defaults[key] for key in family.adapter_options
-           if key in source.defaults},
-    )
     if compile:
-        _compile(denoiser.network)
-    return denoiser
+        _compile(getattr(pipe, family.denoiser))
+    return LoadedModel(
+        name=model, pipe=pipe, family=family, compute_batch=compute_batch,
+        allow_download=allow_download,
+        adapter_options={key: source.defaults[key] for key in family.adapter_options
+                         if key in source.defaults})
 
 
 # ---- options ----------------------------------------------------------------------------------

@@ -35,9 +35,15 @@ class FakeDenoiser(Denoiser):
         self.calls: list[DenoiseCall] = []
         self.encoded: list[str] = []
 
-    def encode(self, prompt: str) -> Conditioning:
+    def encode(self, prompt: str, negative_prompt: str | None = None) -> Conditioning:
+        """The prompt's length sets its content; a negative prompt pushes away from its own
+        length's, as guidance would, so rows with other negative prompts differ."""
         self.encoded.append(prompt)
-        return Conditioning(prompt=prompt, tensors={"bias": torch.tensor([len(prompt) % 7 / 10.0])})
+        bias = len(prompt) % 7 / 10.0
+        if negative_prompt is not None:
+            bias -= len(negative_prompt) % 5 / 20.0
+        return Conditioning(prompt=prompt, tensors={"bias": torch.tensor([bias])},
+                            negative_prompt=negative_prompt)
 
     def _alpha(self, step: int) -> float:
         return (step + 1) / self.num_steps

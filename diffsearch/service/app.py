@@ -385,7 +385,7 @@ def _summary(record: SearchRecord, state: dict[str, Any] | None = None) -> schem
     return schemas.SearchSummary(
         id=record.id, status=state["status"].value, model=record.model_name,
         strategy=record.job.strategy.name, budget=record.job.budget,
-        prompts=list(record.job.prompts), created_at=record.created_at,
+        prompts=record.job.prompt_texts, created_at=record.created_at,
         started_at=state["started_at"], finished_at=state["finished_at"],
         progress=schemas.Progress(nfe_done=state["nfe_done"], nfe_total=state["nfe_total"]),
         best=[None if b is None else schemas.BestSoFar(

@@ -4,8 +4,9 @@ The engine drives one run per executor (``as_completed`` belongs to one engine),
 run leaves its unfinished batches in the executor it used. So the service never hands one
 executor object to two runs; what it shares is what is expensive, the loaded models:
 
-- :class:`LocalBackend`: in this process. Models and verifiers are loaded once per spec and kept
-  by the worker runtime cache (:func:`diffsearch.runtime.get_runtime`); each search gets its own
+- :class:`LocalBackend`: in this process. Each model is loaded once per device and dtype and each
+  verifier once, whatever the searches' steps, sizes or verifier sets, and kept up to the
+  ``--max-loaded`` limits (:mod:`diffsearch.model_cache`); each search gets its own
   :class:`~diffsearch.executor.LocalExecutor`, a thin queue over that cache. One search at a time:
   the runtime is not meant to be driven from two threads.
 - :class:`DaskBackend`: one Dask cluster for the service's lifetime (started on first use, or the

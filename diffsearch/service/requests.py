@@ -293,6 +293,10 @@ def _check_prompts(job: Job, config: ServiceConfig) -> None:
                            f"{limits.max_prompts} per search (max_prompts)",
                            field="prompts", limit="max_prompts")
     for index, prompt in enumerate(job.prompts):
+        if not isinstance(prompt, str):
+            raise RequestError(f"prompts.{index}: must be a prompt's text; a request's settings "
+                               f"(negative_prompt, width, ...) apply to all of its prompts",
+                               field=f"prompts.{index}")
         if len(prompt) > limits.max_prompt_chars:
             raise RequestError(f"prompts.{index}: {len(prompt)} characters, over this service's "
                                f"limit of {limits.max_prompt_chars} (max_prompt_chars)",

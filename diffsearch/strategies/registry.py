@@ -6,6 +6,7 @@ Imported lazily so that naming one strategy does not import every other one.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from diffsearch.errors import JobError
@@ -46,10 +47,12 @@ def strategy_class(name: str) -> type[Strategy]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def build_strategies(job: Job, num_steps: int, nfe_per_step: int) -> dict[int, Strategy]:
-    """One strategy per prompt index, for a model of ``num_steps`` steps costing
-    ``nfe_per_step`` NFEs each (what the engine runs, and what a service checks a request
-    with before queueing it).
+def build_strategies(job: Job, num_steps: int | Sequence[int], nfe_per_step: int
+                     ) -> dict[int, Strategy]:
+    """One strategy per prompt index, for a model of ``num_steps`` steps (one number, or one
+    per prompt where prompts set their own) costing ``nfe_per_step`` NFEs each (what the engine
+    runs, and what a service checks a request with before queueing it). Each prompt's text and
+    seed are its own settings' (:meth:`~diffsearch.job.Job.prompt_settings`).
 
     The job's options were checked without the model when the job was validated; what needs the
     model or the budget is checked here, and a strategy's refusal of the user's input (its
@@ -57,13 +60,18 @@ def build_strategies(job: Job, num_steps: int, nfe_per_step: int) -> dict[int, S
     other exception (a ``TypeError`` from a strategy's own bug, say) keeps its traceback.
     """
     cls = strategy_class(job.strategy.name)
-    budget = job.budget_nfe(num_steps) // nfe_per_step
+    count = len(job.prompts)
+    steps = [num_steps] * count if isinstance(num_steps, int) else list(num_steps)
+    if len(steps) != count:
+        raise ValueError(f"build_strategies got {len(steps)} step counts for {count} prompts")
     strategies = {}
-    for index, prompt in enumerate(job.prompts):
+    for index in range(count):
+        settings = job.prompt_settings(index)
         try:
             strategies[index] = cls.from_options(
-                job.strategy.options, prompt_index=index, prompt=prompt, num_steps=num_steps,
-                budget_nfe=budget, seed=job.seed)
+                job.strategy.options, prompt_index=index, prompt=settings.text,
+                num_steps=steps[index], budget_nfe=job.budget_nfe(steps[index]) // nfe_per_step,
+                seed=settings.seed)
         except OptionError as error:
             raise JobError(f"strategy.{error.option}: {error.reason}") from None
         except ValueError as error:
