@@ -21,10 +21,11 @@ Forward process from s to a noisier r > s (``renoise``): the Markov chain with t
 The scheduler's own ``stochastic_sampling`` option (a fresh, un-seeded draw each step) is turned
 off: all randomness comes from the per-candidate generators. The sampler of these families is
 this flow-matching Euler step (``flow-euler``), with the schedule the pipeline sets. A model
-that ships a multistep flow solver (Wan: UniPC in flow mode) may also run it, as ``flow-unipc``:
-its own scheduler and config, 0 -> T in one call (its earlier model outputs live in the
-scheduler, as for the UNet families' multistep samplers in :mod:`~diffsearch.pipelines._discrete`),
-its x0 estimate the data prediction it stored for the step.
+that ships a multistep flow solver may also run it, as ``flow-unipc`` (Wan: UniPC in flow mode)
+or ``flow-dpm++`` (Sana: DPM-Solver++ in flow mode): its own scheduler and config, 0 -> T in one
+call (its earlier model outputs live in the scheduler, as for the UNet families' multistep
+samplers in :mod:`~diffsearch.pipelines._discrete`), its x0 estimate the data prediction it
+stored for the step.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ from abc import abstractmethod
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from diffsearch.pipelines._adapter import DiffusersDenoiser
 from diffsearch.pipelines.samplers import OWN_SCHEDULERS, sampler_names
 
-MULTISTEP: dict[str, type] = {"flow-unipc": UniPCMultistepScheduler}
+MULTISTEP: dict[str, type] = {"flow-unipc": UniPCMultistepScheduler,
+                              "flow-dpm++": DPMSolverMultistepScheduler}
 """The multistep flow samplers' scheduler classes (see :data:`~diffsearch.pipelines.samplers
 .OWN_SCHEDULERS`: each is built from the model's own config)."""
 

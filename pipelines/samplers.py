@@ -59,10 +59,14 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("flow-unipc", True, False, False, True,
             "the model's own UniPC in flow mode, as Wan ships it (multistep: 0 -> T in one call "
             "only)"),
+    Sampler("flow-dpm++", True, False, False, True,
+            "the model's own DPM-Solver++ in flow mode, as Sana ships it (multistep: 0 -> T in "
+            "one call only)"),
 )}
 """Every sampler name, in the order help texts list them."""
 
-OWN_SCHEDULERS = {"flow-unipc": "UniPCMultistepScheduler"}
+OWN_SCHEDULERS = {"flow-unipc": "UniPCMultistepScheduler",
+                  "flow-dpm++": "DPMSolverMultistepScheduler"}
 """Samplers that run the model's own scheduler, with its config as shipped: only a model whose
 scheduler config names that class takes them."""
 

@@ -20,6 +20,8 @@ How it follows diffusers, and where it departs:
   multistep history is not in the latent, so the default sampler is ``flow-euler``:
   ``FlowMatchEulerDiscreteScheduler`` at the shipped ``flow_shift`` (what diffusers runs with
   ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)`` swapped in), which resumes at any step.
+  ``flow-dpm++`` runs the shipped solver as diffusers does, 0 -> T in one call only (for
+  best-of-N; strategies that resume or re-noise are refused with it).
 - A transformer whose ``out_channels`` is twice the latent channels also predicts a variance:
   the first half is kept, as diffusers does.
 """

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import adapter_checks as checks
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-from tiny_dit import SANA_FLOW_SHIFT, SANA_SIZE, generate, tiny_sana_pipeline
+from tiny_dit import (
+    SANA_FLOW_SHIFT,
+    SANA_SIZE,
+    generate,
+    invoke_generate,
+    tiny_sana_pipeline,
+)
 
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sana import INSTRUCTION, SanaDenoiser
-from diffsearch.pipelines.sources import ModelLoadError
+from diffsearch.pipelines.sources import ModelLoadError, plan_model
 
 STEPS = 4
 GUIDANCE = 4.5
@@ -60,6 +67,24 @@ def test_flow_euler_at_the_shipped_shift_matches_the_pipeline(pipe, denoiser):
     assert denoiser.sampler.name == "flow-euler"
     assert denoiser.latent_shape == (4, SANA_SIZE // 4, SANA_SIZE // 4)  # native size, x4 VAE
     checks.check_matches_pipeline(denoiser, euler_reference(pipe))
+
+
+def test_the_shipped_flow_dpm_solver_matches_the_pipeline_and_runs_0_to_t_only(pipe):
+    denoiser = SanaDenoiser(pipe, num_steps=STEPS, guidance_scale=GUIDANCE, compute_batch=3,
+                            sampler="flow-dpm++")
+    checks.check_matches_pipeline(denoiser, checks.pipeline_reference(
+        pipe, STEPS, GUIDANCE, use_resolution_binning=False, height=SANA_SIZE, width=SANA_SIZE))
+    checks.check_resume_is_refused(denoiser, k=2)
+
+
+def test_flow_dpm_is_refused_for_a_model_that_ships_another_scheduler(folder, tmp_path):
+    euler = tmp_path / "sana-euler"
+    shutil.copytree(folder, euler)
+    FlowMatchEulerDiscreteScheduler(shift=SANA_FLOW_SHIFT).save_config(euler / "scheduler")
+    assert plan_model(str(euler)).sampler == "flow-euler"
+    with pytest.raises(ModelLoadError, match="sampler: flow-dpm\\+\\+ runs the model's own "
+                                             "DPMSolverMultistepScheduler"):
+        plan_model(str(euler), sampler="flow-dpm++")
 
 
 def test_the_instruction_is_prepended_by_default_and_can_be_left_off(pipe, denoiser):
@@ -121,13 +146,25 @@ def test_sizes_off_the_dc_ae_grid_are_refused(pipe, folder):
         load_denoiser(str(folder), height=30)
 
 
-@pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "12x")])
-def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget):
+@pytest.mark.parametrize(("strategy", "budget", "flags"), [
+    ("best-of-n", "3x", []), ("evosearch", "12x", []),
+    ("best-of-n", "3x", ["--sampler", "flow-dpm++"]),
+], ids=["best-of-n", "evosearch", "best-of-n-flow-dpm++"])
+def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget, flags):
     assert isinstance(load_denoiser(str(folder)), SanaDenoiser)
-    results = generate(folder, tmp_path / "run", strategy, "redness", budget)
+    results = generate(folder, tmp_path / "run", strategy, "redness", budget, *flags)
+    assert results["job"]["sampler"] == (flags[1] if flags else None)
     (prompt,) = results["prompts"]
     assert results["nfe"] <= int(budget[:-1]) * 3 and results["failed_candidates"] == 0
     assert (tmp_path / "run" / prompt["best"]["image"]).is_file()
     assert results["model"]["latent_shape"] == [4, SANA_SIZE // 4, SANA_SIZE // 4]
     if strategy == "evosearch":  # intermediate states were mutated and carried on
         assert any(c["parent"] is not None and 0 < c["step"] < 3 for c in prompt["candidates"])
+
+
+def test_a_resuming_strategy_with_the_flow_dpm_solver_is_refused_in_one_line(folder, tmp_path):
+    result = invoke_generate(folder, tmp_path / "run", "evosearch", "redness", "12x",
+                             "--sampler", "flow-dpm++")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "sampler: strategy evosearch" in line and "flow-dpm++" in line

@@ -14,7 +14,7 @@ import string
 from pathlib import Path
 
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from diffusers import (
     AutoencoderDC,
     AutoencoderKLHunyuanVideo,
@@ -212,12 +212,19 @@ def tiny_hunyuan_pipeline(tmp_path: Path, *, name: str = "tiny-hunyuan") -> Path
     return folder
 
 
-def generate(folder: Path, out: Path, strategy: str, verifier: str, budget: str) -> dict:
-    """``diffsearch generate --model <folder>`` in-process on one thread, run to completion:
-    the run's ``results.json``."""
-    result = CliRunner().invoke(main, [
+def invoke_generate(folder: Path, out: Path, strategy: str, verifier: str, budget: str,
+                    *flags: str) -> Result:
+    """``diffsearch generate --model <folder>`` in-process on one thread; ``flags`` are more
+    command-line flags (``--sampler``, ...)."""
+    return CliRunner().invoke(main, [
         "generate", "a red circle on the left", "--model", str(folder), "--strategy", strategy,
         "--verifier", verifier, "--budget", budget, "--executor", "local", "--threads", "1",
-        "--quiet", "--out", str(out)])
+        "--quiet", "--out", str(out), *flags])
+
+
+def generate(folder: Path, out: Path, strategy: str, verifier: str, budget: str,
+             *flags: str) -> dict:
+    """:func:`invoke_generate` run to completion: the run's ``results.json``."""
+    result = invoke_generate(folder, out, strategy, verifier, budget, *flags)
     assert result.exit_code == 0, result.output
     return json.loads((out / "results.json").read_text())
