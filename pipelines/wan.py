@@ -52,6 +52,7 @@ from PIL import Image
 from diffsearch.pipelines._adapter import NEGATIVE
 from diffsearch.pipelines._flow import FlowDenoiser
 from diffsearch.pipelines.base import Conditioning, DenoiseResult
+from diffsearch.pipelines.sources import ModelLoadError
 
 DEFAULT_SIZE = {"height": 480, "width": 832, "num_frames": 81}
 """diffusers' defaults for both Wan pipelines (480p, 81 frames)."""
@@ -249,8 +250,10 @@ class WanImageToVideoDenoiser(WanDenoiser):
                     end: int, eta: float, generators: Sequence[torch.Generator] | None) -> None:
         super()._check_call(latents, conds, start, end, eta, generators)
         if any(IMAGE_CONDITION not in c.tensors for c in conds):
-            raise ValueError("image-to-video needs a first frame for every candidate: "
-                             "condition each prompt with condition_on_image")
+            # the user's choice of model and strategy, not a bug: one line in the CLI
+            raise ModelLoadError("model: image-to-video needs a first frame for every "
+                                 "candidate (condition_on_image), which this strategy does not "
+                                 "give; for text-to-video use a WanPipeline folder")
 
     def denoise(self, latents: torch.Tensor, conds: Sequence[Conditioning], start: int,
                 end: int, **options: Any) -> DenoiseResult:

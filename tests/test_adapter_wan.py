@@ -379,6 +379,11 @@ def test_a_decoded_frame_conditions_like_its_saved_image(i2v):
     assert all(torch.equal(from_pil[k], from_tensor[k]) for k in from_pil)
 
 
-def test_image_to_video_needs_a_first_frame(i2v):
-    with pytest.raises(ValueError, match="needs a first frame for every candidate"):
+def test_image_to_video_needs_a_first_frame(i2v, i2v_folder, tmp_path):
+    """No strategy gives one yet: the CLI says so in one line."""
+    with pytest.raises(ModelLoadError, match="needs a first frame for every candidate"):
         i2v.denoise(i2v.initial_noise([1]), [i2v.encode("a red circle")], 0, 1)
+    result = generate(i2v_folder, tmp_path / "run", "--budget", "1x")
+    assert result.exit_code == 2
+    assert "error: model: image-to-video needs a first frame" in result.output
+    assert "Traceback" not in result.output
