@@ -76,6 +76,16 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def mean(self) -> np.ndarray:
+        """E[x], (d,)."""
+        return self.weights @ self.means
+
+    def covariance(self) -> np.ndarray:
+        """Cov[x], (d, d): the mean covariance plus the spread of the means."""
+        centred = self.means - self.mean()
+        return (np.einsum("k,kij->ij", self.weights, self.covariances)
+                + np.einsum("k,ki,kj->ij", self.weights, centred, centred))
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n exact draws, (n, d)."""
         components = rng.choice(len(self.weights), size=n, p=self.weights)
@@ -245,11 +255,10 @@ class GmmDenoiser(Denoiser):
 
 @dataclass(frozen=True)
 class _StepConstants:
-    """What the posterior mean at one noise level needs, per component, padded to LANES
-    components (zero weight: log weight -inf), each as a (LANES_padded,) or (d, d, K) tensor."""
+    """What the posterior mean at one noise level needs, per component: float64 tensors with
+    the component axis K last, padded to a multiple of LANES with zero-weight components (log
+    weight -inf, so their responsibility is exactly 0)."""
 
-    scale: float
-    """sqrt(a)."""
     log_norm: torch.Tensor
     """(K,) log w_j - log det(C_j) / 2."""
     precision: torch.Tensor
@@ -280,7 +289,7 @@ class _StepConstants:
         def lanes(values: np.ndarray) -> torch.Tensor:  # component axis last, contiguous
             return torch.from_numpy(np.ascontiguousarray(np.moveaxis(values, 0, -1)))
 
-        return cls(math.sqrt(alpha_bar), torch.from_numpy(log_norm), lanes(precision),
+        return cls(torch.from_numpy(log_norm), lanes(precision),
                    lanes(gain), lanes(offset), lanes(centre))
 
     def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
