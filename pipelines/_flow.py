@@ -72,8 +72,15 @@ class FlowDenoiser(DiffusersDenoiser):
 
     @staticmethod
     def _euler_config(scheduler: Any) -> dict[str, Any]:
-        """The ``FlowMatchEulerDiscreteScheduler`` config of the model's ``scheduler``."""
-        return {**scheduler.config, "stochastic_sampling": False}
+        """The ``FlowMatchEulerDiscreteScheduler`` config of the model's ``scheduler``. A
+        multistep solver in flow mode (Wan's UniPC, Sana's DPM-Solver++) names its shift
+        ``flow_shift``; only that and the training length carry over (its other keys configure
+        the solver)."""
+        config = dict(scheduler.config)
+        if "flow_shift" in config:
+            config = {"num_train_timesteps": config["num_train_timesteps"],
+                      "shift": config["flow_shift"]}
+        return {**config, "stochastic_sampling": False}
 
     @abstractmethod
     def _set_timesteps(self, scheduler: FlowMatchEulerDiscreteScheduler) -> None:

@@ -83,17 +83,6 @@ class SanaDenoiser(FlowDenoiser):
             compute_batch=compute_batch, sampler=sampler, negative_prompt=negative_prompt,
         )
 
-    @staticmethod
-    def _euler_config(scheduler: Any) -> dict[str, Any]:
-        """The flow-matching Euler config of the model: the shipped flow DPM-Solver names its
-        shift ``flow_shift``; only that and the training length carry over (its other keys
-        configure the solver)."""
-        config = dict(scheduler.config)
-        if "flow_shift" in config:
-            config = {"num_train_timesteps": config["num_train_timesteps"],
-                      "shift": config["flow_shift"]}
-        return {**config, "stochastic_sampling": False}
-
     def _set_timesteps(self, scheduler: Any) -> None:
         scheduler.set_timesteps(self.num_steps)  # the pipeline's call: no mu, no custom sigmas
 

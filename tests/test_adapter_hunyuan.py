@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import adapter_checks as checks
@@ -13,7 +15,7 @@ from tiny_dit import HUNYUAN_SIZE, generate, tiny_hunyuan_pipeline
 
 from diffsearch.pipelines.hunyuan_video import HunyuanVideoDenoiser
 from diffsearch.pipelines.loading import load_denoiser
-from diffsearch.pipelines.sources import ModelLoadError
+from diffsearch.pipelines.sources import DEFAULTS_FILE, ModelLoadError, plan_model
 from diffsearch.seeding import torch_generator
 
 STEPS = 3
@@ -132,7 +134,7 @@ def test_decode_gives_whole_clips_in_unit_range(pipe, denoiser):
     torch.testing.assert_close(clips, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_sizes_and_frame_counts_the_vae_cannot_take_are_refused(pipe, folder):
+def test_sizes_and_frame_counts_the_vae_cannot_take_are_refused(pipe, folder, tmp_path):
     with pytest.raises(ValueError, match="num_frames must be 4k\\+1"):
         HunyuanVideoDenoiser(pipe, num_steps=STEPS, guidance_scale=GUIDANCE, height=32,
                              width=32, num_frames=6)
@@ -141,6 +143,16 @@ def test_sizes_and_frame_counts_the_vae_cannot_take_are_refused(pipe, folder):
                              width=40, num_frames=5)
     with pytest.raises(ModelLoadError, match="width: hunyuan-video models take multiples of 16"):
         load_denoiser(str(folder), width=40)
+    six = tmp_path / "six-frames"
+    shutil.copytree(folder, six)
+    (six / DEFAULTS_FILE).write_text(json.dumps({**HUNYUAN_SIZE, "num_frames": 6}))
+    with pytest.raises(ModelLoadError, match="num_frames: hunyuan-video models take 4k \\+ 1"):
+        plan_model(str(six))
+
+
+def test_vae_memory_options_reach_the_video_vae(folder):
+    loaded = load_denoiser(str(folder), vae_tiling=True, vae_slicing=True)
+    assert loaded.pipe.vae.use_tiling and loaded.pipe.vae.use_slicing
 
 
 @pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "12x")])

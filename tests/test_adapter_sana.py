@@ -138,6 +138,11 @@ def test_decode_gives_images_in_unit_range(denoiser):
     checks.check_decode(denoiser, SANA_SIZE, SANA_SIZE)
 
 
+def test_vae_memory_options_reach_the_dc_ae(folder):
+    loaded = load_denoiser(str(folder), vae_tiling=True, vae_slicing=True)
+    assert loaded.pipe.vae.use_tiling and loaded.pipe.vae.use_slicing
+
+
 def test_sizes_off_the_dc_ae_grid_are_refused(pipe, folder):
     with pytest.raises(ValueError, match="multiples of 4"):
         SanaDenoiser(pipe, num_steps=STEPS, guidance_scale=GUIDANCE, height=30)
