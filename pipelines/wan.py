@@ -129,17 +129,6 @@ class WanDenoiser(FlowDenoiser):
         return pipe.transformer.config.in_channels
 
     # ---- the sampler ------------------------------------------------------------------------
-    @staticmethod
-    def _euler_config(scheduler: Any) -> dict[str, Any]:
-        """The flow-matching Euler config of the model: UniPC in flow mode, as the checkpoints
-        ship it, names its shift ``flow_shift``; only that and the training length carry over
-        (UniPC's other keys configure its solver)."""
-        config = dict(scheduler.config)
-        if "flow_shift" in config:
-            config = {"num_train_timesteps": config["num_train_timesteps"],
-                      "shift": config["flow_shift"]}
-        return {**config, "stochastic_sampling": False}
-
     def _set_timesteps(self, scheduler: Any) -> None:
         scheduler.set_timesteps(self.num_steps)  # the pipeline's call: no mu, no custom sigmas
 
