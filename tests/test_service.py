@@ -336,3 +336,28 @@ def test_token_compare_is_exact(service: str) -> None:
     assert info["auth"] is True and info["models"] == ["fake"]
     assert info["verifiers"] == ["fails-on-bright", "redness"]
     assert "best-of-n" in info["strategies"] and info["limits"]["max_queue"] == 32
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"width": 50}, "width"),  # not a multiple of the VAE factor (4)
+    ({"sampler": "dpm++-2m", "strategy": {"name": "particles"}}, "sampler"),  # cannot resume
+    ({"negative_prompt": "blurry", "guidance_scale": 1.0}, "negative_prompt"),  # no CFG pass
+])
+def test_what_the_models_family_cannot_take_is_refused_before_it_loads(
+        tmp_path: Path, fields: dict[str, Any], field: str) -> None:
+    """/v1 checks the request against the model's family from its config files: a folder of
+    configs without weights is refused with a 422 naming the field, never loaded."""
+    from test_generation_settings import config_only_model
+
+    from diffsearch.service.backend import LocalBackend
+    from diffsearch.service.config import ServiceConfig
+
+    folder = config_only_model(tmp_path, "StableDiffusionPipeline", vae_levels=3)
+    config = ServiceConfig(data_dir=tmp_path / "data", token=TOKEN,
+                           models={"configs": str(folder)}, verifiers=("shapes-oracle",),
+                           threads=1)
+    with serve(config, LocalBackend()) as url, client(url) as http:
+        answer = http.post("/v1/searches", json={
+            "prompts": ["a red circle on the left"], "model": "configs", **fields})
+        assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
+        assert http.get("/v1/searches").json()["searches"] == []

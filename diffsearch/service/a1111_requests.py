@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffsearch.errors import DiffsearchError
 from diffsearch.job import Job
+from diffsearch.service import requests
 from diffsearch.service.config import ServiceConfig
 from diffsearch.service.requests import RequestError, build_job, default_model
 
@@ -320,22 +321,8 @@ def family_is_flow(source: str) -> bool | None:
 
 
 def check_family(job: Job) -> None:
-    """The pre-run checks of the job's sampler, size and negative prompt against the model's
-    family, and of the sampler against the strategy, run before queueing: a refusal is a 422
-    rather than a search that fails once queued. (Reads config files only; a model held in
-    process, known once loaded, has no family to check.)"""
-    from diffsearch.preflight import check_sampler, check_strategies, plan_job
-
-    try:
-        plan = plan_job(job)
-        if plan is not None:
-            check_sampler(plan.sampler, check_strategies(job, plan.num_steps))
-    except DiffsearchError as error:
-        message = str(error)
-        field_name = message.partition(":")[0]
-        if field_name == "sampler":
-            message = a1111_sampler_names(message)
-        raise RequestError(message, field=field_name) from None
+    """:func:`~diffsearch.service.requests.check_family`, saying samplers in A1111's names."""
+    requests.check_family(job, sampler_names=a1111_sampler_names)
 
 
 def a1111_sampler_names(message: str) -> str:

@@ -45,6 +45,7 @@ from diffsearch.service.requests import (
     RequestError,
     build_job,
     check_against_model,
+    check_family,
     default_model,
     parse_body,
     request_schema,
@@ -135,14 +136,13 @@ def create_app(config: ServiceConfig, backend: Backend | None = None) -> FastAPI
         return await _read_body(request, config.limits.max_body_bytes)
 
     async def queue(job: Job, model_name: str, request: Request,
-                    check: Callable[[Job], None] | None = None) -> SearchRecord:
-        """Check a built job against its model (loading it on first use), and with ``check``
-        once the model is known, and queue it: what every route that starts a search does
-        (/v1/searches, A1111's txt2img)."""
+                    check: Callable[[Job], None] = check_family) -> SearchRecord:
+        """Check a built job against its model's family from its config files (``check``),
+        then against the model (loading it on first use), and queue it: what every route that
+        starts a search does (/v1/searches, A1111's txt2img)."""
+        await run_in_threadpool(check, job)
         model = await run_in_threadpool(_describe, backend, job)
         check_against_model(job, model, config, verifiers)
-        if check is not None:
-            await run_in_threadpool(check, job)
         try:
             return manager_of(request).submit(job, model_name)
         except QueueFull as error:

@@ -8,19 +8,21 @@ string in verifier or strategy options that looks like a file path (verifiers an
 checkpoints can be loaded "by path"). Validation checks every strategy option's type and range;
 after it the limits are checked. The budget limit and the strategy checks that need the model's
 step count (a budget that pays for the options) run once the model is known
-(:func:`check_against_model`), by building the strategies exactly as the engine will.
+(:func:`check_against_model`), by building the strategies exactly as the engine will; what the
+model's family takes (sampler, size, negative prompt) is read from its config files before it
+loads (:func:`check_family`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import ValidationError
 
-from diffsearch.errors import JobError
+from diffsearch.errors import DiffsearchError, JobError
 from diffsearch.job import Job, describe_validation_error
 from diffsearch.runtime import ModelInfo
 from diffsearch.service.config import ServiceConfig
@@ -275,6 +277,29 @@ def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig,
     offered = set(verifier_names)
     for option, spec in strategies[0].named_verifiers().items():
         _check_verifier(spec, f"strategy.{option}", offered)
+
+
+def check_family(job: Job, *, sampler_names: Callable[[str], str] | None = None) -> None:
+    """The pre-run checks of the job's sampler, size and negative prompt against the model's
+    family, and of the sampler against the strategy, before queueing and before the model loads:
+    a refusal is a 422 rather than a search that fails once queued. Reads config files only (a
+    model held in process, known once loaded, has no family to check). ``sampler_names``
+    rewrites a sampler message in a protocol's own names (A1111's)."""
+    from diffsearch.pipelines.sources import ModelNotFoundError
+    from diffsearch.preflight import check_sampler, check_strategies, plan_job
+
+    try:
+        plan = plan_job(job)
+        if plan is not None:
+            check_sampler(plan.sampler, check_strategies(job, plan.num_steps))
+    except ModelNotFoundError:
+        return  # not on disk: the model's loading reports it (or finds one held in process)
+    except DiffsearchError as error:
+        message = str(error)
+        field_name = message.partition(":")[0]
+        if field_name == "sampler" and sampler_names is not None:
+            message = sampler_names(message)
+        raise RequestError(message, field=field_name) from None
 
 
 def _served_model(name: Any, config: ServiceConfig) -> Any:
