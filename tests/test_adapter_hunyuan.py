@@ -11,11 +11,13 @@ import adapter_checks as checks
 import pytest
 import torch
 from diffusers import HunyuanVideoPipeline
+from PIL import Image
 from tiny_dit import HUNYUAN_SIZE, generate, tiny_hunyuan_pipeline
 
 from diffsearch.pipelines.hunyuan_video import HunyuanVideoDenoiser
 from diffsearch.pipelines.loading import load_denoiser
 from diffsearch.pipelines.sources import DEFAULTS_FILE, ModelLoadError, plan_model
+from diffsearch.run_folder import best_clip
 from diffsearch.seeding import torch_generator
 
 STEPS = 3
@@ -155,15 +157,23 @@ def test_vae_memory_options_reach_the_video_vae(folder):
     assert loaded.pipe.vae.use_tiling and loaded.pipe.vae.use_slicing
 
 
-@pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "12x")])
-def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget):
+def test_a_saved_folder_loads_as_hunyuan_video(folder):
     loaded = load_denoiser(str(folder))
     assert isinstance(loaded, HunyuanVideoDenoiser) and loaded.latent_shape == CLIP
+
+
+@pytest.mark.parametrize(("strategy", "budget"), [
+    ("best-of-n", "3x"), ("evosearch", "12x"), ("ttsnap", "4x"), ("particles", "4x"),
+    ("paths", "4x")])
+def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget):
+    """Every strategy on whole clips, scored by a video verifier, the best written as a GIF."""
     results = generate(folder, tmp_path / "run", strategy, "shapes-video-oracle", budget)
     (prompt,) = results["prompts"]
-    assert results["nfe"] <= int(budget[:-1]) * STEPS and results["failed_candidates"] == 0
+    assert 0 < results["nfe"] <= int(budget[:-1]) * STEPS
+    assert results["failed_candidates"] == 0
     assert results["model"]["latent_shape"] == list(CLIP)
-    assert (tmp_path / "run" / prompt["best"]["image"]).is_file()
+    with Image.open(tmp_path / "run" / best_clip(0)) as gif:
+        assert gif.n_frames == HUNYUAN_SIZE["num_frames"] and gif.size == (32, 32)
     if strategy == "evosearch":  # intermediate clips were mutated and carried on
         assert any(c["parent"] is not None and 0 < c["step"] < STEPS
                    for c in prompt["candidates"])
