@@ -123,7 +123,9 @@ def _with_execution(data: dict[str, Any], executor: str | None, workers: int | N
 @click.option("--sampler", metavar="NAME",
               help=f"Denoising sampler, from the model's scheduler config: "
                    f"{', '.join(sampler_names(flow=False))} (UNet models) or "
-                   f"{', '.join(sampler_names(flow=True))} (SD3, FLUX). Default: the model's.")
+                   f"{', '.join(sampler_names(flow=True))} (flow-matching models; the "
+                   f"multistep flow solvers only for models that ship them). Default: the "
+                   f"model's.")
 @click.option("--threads", default=2, show_default=True, type=int,
               help="CPU threads per worker (pinned: part of the results' identity).")
 @_execution_options

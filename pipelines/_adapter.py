@@ -191,8 +191,10 @@ class DiffusersDenoiser(Denoiser):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if eta > 0 and not self.sampler.stochastic:
-            raise ValueError(f"sampler {name} has no stochastic step (eta {eta:g}); use ddim, "
-                             "euler or euler-ancestral")
+            stochastic = [n for n, s in SAMPLERS.items()
+                          if s.stochastic and s.flow == self.sampler.flow]
+            raise ValueError(f"sampler {name} has no stochastic step (eta {eta:g}); use "
+                             f"{' or '.join(stochastic)}")
         if start > 0 and not self.sampler.resume:
             raise ValueError(f"sampler {name} keeps the model outputs of earlier steps, so it "
                              f"cannot start at step {start}: it runs 0 -> T in one call")

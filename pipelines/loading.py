@@ -151,8 +151,11 @@ def load_model(
     _choose_attention(pipe, torch_device, attention)
     _offload(pipe, offload, torch_device)
     _bound_vae_memory(pipe.vae, tiling=vae_tiling, slicing=vae_slicing)
-    if compile:
-        _compile(getattr(pipe, family.denoiser))
+    if compile:  # Wan 2.2 has a second denoiser for the low-noise steps
+        second = getattr(pipe, f"{family.denoiser}_2", None)
+        for network in (getattr(pipe, family.denoiser), second):
+            if network is not None:
+                _compile(network)
     return LoadedModel(
         name=model, pipe=pipe, family=family, compute_batch=compute_batch,
         allow_download=allow_download,

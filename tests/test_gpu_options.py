@@ -288,3 +288,15 @@ def test_vae_tiling_decodes_large_images_in_tiles(tmp_path, decoder_calls):
     assert images.shape == whole.shape == (3, 3, 48, 48)
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     assert not torch.equal(images, whole)
+
+
+def test_compile_takes_both_of_wan_2_2s_denoisers(tmp_path, monkeypatch):
+    """Wan 2.2 denoises its low-noise steps with ``transformer_2``: compiling only the first
+    network would leave half of the steps eager."""
+    from tiny_wan import tiny_wan_pipeline
+
+    compiled = []
+    monkeypatch.setattr(loading, "_compile", compiled.append)
+    folder = tiny_wan_pipeline(tmp_path, two_stage=True)
+    denoiser = load_denoiser(str(folder), compile=True)
+    assert compiled == [denoiser.pipe.transformer, denoiser.pipe.transformer_2]
