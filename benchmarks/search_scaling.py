@@ -129,9 +129,12 @@ def plot(rows: list[dict[str, Any]], path: Path, guide: str) -> None:
             mean = np.array([d["mean"] for _, d in shown])
             errors = [mean - [d["low"] for _, d in shown], [d["high"] for _, d in shown] - mean]
             axis.errorbar(nfe, mean, yerr=errors, marker="o", capsize=3, label=label)
+    budgets = sorted({r["budget_nfe"] for r in rows})
     for axis, (_, title) in zip(axes, panels):
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xscale("log", base=2)
+        axis.set_xticks(budgets, [str(b) for b in budgets])
+        axis.minorticks_off()
         axis.set_xlabel("NFE per prompt")
         axis.set_title(f"{title}: minus {BASELINE}, 95% CI", fontsize=9)
         axis.grid(alpha=0.3)
