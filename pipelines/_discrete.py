@@ -79,7 +79,13 @@ def discrete_scheduler(scheduler: Any, sampler: str | None) -> tuple[str, type, 
         raise ValueError(f"sampler {sampler!r} is not for UNet models; they take: "
                          f"{', '.join(sampler_names(flow=False))}")
     cls, overrides = SCHEDULERS[sampler]
-    return sampler, cls, dict(cls.from_config({**config, **overrides}).config)
+    built = dict(cls.from_config({**config, **overrides}).config)
+    if "clip_sample" in built and "clip_sample" not in config:
+        # A model that ships another scheduler (Euler for SDXL, DPM-Solver for PixArt) says
+        # nothing of clipping; DDIM's default (True) would clip the x0 estimate to [-1, 1],
+        # which suits pixels, not latents.
+        built = dict(cls.from_config(built, clip_sample=False).config)
+    return sampler, cls, built
 
 
 class DiscreteSampler(ABC):

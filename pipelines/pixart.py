@@ -71,12 +71,8 @@ class PixArtSigmaDenoiser(DiffusersDenoiser):
         """Whether the output's second half is the learned variance (dropped)."""
         self._clean_caption = is_bs4_available() and is_ftfy_available()
         """diffusers' default caption cleaning, which needs both packages (module docstring)."""
-        sampler, self._scheduler_class, config = discrete_scheduler(pipe.scheduler, sampler)
-        if "clip_sample" in config and "clip_sample" not in pipe.scheduler.config:
-            # PixArt-Sigma ships DPM-Solver, whose config has no clip_sample: DDIM's default
-            # (True) would clip the x0 estimate to [-1, 1], which suits pixels, not latents.
-            config = dict(self._scheduler_class.from_config(config, clip_sample=False).config)
-        self._scheduler_config = config
+        sampler, self._scheduler_class, self._scheduler_config = discrete_scheduler(
+            pipe.scheduler, sampler)
         super().__init__(
             pipe, transformer, num_steps=num_steps, guidance_scale=guidance_scale,
             latent_shape=(channels, height // factor, width // factor), sampler=sampler,
