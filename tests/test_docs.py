@@ -141,3 +141,15 @@ def test_relative_links_resolve(doc: Path) -> None:
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{target}: no heading with that anchor")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
+
+
+def test_every_model_family_has_its_row_in_models_md() -> None:
+    """docs/models.md's table names every family diffsearch can load (read from the code)."""
+    from diffsearch.pipelines.sources import FAMILIES
+
+    table = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    rows = {match.group(1) for match in re.finditer(r"^\| `([\w-]+)` \(`(\w+)`", table, re.M)}
+    missing = sorted(f.name for f in FAMILIES.values() if f.name not in rows)
+    assert not missing, f"docs/models.md has no row for: {missing}"
+    for pipeline, family in FAMILIES.items():
+        assert f"`{family.name}` (`{pipeline}`" in table, (family.name, pipeline)
