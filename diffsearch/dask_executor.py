@@ -1,4 +1,4 @@
-"""The Dask executor: work batches run on a cluster of worker processes, one task at a time each.
+"""The Dask executor: work units run on a cluster of worker processes, pipelined in two stages.
 
 By default it starts a ``LocalCluster`` of worker processes on this machine: one per GPU (each
 worker sees only its own GPU through ``CUDA_VISIBLE_DEVICES`` and advertises the resource
@@ -8,12 +8,15 @@ because the model-loading plugin travels from the client.
 
 Each worker loads the job's model and verifiers once, in a worker plugin, and keeps them for every
 task; a worker that is restarted (after a crash or a kill) gets the plugin again from the
-scheduler. A task is ``run_batch(spec, batch)``: a pure function of small records (ids, seeds,
-where its source latents are in the Zarr store) that reads its sources from the store and
-returns its outcomes and new latents, which the client fetches from the worker directly. So
-the scheduler never carries tensors, only the driver writes the store, and when a worker is
-lost the scheduler simply runs its tasks again elsewhere, with the same seeds and therefore
-the same bits.
+scheduler. A task is :func:`run_unit`: a pure function of small records (ids, seeds, where its
+source latents are in the Zarr store) that reads its sources from the store and returns its
+outcomes and new latents, which the client fetches from the worker directly. So the scheduler
+never carries tensors, only the driver writes the store, and when a worker is lost the scheduler
+simply runs its tasks again elsewhere, with the same seeds and therefore the same bits.
+
+A worker with two task threads (GPU workers of the local cluster) is a two-stage pipeline like
+the in-process executor: one unit is decoded and scored while the next one denoises, each stage
+one unit at a time (:func:`run_unit`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
+import torch
 from dask.system import CPU_COUNT
 from distributed import Client, Future, KilledWorker, LocalCluster, Nanny, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -44,13 +49,17 @@ from diffsearch.runtime import (
     WorkBatch,
     describe_model,
     get_runtime,
-    run_batch,
 )
 
 SLOTS_REFRESH_S = 5.0
 """How often :meth:`DaskExecutor.concurrency` asks the scheduler again (workers may join)."""
 RUNTIME_PLUGIN = "diffsearch-runtime"
 """The worker plugin's name: registering a new spec under it replaces the previous job's plugin."""
+STAGES = 2
+"""Units a worker usefully holds: one denoising, one being decoded and scored (:func:`run_unit`).
+It is the task threads the local cluster gives a GPU worker; more threads would only wait."""
+GPU_PER_UNIT = 1 / STAGES
+"""What a unit asks of the ``GPU`` resource, so a ``GPU=1`` worker holds both stages' units."""
 
 
 class ClusterError(DiffsearchError):
@@ -61,8 +70,8 @@ class RuntimePlugin(WorkerPlugin):
     """Loads a job's model and verifiers into a worker process once, before it runs any task.
 
     The load runs in the worker's task thread pool, not on its event loop: a model load takes
-    seconds to minutes, and a blocked event loop misses heartbeats. It also means the thread that
-    pins torch's intra-op thread count is the thread that runs the tasks (one per worker).
+    seconds to minutes, and a blocked event loop misses heartbeats. (Each task thread pins
+    torch's intra-op thread count again itself: :func:`run_unit`.)
     """
 
     def __init__(self, spec: RuntimeSpec) -> None:
@@ -94,6 +103,35 @@ def _load(spec: RuntimeSpec) -> None:
 
 def _load_error(spec: RuntimeSpec) -> DiffsearchError | None:
     return _LOAD_ERRORS.get(spec)
+
+
+_DENOISING = threading.Lock()
+"""Held by this worker process's unit in its compute stage (starting latents, denoising)."""
+_SCORING = threading.Lock()
+"""Held by this worker process's unit in its finish stage (decoding, scoring, pixels)."""
+
+
+def run_unit(spec: RuntimeSpec, batch: WorkBatch) -> UnitResult:
+    """A work unit's task: its compute stage, then its finish stage, each under this worker
+    process's lock of that stage (:meth:`WorkerRuntime.compute`, :meth:`WorkerRuntime.finish`).
+
+    With two task threads a worker is a two-stage pipeline: while one thread's unit is decoded
+    and scored, the other thread's unit denoises, so the denoiser does not idle while a verifier
+    runs. No stage ever holds two units, so each stage runs its units one after another, as a
+    serial run does, and gives the same bits. The unit between its stages (states, x0
+    estimates) never leaves the task: when a worker is lost, its tasks are run again elsewhere,
+    computing included. With one task thread the locks are never contended.
+
+    Each task thread pins the job's intra-op thread count itself: a thread that did not load
+    the model would otherwise multiply matrices (MKL) on as many threads as the machine has
+    cores, whatever the job's ``threads``.
+    """
+    torch.set_num_threads(spec.threads)
+    with _DENOISING:
+        runtime = get_runtime(spec)  # under the lock: a runtime dropped from the cache loads once
+        unit = runtime.compute(batch)
+    with _SCORING:
+        return runtime.finish(unit)
 
 
 class IgnoreInterruptPlugin(WorkerPlugin):
@@ -154,8 +192,8 @@ class DaskExecutor(Executor):
         self._spec: RuntimeSpec | None = None
         self._resources: dict[str, float] | None = None
         self._pending: dict[str, tuple[Future, WorkBatch]] = {}
-        self._slots: tuple[float, int] | None = None
-        """(when it was read, the cluster's task slots): :meth:`concurrency`."""
+        self._capacity: tuple[float, _Capacity] | None = None
+        """(when it was read, what the cluster holds): :meth:`concurrency`."""
         self._finished: as_completed | None = None
         self._report = contextlib.ExitStack()
 
@@ -180,7 +218,7 @@ class DaskExecutor(Executor):
             for plugin in self.worker_plugins:
                 self._client.register_plugin(plugin)
             self._wait_for_workers()
-            self._resources = {"GPU": 1} if self._workers_have_gpus() else None
+            self._resources = {"GPU": GPU_PER_UNIT} if self._workers_have_gpus() else None
             if self.profile:
                 from distributed import performance_report
 
@@ -221,7 +259,8 @@ class DaskExecutor(Executor):
             raise ClusterError(
                 f"only {have} of {wanted} Dask worker(s) joined {self._address()} within "
                 f"{self.worker_timeout:g} s; start them with `dask worker {self._address()} "
-                f"--nthreads 1`") from None
+                f"--nthreads 1` (one per GPU: `--nthreads {STAGES} --resources GPU=1`)"
+            ) from None
 
     def _workers_have_gpus(self) -> bool:
         """GPU work asks for the resource ``GPU`` when the cluster's workers advertise it."""
@@ -240,26 +279,34 @@ class DaskExecutor(Executor):
             key = f"denoise-p{first.prompt_index}-c{first.candidate}-{uuid.uuid4().hex}"
         else:
             key = f"render-{uuid.uuid4().hex}"
-        future = self.client.submit(run_batch, self._spec, batch, key=key, pure=False,
+        future = self.client.submit(run_unit, self._spec, batch, key=key, pure=False,
                                     retries=self.retries, resources=self._resources)
         self._pending[future.key] = (future, batch)
         assert self._finished is not None
         self._finished.add(future)
 
     def concurrency(self) -> int:
-        """The cluster's task slots: its workers' threads, or their GPUs when tasks need one.
+        """The units the cluster runs at once: per worker, its task threads (its GPUs' share
+        when tasks need one), at most :data:`STAGES`."""
+        return self._read_capacity().slots
 
-        Read again at most every ``SLOTS_REFRESH_S`` seconds, so workers that join a running
+    def slots_for_partial_units(self, in_flight: int) -> int:
+        """A partial unit only for a worker that would otherwise not denoise: one per worker
+        beyond ``in_flight``. A worker's second slot is its pipeline's next stage, and a partial
+        unit sent early to fill it would pad passes that waiting for more tasks fills (as in
+        :meth:`LocalExecutor.slots_for_partial_units`)."""
+        return max(0, self._read_capacity().denoisers - in_flight)
+
+    def _read_capacity(self) -> _Capacity:
+        """Read again at most every ``SLOTS_REFRESH_S`` seconds, so workers that join a running
         cluster get work too."""
         now = time.monotonic()
-        if self._slots is None or now - self._slots[0] > SLOTS_REFRESH_S:
+        if self._capacity is None or now - self._capacity[0] > SLOTS_REFRESH_S:
             workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-            if self._resources:
-                slots = sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers)
-            else:
-                slots = sum(int(w.get("nthreads", 1)) for w in workers)
-            self._slots = (now, max(1, slots))
-        return self._slots[1]
+            slots = [_unit_slots(w, gpu=bool(self._resources)) for w in workers]
+            self._capacity = (now, _Capacity(slots=max(1, sum(slots)),
+                                             denoisers=max(1, sum(1 for n in slots if n))))
+        return self._capacity[1]
 
     def as_completed(self) -> Iterator[tuple[WorkBatch, UnitResult]]:
         if self._finished is None:
@@ -285,7 +332,7 @@ class DaskExecutor(Executor):
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         self._spec = None
-        self._slots = None
+        self._capacity = None
         try:
             if client is not None:
                 try:
@@ -311,7 +358,7 @@ class DaskExecutor(Executor):
             return "dask executor (not started)"
         workers = self._client.scheduler_info(n_workers=-1)["workers"]
         where = "local cluster" if self._cluster is not None else "cluster"
-        gpu = ", GPU=1 per task" if self._resources else ""
+        gpu = f", GPU={GPU_PER_UNIT:g} per unit" if self._resources else ""
         # an own cluster started without a dashboard still serves HTTP (health, metrics)
         dashboard = "" if self._cluster is not None and self.dashboard_address is None \
             else f", dashboard {self._client.dashboard_link}"
@@ -319,11 +366,33 @@ class DaskExecutor(Executor):
                 f"{gpu}{dashboard}")
 
 
+class _Capacity(NamedTuple):
+    slots: int
+    """Units the cluster runs at once, pipeline stages included."""
+    denoisers: int
+    """Workers that take units: each denoises one unit at a time."""
+
+
+def _unit_slots(worker: dict[str, Any], *, gpu: bool) -> int:
+    """The units one worker (its scheduler info) runs at once."""
+    slots = min(int(worker.get("nthreads", 1)), STAGES)
+    if gpu:
+        slots = min(slots, int(worker.get("resources", {}).get("GPU", 0) / GPU_PER_UNIT))
+    return slots
+
+
 def _local_cluster(workers: int | None, threads: int, dashboard_address: str | None
                    ) -> LocalCluster:
-    """Worker processes of one task thread each: one per GPU, else one per ``threads`` cores."""
+    """One worker process per GPU, with a task thread per pipeline stage (:func:`run_unit`),
+    else one per ``threads`` cores, with one task thread.
+
+    On the CPU both stages would run torch on the same ``threads`` cores: the two OpenMP
+    teams (one per task thread) would double the threads at work on them, and there is no idle
+    device for the overlap to fill. A GPU worker's denoising runs on its GPU, so its finish
+    stage has the CPU to itself.
+    """
     gpus = _visible_gpus()
-    options: dict[str, Any] = {"processes": True, "threads_per_worker": 1,
+    options: dict[str, Any] = {"processes": True, "threads_per_worker": STAGES if gpus else 1,
                                "dashboard_address": dashboard_address}
     if dashboard_address is None:  # the scheduler's HTTP server would still take port 8787
         options.update(dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})

@@ -78,6 +78,7 @@ def test_same_bits_in_process_and_on_one_or_two_workers(tmp_path: Path, cluster:
     with DaskExecutor(workers=1, threads=1, dashboard_address="127.0.0.1:0",
                       profile=str(profile), worker_plugins=fake_plugins(job)) as own:
         one = run_job(job, tmp_path / "one", executor=own)
+        assert own.concurrency() == 1  # a CPU worker's two stages would share its cores
         # Ctrl-C reaches the whole process group; our own workers leave it to the driver
         pids = own.client.run(os.getpid)
         for pid in pids.values():
@@ -217,7 +218,7 @@ def test_plain_dask_workers_on_an_external_scheduler_get_the_plugin_and_gpu_task
             spec = RuntimeSpec.from_job(job)
             calls = executor.client.run(lambda: len(get_runtime(spec).denoiser.calls))
             names = executor.client.run(lambda dask_worker: dask_worker.name)
-        assert "GPU=1 per task" in result.executor
+        assert "GPU=0.5 per unit" in result.executor  # the GPU worker's one thread: one at a time
         by_name = {names[address]: count for address, count in calls.items()}
         assert by_name["gpu"] == 3 and by_name["cpu"] == 0
         assert_same_run(tmp_path / "dask", tmp_path / "local", prompts=1, candidates=6)
@@ -230,8 +231,9 @@ def test_plain_dask_workers_on_an_external_scheduler_get_the_plugin_and_gpu_task
 
 def test_one_worker_per_gpu_each_sees_only_its_own(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CUDA machine the default cluster has one GPU=1 worker per visible device; here the
-    driver is told it sees devices 3 and 5 (the workers never touch CUDA: the model is fake)."""
+    """On a CUDA machine the default cluster has one GPU=1 worker per visible device, with a task
+    thread per pipeline stage; here the driver is told it sees devices 3 and 5 (the workers never
+    touch CUDA: the model is fake)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
@@ -241,11 +243,14 @@ def test_one_worker_per_gpu_each_sees_only_its_own(tmp_path: Path,
         devices = executor.client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
         trim = executor.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
         workers = executor.client.scheduler_info()["workers"].values()
+        slots = executor.concurrency(), [executor.slots_for_partial_units(n) for n in (0, 1, 2)]
     assert sorted(devices.values()) == ["3", "5"]
     assert set(trim.values()) == {None}  # glibc's adaptive default, not Dask's 65536
     assert [w["resources"] for w in workers] == [{"GPU": 1}, {"GPU": 1}]
+    assert [w["nthreads"] for w in workers] == [2, 2]
+    assert slots == (4, [2, 1, 0])  # a partial unit only for a worker that would not denoise
     assert all(w["memory_limit"] == int(MEMORY_LIMIT / 2) for w in workers)
-    assert "2 worker(s), GPU=1 per task" in result.executor
+    assert "2 worker(s), GPU=0.5 per unit" in result.executor
 
 
 def test_an_unreachable_scheduler_is_one_clear_error() -> None:
