@@ -97,7 +97,7 @@ class GmmTestbed:
             raise VerifierError(f"the testbed scores with {LinearReward.name} only")
         return LinearReward(device, **options)
 
-    def run(self, strategy: str, out: Path, *, budget: str | int, runs: int, seed: int = 0,
+    def run(self, strategy: str, out: str | Path, *, budget: str | int, runs: int, seed: int = 0,
             options: dict[str, Any] | None = None) -> GmmRun:
         """Run the job through :func:`~diffsearch.api.run_job` and read back what it found."""
         job = self.job(strategy, budget=budget, runs=runs, seed=seed, options=options)
