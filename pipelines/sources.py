@@ -73,6 +73,10 @@ class Family:
     """Latent pixels per side of one denoiser token: a size must be a multiple of the VAE factor
     times this. FLUX packs 2x2 latent pixels into a token; None: the denoiser's ``patch_size``
     (SD3)."""
+    image_to_video: bool = False
+    """Every candidate continues a first frame (the adapter's ``condition_on_image``): only
+    strategies whose candidates are clip chunks continuing an image run on it (Tree-of-Frames
+    with ``unit: chunk``), and those run on nothing else."""
 
 
 FAMILIES = {
@@ -95,7 +99,8 @@ FAMILIES = {
         adapter_options=("num_frames",), flow=True, denoiser="transformer", packing=None),
     "WanImageToVideoPipeline": Family(
         "wan-i2v", "diffsearch.pipelines.wan:WanImageToVideoDenoiser", 50, 5.0, "bfloat16",
-        adapter_options=("num_frames",), flow=True, denoiser="transformer", packing=None),
+        adapter_options=("num_frames",), flow=True, denoiser="transformer", packing=None,
+        image_to_video=True),
     "LTXPipeline": Family(
         "ltx", "diffsearch.pipelines.ltx:LTXDenoiser", 50, 3.0, "bfloat16",
         adapter_options=("num_frames", "frame_rate"), flow=True, denoiser="transformer",

@@ -208,6 +208,10 @@ class WanImageToVideoDenoiser(WanDenoiser):
     every candidate of a :meth:`denoise` call needs one.
     """
 
+    continues_from_image = True
+    """Its candidates can continue an image (:meth:`condition_on_image`), so a clip can be made
+    chunk by chunk, each continuing the last frame of the one before (:mod:`diffsearch.clips`)."""
+
     @staticmethod
     def _latent_channels(pipe: Any) -> int:
         return pipe.vae.config.z_dim  # the transformer's input adds the condition channels
