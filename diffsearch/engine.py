@@ -35,6 +35,7 @@ from diffsearch.preflight import preflight
 from diffsearch.results import PromptResult, RunResult, collect_results
 from diffsearch.runtime import (
     ClipFrames,
+    FirstFrame,
     ImageWanted,
     ModelInfo,
     Render,
@@ -46,6 +47,7 @@ from diffsearch.store import LatentRef, PromptLayout, RunStore
 from diffsearch.strategies.base import Strategy
 from diffsearch.strategies.common import best_of
 from diffsearch.strategies.registry import build_strategies
+from diffsearch.strategies.tree_of_frames import chunks_of
 from diffsearch.tasks import Outcome, ScoreOn, Task
 
 
@@ -437,6 +439,7 @@ class _UnitBuilder:
                         else store.latent_ref(t.prompt_index, t.source_candidate) for t in tasks)
         clips = tuple(self._clip_frames(t) for t in tasks) \
             if any(t.score_on is ScoreOn.CLIP for t in tasks) else ()
+        first_frames = tuple(self._first_frame(t) for t in tasks)
         wanted = tuple(self._wanted(t) for t in tasks)
         to_beat: tuple[float | None, ...] = ()
         if ImageWanted.IF_BEST in wanted:  # each prompt's best so far, ranked once per prompt
@@ -446,6 +449,7 @@ class _UnitBuilder:
         negatives = tuple(self.states[t.prompt_index].settings.negative_prompt for t in tasks)
         return WorkBatch(tasks=tuple(tasks), store_path=str(store.path),
                          sources=sources if any(sources) else (), clips=clips,
+                         first_frames=first_frames if any(first_frames) else (),
                          images=wanted if any(w is not ImageWanted.NO for w in wanted) else (),
                          to_beat=to_beat, sampling=self._sampling(tasks[0].prompt_index),
                          negative_prompts=() if set(negatives) == {self.spec.negative_prompt}
@@ -483,9 +487,20 @@ class _UnitBuilder:
                             for a in chain),
             prompt=self.states[task.prompt_index].strategy.prompt)
 
+    def _first_frame(self, task: Task) -> FirstFrame | None:
+        """What an image-to-video chunk continues: its parent chunk (finished: a tree asks
+        children only once their parents are told), or for a first chunk the strategy's image."""
+        chunks = chunks_of(self.states[task.prompt_index].strategy)
+        if chunks is None:
+            return None
+        if task.parent is not None:
+            return FirstFrame(parent=self.store.latent_ref(task.prompt_index, task.parent,
+                                                           final=True))
+        return None if chunks.image is None else FirstFrame(image=chunks.image)
+
     def _frames(self, index: int, candidate: int) -> tuple[LatentRef, ...]:
         """The latents its image is decoded from: its final latent, after its ancestors' for a
-        frame-chain clip."""
+        chained clip (frames or chunks)."""
         chain = []
         if (index, candidate) in self._clip_candidates:
             parents = self.store.parents(index)

@@ -20,7 +20,13 @@ from diffsearch import run_folder
 from diffsearch.errors import DiffsearchError, JobError, StoreError
 from diffsearch.job import Job, VerifierSpec
 from diffsearch.pipelines.samplers import SAMPLERS, SamplerNeed, sampler_names
-from diffsearch.pipelines.sources import ModelPlan, plan_model, xformers_missing
+from diffsearch.pipelines.sources import (
+    FAMILIES,
+    Family,
+    ModelPlan,
+    plan_model,
+    xformers_missing,
+)
 
 if TYPE_CHECKING:
     from diffsearch.strategies.base import Strategy
@@ -101,6 +107,30 @@ def check_sampler(sampler_name: str, strategy: Strategy) -> None:
                    f"({why}); use {choices}")
 
 
+def check_first_frame(family: Family, strategy: Strategy) -> None:
+    """An image-to-video model (``Family.image_to_video``) takes only a strategy whose
+    candidates are chunks continuing an image, given the first chunk's image; such a strategy
+    runs on nothing else. From config files, so refused before the model loads."""
+    from diffsearch.strategies.tree_of_frames import chunks_of
+
+    chunks = chunks_of(strategy)
+    if family.image_to_video and chunks is None:
+        raise JobError(f"model: image-to-video needs a first frame for every candidate, which "
+                       f"strategy {strategy.name} does not give; run tree-of-frames or "
+                       f"linear-clips with unit: chunk and image: <file>, or use a "
+                       f"text-to-video model")
+    if chunks is None:
+        return
+    if not family.image_to_video:
+        able = ", ".join(name for name, f in FAMILIES.items() if f.image_to_video)
+        raise JobError(f"strategy.unit: chunk makes every candidate continue an image, which "
+                       f"{family.name} models cannot; use an image-to-video model ({able}) or "
+                       f"unit: frame")
+    if chunks.image is None:
+        raise JobError("strategy.image: an image-to-video model continues a first frame; give "
+                       "the first chunk's as image: <file>")
+
+
 def check_attention(job: Job) -> None:
     """``attention: xformers`` needs xformers installed: found without importing it, so a job
     that asks for it on a machine without it fails here and not in every worker's load."""
@@ -168,6 +198,7 @@ def preflight(job: Job, run_dir: Path, *, resume: bool) -> int | None:
     strategy = None if plan is None else check_strategies(job, prompt_steps(job, plan))
     if plan is not None and strategy is not None:
         check_sampler(plan.sampler, strategy)
+        check_first_frame(plan.family, strategy)
     check_verifiers(job, strategy)
     check_run_folder(job, run_dir, resume=resume)
     return num_steps

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from diffsearch import model_cache
-from diffsearch.clips import assemble_clips
+from diffsearch.clips import assemble_clips, condition_on_first_frames, join_chain
 from diffsearch.job import Job, Sampling, VerifierSpec, verifier_label
 from diffsearch.model_cache import ModelKey, verifier_key
 from diffsearch.perturb import apply_perturbations
@@ -167,13 +167,28 @@ class ClipFrames:
 
 
 @dataclass(frozen=True)
+class FirstFrame:
+    """The frame an image-to-video chunk continues (:mod:`diffsearch.clips`): the last frame of
+    its parent chunk, decoded on the worker from the parent's final latent, or for a clip's first
+    chunk an image file. Exactly one is set."""
+
+    parent: LatentRef | None = None
+    image: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.parent is None) == (self.image is None):
+            raise ValueError("a first frame is either a parent chunk's or an image file's")
+
+
+@dataclass(frozen=True)
 class Render:
     """Decode a finished candidate again for its image (a resumed run's lost best image)."""
 
     prompt_index: int
     candidate: int
     frames: tuple[LatentRef, ...]
-    """Its final latent; for a frame-chain clip, its ancestors' first (oldest first)."""
+    """Its final latent; for a chained clip (frames or chunks), its ancestors' first (oldest
+    first)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,9 @@ class WorkBatch:
     noise."""
     clips: tuple[ClipFrames | None, ...] = ()
     """Per task scored on its clip: its earlier frames. Empty when none is."""
+    first_frames: tuple[FirstFrame | None, ...] = ()
+    """Per task continuing an image (an image-to-video chunk): what it continues. Empty when
+    none does."""
     images: tuple[ImageWanted, ...] = ()
     """Per task: whether to return its pixels. Empty: none."""
     to_beat: tuple[float | None, ...] = ()
@@ -380,6 +398,8 @@ class WorkerRuntime:
         negatives = batch.negative_prompts or (self.spec.negative_prompt,) * len(batch.tasks)
         conds = [denoiser.encode(t.prompt, negative)
                  for t, negative in zip(batch.tasks, negatives)]
+        if batch.first_frames:
+            conds = timer.time("load", condition_on_first_frames, denoiser, batch, conds)
         return ComputedUnit(batch, timer.time("denoise", self._denoise, denoiser, batch.tasks,
                                               latents, conds), timer)
 
@@ -540,7 +560,7 @@ class WorkerRuntime:
         for render in batch.renders:
             latents = read_latent_rows(batch.store_path, render.frames)
             decoded = denoiser.decode(latents)
-            shown = decoded[0] if decoded.ndim == 5 or len(render.frames) == 1 else decoded
+            shown = decoded[0] if len(render.frames) == 1 else join_chain(list(decoded))
             images[(render.prompt_index, render.candidate)] = pixels(shown)
         return UnitResult(outcomes=(), images=images)
 
@@ -599,7 +619,7 @@ class _Denoised:
 @dataclass
 class _ToScore:
     inputs: torch.Tensor | list[torch.Tensor]
-    """Images (N, 3, H, W), whole clips (N, F, 3, H, W) or frame-chain clips (one per row)."""
+    """Images (N, 3, H, W), whole clips (N, F, 3, H, W) or chained clips (one per row)."""
     prompts: list[str]
     labels: list[str]
     """The verifiers that judge them: the guide first, then evaluation verifiers."""
