@@ -69,7 +69,9 @@ class GaussianMixture:
         if w.shape != (k,) or cov.shape != (k, d, d) or (w <= 0).any():
             raise ValueError(f"a mixture needs K positive weights, (K, d) means and (K, d, d) "
                              f"covariances; got {w.shape}, {mu.shape}, {cov.shape}")
-        np.linalg.cholesky(cov)  # raises unless every covariance is positive definite
+        if not np.allclose(cov, cov.transpose(0, 2, 1)) or (
+                np.linalg.eigvalsh(cov) <= 0).any():
+            raise ValueError("a mixture's covariances must be symmetric positive definite")
         return cls(w / w.sum(), mu, cov)
 
     @property

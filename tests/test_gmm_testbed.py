@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from diffsearch.pipelines.base import Conditioning
-from diffsearch.pipelines.gmm import image_to_point, point_to_image
+from diffsearch.pipelines.gmm import GaussianMixture, image_to_point, point_to_image
 from diffsearch.seeding import torch_generator
 from diffsearch.testbed import MIXTURE, GmmTestbed
 from diffsearch.testbed_stats import (
@@ -22,6 +22,7 @@ from diffsearch.testbed_stats import (
     mixture_kernel_mean,
     normalised_weights,
 )
+from diffsearch.verifiers.base import VerifierError
 from diffsearch.verifiers.gmm import LinearReward
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -122,6 +123,17 @@ def test_decoded_points_score_their_linear_reward():
     np.testing.assert_allclose(image_to_point(images, 2).numpy(), points.numpy(), atol=1e-6)
     reward = LinearReward(direction=[0.5, -2.0]).score(images, ["", "", ""])
     np.testing.assert_allclose(reward.numpy(), points.numpy() @ [0.5, -2.0], atol=1e-5)
+
+
+def test_bad_testbed_input_is_refused_in_one_line():
+    with pytest.raises(VerifierError, match="direction must be 1 to 3 numbers"):
+        LinearReward(direction=[1.0, "up"])
+    with pytest.raises(ValueError, match="K positive weights"):
+        GaussianMixture.of([0.5, 0.5], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]])
+    with pytest.raises(ValueError, match="symmetric positive definite"):
+        GaussianMixture.of([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(ValueError, match="symmetric positive definite"):
+        GaussianMixture.of([1.0], [[0.0, 0.0]], [[[1.0, 0.5], [0.0, 1.0]]])
 
 
 # ---- the sampler ---------------------------------------------------------------------------
