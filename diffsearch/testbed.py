@@ -62,6 +62,11 @@ class GmmTestbed:
     (docs/testbed.md gives the measured figures)."""
     compute_batch: int = 64
 
+    def __post_init__(self) -> None:
+        if len(self.direction) != self.mixture.dim:
+            raise ValueError(f"direction: the reward needs {self.mixture.dim} numbers, one per "
+                             f"dimension of the mixture; got {len(self.direction)}")
+
     @property
     def target(self) -> GaussianMixture:
         """p(x) exp(lam a.x) / Z, in closed form."""
@@ -87,7 +92,10 @@ class GmmTestbed:
                            compute_batch=self.compute_batch)
 
     def install(self, job: Job) -> None:
-        """Register this testbed's model and reward as this process's runtime for ``job``."""
+        """Register this testbed's model and reward as this process's runtime for ``job``.
+
+        The job names the model only as ``gmm-testbed``: the mixture is this testbed's, so
+        whoever runs a testbed job registers first (:meth:`run` does)."""
         register_runtime(WorkerRuntime(RuntimeSpec.from_job(job), self.denoiser(),
                                        self._create_verifier))
 

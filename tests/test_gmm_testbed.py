@@ -128,6 +128,8 @@ def test_decoded_points_score_their_linear_reward():
 def test_bad_testbed_input_is_refused_in_one_line():
     with pytest.raises(VerifierError, match="direction must be 1 to 3 numbers"):
         LinearReward(direction=[1.0, "up"])
+    with pytest.raises(ValueError, match="direction: the reward needs 2 numbers"):
+        GmmTestbed(direction=(1.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="K positive weights"):
         GaussianMixture.of([0.5, 0.5], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]])
     with pytest.raises(ValueError, match="symmetric positive definite"):
