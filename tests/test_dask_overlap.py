@@ -121,13 +121,13 @@ class StageRecorderPlugin(WorkerPlugin):
 
 
 @pytest.fixture()
-def two_thread_workers() -> Iterator[Callable[[int], LocalCluster]]:
+def two_thread_workers() -> Iterator[Callable[..., LocalCluster]]:
     """Starts a LocalCluster of ``n`` worker processes of two task threads each."""
     clusters: list[LocalCluster] = []
 
-    def start(n: int) -> LocalCluster:
+    def start(n: int, **options: Any) -> LocalCluster:
         clusters.append(LocalCluster(n_workers=n, threads_per_worker=2, processes=True,
-                                     dashboard_address="127.0.0.1:0"))
+                                     dashboard_address="127.0.0.1:0", **options))
         return clusters[-1]
 
     yield start
@@ -148,16 +148,18 @@ def one_at_a_time(events: list[Event], stage: str) -> bool:
 
 
 def test_a_unit_is_scored_while_the_next_one_denoises_with_the_serial_bits(
-        tmp_path: Path, two_thread_workers: Callable[[int], LocalCluster]) -> None:
+        tmp_path: Path, two_thread_workers: Callable[..., LocalCluster]) -> None:
+    """On a GPU=1 worker (its units ask for half of it each: one per stage)."""
     job = fake_job(prompts=["a red circle on the left", "two blue squares"], budget="8x",
                    batch_size=2)
     run_fake(job, tmp_path / "serial", executor=LocalExecutor(overlap=False))
     spec = RuntimeSpec.from_job(job)
 
-    cluster = two_thread_workers(1)
+    cluster = two_thread_workers(1, resources={"GPU": 1})
     with DaskExecutor(scheduler=cluster.scheduler_address,
                       worker_plugins=[StageRecorderPlugin(job)]) as executor:
-        run_job(job, tmp_path / "dask", executor=executor)
+        result = run_job(job, tmp_path / "dask", executor=executor)
+        assert "GPU=0.5 per unit" in result.executor
         assert executor.concurrency() == 2  # one unit per stage
         # a partial unit only while the worker would not denoise otherwise
         assert [executor.slots_for_partial_units(n) for n in (0, 1, 2)] == [1, 0, 0]
@@ -175,7 +177,7 @@ def test_a_unit_is_scored_while_the_next_one_denoises_with_the_serial_bits(
 
 
 def test_a_unit_lost_with_its_worker_after_its_compute_is_computed_again(
-        tmp_path: Path, two_thread_workers: Callable[[int], LocalCluster]) -> None:
+        tmp_path: Path, two_thread_workers: Callable[..., LocalCluster]) -> None:
     job = fake_job(budget="12x", batch_size=2, seed=5)
     run_fake(job, tmp_path / "serial", executor=LocalExecutor(overlap=False))
     spec = RuntimeSpec.from_job(job)
