@@ -286,8 +286,8 @@ class DaskExecutor(Executor):
         self._finished.add(future)
 
     def concurrency(self) -> int:
-        """The units the cluster runs at once: per worker, its task threads (its GPUs' share
-        when tasks need one), at most :data:`STAGES`."""
+        """The units the cluster runs at once: per worker, its task threads, at most
+        :data:`STAGES` and, when tasks need a GPU, as many as its ``GPU`` resource admits."""
         return self._read_capacity().slots
 
     def slots_for_partial_units(self, in_flight: int) -> int:
