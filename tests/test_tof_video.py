@@ -10,21 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from tiny_wan import SIZE, WAN_DEFAULTS, tiny_wan_i2v_pipeline, tiny_wan_pipeline
 
 from diffsearch.api import run_job
+from diffsearch.cli import main as cli_main
 from diffsearch.clips import join_chain
 from diffsearch.errors import JobError
 from diffsearch.job import Job
 from diffsearch.pipelines.frame_chain import frame_prompts
-from diffsearch.preflight import preflight
+from diffsearch.preflight import check_sampler, preflight
 from diffsearch.run_folder import best_clip
 from diffsearch.runtime import Render, RuntimeSpec, WorkBatch, get_runtime
 from diffsearch.seeding import derive_seed
 from diffsearch.store import RunStore
 from diffsearch.strategies.tree_of_frames import LinearClips, TreeOfFrames
-from diffsearch.tasks import Outcome, ScoreOn, Task
+from diffsearch.tasks import Outcome, ScoreOn
 from diffsearch.verifiers.temporal import TemporalConsistencyVerifier
 from engine_harness import comparable, fake_job, run_fake
 
@@ -221,19 +223,24 @@ def test_a_rerun_is_bit_identical_and_an_interrupted_one_resumes_by_replay(
     assert media_bytes(tmp_path / "stopped") == media_bytes(full)
 
 
-def test_linear_clips_of_chunks_end_to_end(folder, image, tmp_path) -> None:
-    strategy = {"name": "linear-clips", "unit": "chunk", "num_chunks": 2, "n": 2,
-                "image": str(image)}
-    job = wan_job(folder, image, strategy=strategy, budget=2 * 2 * T)
-    result = run_job(job, tmp_path / "run")
-    assert result.nfe == 2 * 2 * T
-    candidates = candidates_of(tmp_path / "run")
+def test_linear_clips_of_chunks_from_the_command_line(folder, image, tmp_path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli_main, [
+        "generate", PROMPT, "--model", str(folder), "--strategy", "linear-clips",
+        "--option", "unit=chunk", "--option", "num_chunks=2", "--option", "n=2",
+        "--option", f"image={image}", "--verifier", "temporal-consistency",
+        "--budget", str(2 * 2 * T), "--executor", "local", "--threads", "1", "--quiet",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["nfe"] == 2 * 2 * T
+    candidates = candidates_of(out)
     assert all(c["error"] is None for c in candidates.values())
     assert [candidates[c]["parent"] for c in (2, 3)] == [0, 1]
     assert all(candidates[c]["reward"] is None for c in (0, 1))  # only whole clips are scored
-    assert result.prompts[0].best.candidate == max((2, 3), key=lambda c: (
-        candidates[c]["reward"], -c))
-    with Image.open(tmp_path / "run" / best_clip(0)) as gif:
+    assert data["prompts"][0]["best"]["candidate"] == max(
+        (2, 3), key=lambda c: (candidates[c]["reward"], -c))
+    with Image.open(out / best_clip(0)) as gif:
         assert gif.n_frames == 2 * FRAMES - 1
 
 
@@ -268,4 +275,12 @@ def test_a_frame_tree_still_declares_no_chunks() -> None:
     tree = TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=10, budget_nfe=100, seed=7)
     assert tree.chunks is None and tree.unit == "frame"
     assert tree.named_verifiers() == {"image_verifier": "shapes-clip"}
-    assert isinstance(tree.ask()[0], Task)
+    assert tree.ask()[0].score_on is ScoreOn.FINAL
+
+
+def test_chunks_take_a_sampler_that_cannot_resume() -> None:
+    """Every chunk runs 0 -> T in one call, so the shipped UniPC serves; frames resume."""
+    check_sampler("flow-unipc", chunk_tree())
+    with pytest.raises(JobError, match="sampler: strategy tree-of-frames continues states"):
+        check_sampler("flow-unipc", TreeOfFrames(prompt_index=0, prompt=PROMPT, num_steps=10,
+                                                 budget_nfe=100, seed=7))

@@ -159,6 +159,7 @@ class _FrameChainStrategy(Strategy):
     """What both clip strategies share: the chain, candidate ids, seeds and the clip ranking."""
 
     sampler_needs = frozenset({"resume"})  # frames after the first start at step k (img2img)
+    """What frames need; a chain of chunks needs nothing (:class:`ChunkChain`)."""
 
     def __init__(self, *, unit: str, num_frames: int | None, strength: float | None,
                  num_chunks: int | None, image: str | None, **common: Any) -> None:
@@ -179,6 +180,7 @@ class _FrameChainStrategy(Strategy):
         else:
             self.length = DEFAULT_LENGTH if num_chunks is None else num_chunks
             self.chain = ChunkChain.for_prompt(self.prompt, self.length)
+            self.sampler_needs = frozenset()  # chunks run 0 -> T in one call: any sampler
             if image is not None:
                 _check_image(image)
             self.chunks = Chunks(image=image)
