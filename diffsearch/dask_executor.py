@@ -49,6 +49,7 @@ from diffsearch.runtime import (
     WorkBatch,
     describe_model,
     get_runtime,
+    pin_threads,
 )
 
 SLOTS_REFRESH_S = 5.0
@@ -126,7 +127,7 @@ def run_unit(spec: RuntimeSpec, batch: WorkBatch) -> UnitResult:
     the model would otherwise multiply matrices (MKL) on as many threads as the machine has
     cores, whatever the job's ``threads``.
     """
-    torch.set_num_threads(spec.threads)
+    pin_threads(spec.threads)
     with _DENOISING:
         runtime = get_runtime(spec)  # under the lock: a runtime dropped from the cache loads once
         unit = runtime.compute(batch)
@@ -453,7 +454,6 @@ def _glibc_default_trimming() -> Iterator[None]:
 
 def _visible_gpus() -> list[str]:
     """The CUDA device ids this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
-    import torch
 
     if not torch.cuda.is_available():
         return []

@@ -21,6 +21,7 @@ from diffsearch.runtime import (
     compute_batch,
     describe_model,
     finish_batch,
+    pin_threads,
     run_batch,
 )
 
@@ -104,7 +105,10 @@ class LocalExecutor(Executor):
                 batch = self._pending.popleft()
                 yield batch, run_batch(spec, batch)
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="diffsearch-finish") as finisher:
+        # A new thread starts at OpenMP's default thread count (every core), not the job's:
+        # its verifier passes would round differently and crowd the denoiser's cores.
+        with ThreadPoolExecutor(1, thread_name_prefix="diffsearch-finish",
+                                initializer=pin_threads, initargs=(spec.threads,)) as finisher:
             finishing: Future[UnitResult] | None = None
             finishing_batch: WorkBatch | None = None
             while self._pending or finishing is not None:

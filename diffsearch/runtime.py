@@ -324,7 +324,7 @@ class WorkerRuntime:
         from diffsearch.pipelines.loading import load_model
         from diffsearch.verifiers.registry import create_verifier
 
-        torch.set_num_threads(spec.threads)
+        pin_threads(spec.threads)
         key = spec.model_key
         for sampling in (spec.job_sampling, *spec.samplings):  # refused before any load
             _plan(spec, sampling)
@@ -648,6 +648,13 @@ def _non_finite(latent: torch.Tensor, step: int) -> str | None:
     if torch.isfinite(latent).all():
         return None
     return f"non-finite values (NaN/inf) in the latent at step {step}"
+
+
+def pin_threads(threads: int) -> None:
+    """Pin the calling thread's intra-op CPU threads to the job's ``threads``. Every thread
+    that runs a model or a verifier calls it: a new thread starts at OpenMP's default (every
+    core), whatever the process set elsewhere, and other thread counts round differently."""
+    torch.set_num_threads(threads)
 
 
 def _plan(spec: RuntimeSpec, sampling: Sampling) -> None:
