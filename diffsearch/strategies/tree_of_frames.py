@@ -61,6 +61,9 @@ UNITS = ("frame", "chunk")
 _UNIT_ONLY = {"num_frames": "frame", "strength": "frame", "image_verifier": "frame",
               "num_chunks": "chunk", "image": "chunk"}
 """The options that mean something for one unit only: set for the other, they are refused."""
+_WHAT = {"frame": "one frame, img2img from the one before",
+         "chunk": "a whole image-to-video clip continuing the last frame of the one before"}
+"""What a candidate is, per unit (for the refusals)."""
 
 _CHAIN_OPTIONS: dict[str, options.Check] = {
     "num_frames": options.rule(options.integer, minimum=2, allow_none=True),
@@ -246,10 +249,6 @@ class _FrameChainStrategy(Strategy):
     def best(self) -> Outcome | None:
         """The best finished clip, as its last candidate's outcome."""
         return best_of(self._finished)
-
-
-_WHAT = {"frame": "one frame, img2img from the one before",
-         "chunk": "a whole image-to-video clip continuing the last frame of the one before"}
 
 
 class TreeOfFrames(_FrameChainStrategy):
