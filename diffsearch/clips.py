@@ -31,12 +31,6 @@ if TYPE_CHECKING:
     from diffsearch.runtime import WorkBatch
 
 
-def continues_from_image(denoiser: Denoiser) -> bool:
-    """Whether the adapter's candidates can continue an image (it says so with
-    ``continues_from_image``, e.g. Wan image-to-video)."""
-    return bool(getattr(denoiser, "continues_from_image", False))
-
-
 def join_chain(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """One clip (F, 3, H, W) from a chain's decoded candidates, oldest first: frames (3, H, W)
     are stacked; chunks (F_i, 3, H, W) are concatenated, each continuation without its first
@@ -70,7 +64,7 @@ def condition_on_first_frames(denoiser: Denoiser, batch: WorkBatch,
     """Each task's conditioning with its first frame (``batch.first_frames``): the last frame of
     its parent chunk, decoded from the parent's final latent (each parent once), or an image
     file; a task without one keeps its conditioning."""
-    if not continues_from_image(denoiser):
+    if not denoiser.continues_from_image:
         raise JobError("strategy.unit: chunk makes every candidate continue an image, which "
                        "this model cannot (it is not an image-to-video model); use unit: frame")
     sources = batch.first_frames

@@ -78,6 +78,9 @@ class Denoiser(ABC):
     deterministic: bool = True
     """Whether ``eta = 0`` steps draw no noise. False for an ancestral sampler: its every step
     draws noise, so every ``denoise`` call needs one generator per candidate."""
+    continues_from_image: bool = False
+    """Whether a candidate continues an image (image-to-video: each conditioning gets its first
+    frame from ``condition_on_image(cond, image)``), so Tree-of-Frames can chain whole chunks."""
 
     # ---- prompts -------------------------------------------------------------------------
     @abstractmethod

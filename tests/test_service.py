@@ -361,3 +361,23 @@ def test_what_the_models_family_cannot_take_is_refused_before_it_loads(
             "prompts": ["a red circle on the left"], "model": "configs", **fields})
         assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
         assert http.get("/v1/searches").json()["searches"] == []
+
+
+def test_an_image_to_video_model_with_a_strategy_that_gives_no_first_frame_is_refused(
+        tmp_path: Path) -> None:
+    """Best-of-N gives a Wan image-to-video model no first frame: a 422 before queueing, not a
+    search that fails once it runs."""
+    from tiny_wan import tiny_wan_i2v_pipeline
+
+    from diffsearch.service.backend import LocalBackend
+    from diffsearch.service.config import ServiceConfig
+
+    config = ServiceConfig(data_dir=tmp_path / "data", token=TOKEN,
+                           models={"i2v": str(tiny_wan_i2v_pipeline(tmp_path))},
+                           verifiers=("shapes-video-oracle",), threads=1)
+    with serve(config, LocalBackend()) as url, client(url) as http:
+        answer = http.post("/v1/searches", json={"prompts": ["a red circle on the left"],
+                                                 "model": "i2v"})
+        assert answer.status_code == 422 and answer.json()["field"] == "model", answer.text
+        assert "image-to-video needs a first frame" in answer.json()["detail"]
+        assert http.get("/v1/searches").json()["searches"] == []

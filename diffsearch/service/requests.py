@@ -281,17 +281,20 @@ def check_against_model(job: Job, info: ModelInfo, config: ServiceConfig,
 
 def check_family(job: Job, *, sampler_names: Callable[[str], str] | None = None) -> None:
     """The pre-run checks of the job's sampler, size and negative prompt against the model's
-    family, and of the sampler against the strategy, before queueing and before the model loads:
+    family, of the sampler against the strategy, and that an image-to-video model gets a
+    strategy that gives its first frames, before queueing and before the model loads:
     a refusal is a 422 rather than a search that fails once queued. Reads config files only (a
     model held in process, known once loaded, has no family to check). ``sampler_names``
     rewrites a sampler message in a protocol's own names (A1111's)."""
     from diffsearch.pipelines.sources import ModelNotFoundError
-    from diffsearch.preflight import check_sampler, check_strategies, plan_job
+    from diffsearch.preflight import check_first_frame, check_sampler, check_strategies, plan_job
 
     try:
         plan = plan_job(job)
         if plan is not None:
-            check_sampler(plan.sampler, check_strategies(job, plan.num_steps))
+            strategy = check_strategies(job, plan.num_steps)
+            check_sampler(plan.sampler, strategy)
+            check_first_frame(plan.family, strategy)
     except ModelNotFoundError:
         return  # not on disk: the model's loading reports it (or finds one held in process)
     except DiffsearchError as error:
