@@ -1,11 +1,13 @@
 """How good and how fast the bundled shapes model is; prints and saves JSON.
 
-    python benchmarks/shapes_model.py [--model DIR] [--clip DIR] [--n 256] [--out FILE]
+    python benchmarks/shapes_model.py [--model DIR] [--clip DIR ...] [--n 256] [--out FILE]
 
 * single-sample oracle accuracy (overall, per aspect, per prompt kind) on a fixed seeded set of
   held-out prompts (combinations never trained on) and on training-distribution prompts;
-* how well shapes-clip agrees with the oracle: ROC AUC of the shapes-clip score for
-  oracle-correct versus oracle-wrong generated images (Mann-Whitney rank formula, ties averaged);
+* how well each CLIP guide agrees with the oracle: ROC AUC of its score for oracle-correct
+  versus oracle-wrong generated images (Mann-Whitney rank formula, ties averaged), over the
+  split and per prompt kind; by default for both shipped guides, shapes-clip and
+  shapes-clip-small, on the same images;
 * the wall time of generating 32 images at the shipped step count with StableDiffusionPipeline
   directly, after a warm-up, and the torch thread count it ran with.
 
@@ -27,10 +29,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from diffsearch.pipelines.shapes import bundled_defaults, bundled_model_path, world
-from diffsearch.pipelines.shapes.clip_model import WEIGHTS_DIR as CLIP_WEIGHTS
+from diffsearch.pipelines.shapes.clip_model import SMALL_WEIGHTS_DIR, WEIGHTS_DIR
 from diffsearch.pipelines.shapes.oracle import judge
 from diffsearch.seeding import derive_seed, torch_generator
-from diffsearch.verifiers.shapes import ShapesClipVerifier
+from diffsearch.verifiers.shapes import ShapesClipSmallVerifier, ShapesClipVerifier
 
 from _report import RESULTS
 
@@ -90,6 +92,17 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def guide_label(folder: Path) -> str:
+    """The verifier name of a shipped CLIP folder, else the folder as given."""
+    shipped = {WEIGHTS_DIR.resolve(): ShapesClipVerifier.name,
+               SMALL_WEIGHTS_DIR.resolve(): ShapesClipSmallVerifier.name}
+    return shipped.get(folder.resolve(), str(folder))
+
+
+def kind_of(prompt: str) -> str:
+    return type(world.parse(prompt)).__name__.lower()
+
+
 def accuracy(images: np.ndarray, prompts: list[str]) -> tuple[dict, np.ndarray]:
     """Oracle summary (overall, per aspect, per kind) and the per-image correctness."""
     correct = np.zeros(len(prompts), dtype=bool)
@@ -99,7 +112,7 @@ def accuracy(images: np.ndarray, prompts: list[str]) -> tuple[dict, np.ndarray]:
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         verdict = judge(image, prompt)
         correct[i] = verdict.correct
-        kind = type(world.parse(prompt)).__name__.lower()
+        kind = kind_of(prompt)
         kinds[kind].append(verdict.correct)
         for name, ok in verdict.aspects.items():
             aspects[name].append(ok)
@@ -138,16 +151,18 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid).resize(size, Image.Resampling.NEAREST).save(path)
 
 
-def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None,
-        out: Path) -> dict:
+def run(model: Path, clips: list[Path], n: int, seed: int, guidance_scale: float | None,
+        out: Path, timing: bool = True) -> dict:
     """The report; sample grids go beside ``out`` (``<stem>_<split>_samples.png``)."""
     pipe = load_pipeline(model)
     defaults = bundled_defaults(model)
     if guidance_scale is not None:
         defaults = defaults | {"guidance_scale": guidance_scale}
-    verifier = ShapesClipVerifier(weights=str(clip))
-    report: dict = {"model": str(model), "clip": str(clip), "seed": seed, "defaults": defaults}
-    all_scores, all_correct = [], []
+    guides = {guide_label(c): ShapesClipVerifier(weights=str(c)) for c in clips}
+    report: dict = {"model": str(model), "clips": {k: v.weights for k, v in guides.items()},
+                    "seed": seed, "defaults": defaults}
+    all_scores: dict[str, list[np.ndarray]] = defaultdict(list)
+    all_correct = []
     for split, prompts in (
         ("heldout", world.heldout_prompts(n, seed)),
         ("train", world.train_prompts(n, seed)),
@@ -155,30 +170,42 @@ def run(model: Path, clip: Path, n: int, seed: int, guidance_scale: float | None
         images = generate(pipe, prompts, seed, defaults)
         summary, correct = accuracy(images, prompts)
         tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        scores = verifier.score(tensors, prompts).numpy()
-        summary["clip_auc"] = roc_auc(scores, correct)
+        kinds = np.array([kind_of(p) for p in prompts])
+        summary["clip_auc"], summary["clip_auc_per_kind"] = {}, {}
+        for name, guide in guides.items():
+            scores = guide.score(tensors, prompts).numpy()
+            summary["clip_auc"][name] = roc_auc(scores, correct)
+            summary["clip_auc_per_kind"][name] = {
+                k: roc_auc(scores[kinds == k], correct[kinds == k]) for k in sorted(set(kinds))}
+            all_scores[name].append(scores)
         report[split] = summary
-        all_scores.append(scores)
         all_correct.append(correct)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out.with_name(f"{out.stem}_{split}_samples.png"))
-    report["clip_auc_all"] = roc_auc(np.concatenate(all_scores), np.concatenate(all_correct))
-    report["timing"] = time_generation(pipe, defaults)
+    correct = np.concatenate(all_correct)
+    report["clip_auc_all"] = {
+        name: roc_auc(np.concatenate(scores), correct) for name, scores in all_scores.items()}
+    if timing:
+        report["timing"] = time_generation(pipe, defaults)
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=bundled_model_path())
-    parser.add_argument("--clip", type=Path, default=CLIP_WEIGHTS)
+    parser.add_argument("--clip", type=Path, nargs="+", default=[WEIGHTS_DIR, SMALL_WEIGHTS_DIR],
+                        help="shapes-clip folders to measure (default: both shipped guides)")
     parser.add_argument("--n", type=int, default=256, help="prompts per split (>= 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=None, help="override the default")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "shapes_model.json")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="leave out the generation timing (meaningless on a loaded machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = run(args.model, args.clip, args.n, args.seed, args.guidance_scale, args.out)
+    report = run(args.model, args.clip, args.n, args.seed, args.guidance_scale, args.out,
+                 timing=not args.skip_timing)
     text = json.dumps(report, indent=2)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
