@@ -1,4 +1,4 @@
-"""shapes-oracle and shapes-clip as diffsearch verifiers."""
+"""shapes-oracle, shapes-clip and shapes-clip-small as diffsearch verifiers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffsearch.pipelines.shapes import world
+from diffsearch.pipelines.shapes import clip_model, world
 from diffsearch.verifiers.base import MissingWeightsError, VerifierError
-from diffsearch.verifiers.shapes import ShapesClipVerifier, ShapesOracleVerifier
+from diffsearch.verifiers.registry import create_verifier
+from diffsearch.verifiers.shapes import (
+    ShapesClipSmallVerifier,
+    ShapesClipVerifier,
+    ShapesOracleVerifier,
+)
 
 
 def _batch(prompts: list[str], seed: int = 0) -> torch.Tensor:
@@ -16,9 +21,10 @@ def _batch(prompts: list[str], seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-@pytest.fixture(scope="module")
-def clip() -> ShapesClipVerifier:
-    return ShapesClipVerifier()
+@pytest.fixture(scope="module", params=[ShapesClipVerifier, ShapesClipSmallVerifier])
+def clip(request) -> ShapesClipVerifier:
+    """Both shipped shapes CLIPs: every property below holds for each."""
+    return request.param()
 
 
 def _near_misses(prompts: list[str], seed: int) -> list[str]:
@@ -75,3 +81,15 @@ def test_clip_weights_option(tmp_path, clip) -> None:
         ShapesClipVerifier(weights=str(tmp_path))
     with pytest.raises(VerifierError, match="no option"):
         ShapesClipVerifier(temperature=2)
+
+
+def test_both_shipped_clips_are_registered_with_their_own_weights() -> None:
+    big, small = create_verifier("shapes-clip"), create_verifier("shapes-clip-small")
+    assert type(small) is ShapesClipSmallVerifier and small.name == "shapes-clip-small"
+    assert big.weights == str(clip_model.WEIGHTS_DIR)
+    assert small.weights == str(clip_model.SMALL_WEIGHTS_DIR)
+    prompts = world.train_prompts(8, seed=4)
+    images = _batch(prompts)
+    assert not torch.allclose(big.score(images, prompts), small.score(images, prompts))
+    # an explicit folder still wins over the default one
+    assert ShapesClipSmallVerifier(weights=big.weights).weights == big.weights

@@ -58,6 +58,7 @@ BUILTINS: dict[str, str] = {
     "ensemble": "diffsearch.verifiers.ensemble:EnsembleVerifier",
     "shapes-oracle": "diffsearch.verifiers.shapes:ShapesOracleVerifier",
     "shapes-clip": "diffsearch.verifiers.shapes:ShapesClipVerifier",
+    "shapes-clip-small": "diffsearch.verifiers.shapes:ShapesClipSmallVerifier",
     "shapes-video": "diffsearch.verifiers.video:ShapesVideoVerifier",
     "shapes-video-oracle": "diffsearch.verifiers.video:ShapesVideoOracleVerifier",
     "frames": "diffsearch.verifiers.frames:FramesVerifier",

@@ -4,7 +4,9 @@
 the share of the prompt's aspects it gets right, so it is exact but only speaks the grammar.
 ``shapes-clip`` is a learned judge (cosine similarity of a tiny CLIP trained on the world):
 imperfect like any real reward model, which is what makes it useful for studying search with an
-exact held-out metric beside it.
+exact held-out metric beside it. ``shapes-clip-small`` is the first shipped version of it,
+trained on renders only, which agrees with the oracle less (see pipelines/shapes/README.md): a
+guide that search over-optimises readily.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ShapesClipVerifier(Verifier):
 
     name: ClassVar[str] = "shapes-clip"
     input_size: ClassVar[int | None] = SIZE
+    default_weights: ClassVar[Path] = clip_model.WEIGHTS_DIR
+    """The shipped folder used when no ``weights`` option is given."""
     chunk: ClassVar[int] = 16
     """Images are encoded in padded chunks of exactly this many rows, so a row's score does not
     depend on how many images came with it (CPU kernels vary with batch shape)."""
@@ -63,7 +67,7 @@ class ShapesClipVerifier(Verifier):
         self, device: str | torch.device = "cpu", weights: str | None = None, **options: object
     ) -> None:
         super().__init__(device, **options)
-        folder = Path(weights) if weights else clip_model.WEIGHTS_DIR
+        folder = Path(weights) if weights else self.default_weights
         try:
             self.model, self.tokenizer = clip_model.load(folder, device=self.device)
         except FileNotFoundError as error:
@@ -100,3 +104,10 @@ class ShapesClipVerifier(Verifier):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"weights": self.weights}
+
+
+class ShapesClipSmallVerifier(ShapesClipVerifier):
+    """The first shipped shapes CLIP (renders only): a weaker guide, for studying hacking."""
+
+    name: ClassVar[str] = "shapes-clip-small"
+    default_weights: ClassVar[Path] = clip_model.SMALL_WEIGHTS_DIR

@@ -31,6 +31,10 @@ MODEL_NAME = "shapes-clip"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "clip"
+"""``shapes-clip``: the guide every default uses."""
+SMALL_WEIGHTS_DIR = Path(__file__).parent / "weights" / "clip-small"
+"""``shapes-clip-small``: the first shipped guide, trained on renders only; kept because its
+weaker agreement with the oracle is what makes reward hacking easy to see."""
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 

@@ -20,10 +20,13 @@ one whatever their prompts: the pooled ranking a guide's AUC against the oracle 
 ``--init`` starts from a trained shapes-clip folder (its architecture and weights), so the
 render-only phase is not paid twice. The shipped ``shapes-clip`` came from
 
-    python -m diffsearch.pipelines.shapes.clip_samples --out runs/clip-samples.npz --n 4000
+    python -m diffsearch.pipelines.shapes.clip_samples --out runs/clip-samples.npz --n 2560
     python -m diffsearch.pipelines.shapes.train_clip --out pipelines/shapes/weights/clip \
         --init pipelines/shapes/weights/clip-small --samples runs/clip-samples.npz \
-        --steps STEPS --lr 3e-4 --by-step
+        --steps 1000 --minutes 32 --batch 64 --lr 3e-4
+
+and ``shapes-clip-small`` from the renders-only form (``--steps 1500 --minutes 15``, 1030 steps
+reached); see pipelines/shapes/README.md.
 """
 
 from __future__ import annotations
