@@ -69,13 +69,15 @@ def test_steps_guidance_and_verifier_sets_share_one_model_copy(heavy_model):
         other_guidance = get_runtime(RuntimeSpec.from_job(
             job(heavy_model, 4, VERIFIER_SETS[0]).model_copy(update={"guidance_scale": 3.0})))
     assert model_cache.MODELS.loads == models + 1
-    assert model_cache.VERIFIERS.loads == verifiers + 2  # shapes-clip and shapes-oracle
+    # shapes-clip and shapes-oracle at most (earlier tests in this process may hold them)
+    assert model_cache.VERIFIERS.loads - verifiers <= 2
     pipes = {id(r.denoiser.pipe) for r in [*runtimes, other_guidance]}
     assert len(pipes) == 1
     assert [r.denoiser.num_steps for r in runtimes[::3]] == list(range(1, 13))
     assert other_guidance.denoiser.guidance_scale == 3.0
-    clips = {id(r.verifiers["shapes-clip"]) for r in runtimes if "shapes-clip" in r.verifiers}
-    assert len(clips) == 1
+    for label in ("shapes-clip", "shapes-oracle"):
+        copies = {id(r.verifiers[label]) for r in runtimes if label in r.verifiers}
+        assert len(copies) == 1, label
 
 
 def test_the_least_recently_used_model_goes_past_the_limit(heavy_model):
