@@ -88,6 +88,33 @@ def discrete_scheduler(scheduler: Any, sampler: str | None) -> tuple[str, type, 
     return sampler, cls, built
 
 
+class DiscreteHooks:
+    """The sampler hooks of :class:`~diffsearch.pipelines._adapter.DiffusersDenoiser` for every
+    adapter on a discrete noise schedule (SD, SDXL, PixArt-Sigma, CogVideoX), delegated to its
+    :class:`DiscreteSampler` (``self._sampler``, built over the never-stepped ``self._schedule``).
+    Listed before the adapter base: ``class X(DiscreteHooks, DiffusersDenoiser)``."""
+
+    _sampler: DiscreteSampler
+    _schedule: Any
+
+    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._sampler.model_input(scheduler, x, t)
+
+    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
+              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sampler.step(scheduler, step, x, output, eta, noise)
+
+    def _noise_std(self, step: int) -> float:
+        return self._sampler.step_noise_std(step)
+
+    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
+                         noise: torch.Tensor) -> torch.Tensor:
+        return self._sampler.renoise(x, from_step, to_step, noise)
+
+    def noise_scale(self) -> float:
+        return float(self._schedule.init_noise_sigma)
+
+
 class DiscreteSampler(ABC):
     """Step, stochastic step and forward process of one discrete-time scheduler.
 

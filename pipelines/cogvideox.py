@@ -34,7 +34,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 
 from diffsearch.pipelines._adapter import NEGATIVE, DiffusersDenoiser
-from diffsearch.pipelines._discrete import DDIMSampler
+from diffsearch.pipelines._discrete import DDIMSampler, DiscreteHooks
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class CogVideoXDDIMSampler(DDIMSampler):
         return math.sqrt(max((1 - a_next) / (1 - a_t) * (1 - a_t / a_next), 0.0))
 
 
-class CogVideoXDenoiser(DiffusersDenoiser):
+class CogVideoXDenoiser(DiscreteHooks, DiffusersDenoiser):
     """A ``CogVideoXPipeline`` as a resumable, batched, seeded sampler of whole clips.
 
     ``height`` / ``width`` / ``num_frames`` default to the pipeline's (the transformer's sample
@@ -160,23 +160,6 @@ class CogVideoXDenoiser(DiffusersDenoiser):
             image_rotary_emb=self._rotary, return_dict=False,
         )[0]
         return self._guided(output).permute(0, 2, 1, 3, 4)
-
-    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return scheduler.scale_model_input(x, t)
-
-    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
-              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._sampler.step(scheduler, step, x, output, eta, noise)
-
-    def _noise_std(self, step: int) -> float:
-        return self._sampler.step_noise_std(step)
-
-    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
-                         noise: torch.Tensor) -> torch.Tensor:
-        return self._sampler.renoise(x, from_step, to_step, noise)
-
-    def noise_scale(self) -> float:
-        return float(self._schedule.init_noise_sigma)
 
     def _to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae_scaling_factor_image

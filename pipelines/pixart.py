@@ -33,10 +33,10 @@ import torch
 from diffusers.utils import is_bs4_available, is_ftfy_available
 
 from diffsearch.pipelines._adapter import NEGATIVE, DiffusersDenoiser
-from diffsearch.pipelines._discrete import discrete_scheduler, sampler_for
+from diffsearch.pipelines._discrete import DiscreteHooks, discrete_scheduler, sampler_for
 
 
-class PixArtSigmaDenoiser(DiffusersDenoiser):
+class PixArtSigmaDenoiser(DiscreteHooks, DiffusersDenoiser):
     """A PixArtSigmaPipeline as a resumable, batched, seeded sampler (see module docstring).
 
     ``height`` / ``width`` default to the pipeline's default (the transformer's sample size
@@ -109,23 +109,6 @@ class PixArtSigmaDenoiser(DiffusersDenoiser):
         if self._learned_sigma:
             output = output.chunk(2, dim=1)[0]
         return self._guided(output)
-
-    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._sampler.model_input(scheduler, x, t)
-
-    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
-              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._sampler.step(scheduler, step, x, output, eta, noise)
-
-    def _noise_std(self, step: int) -> float:
-        return self._sampler.step_noise_std(step)
-
-    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
-                         noise: torch.Tensor) -> torch.Tensor:
-        return self._sampler.renoise(x, from_step, to_step, noise)
-
-    def noise_scale(self) -> float:
-        return float(self._schedule.init_noise_sigma)
 
     def _to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae.config.scaling_factor

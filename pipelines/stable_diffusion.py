@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from diffsearch.pipelines._adapter import NEGATIVE, DiffusersDenoiser
-from diffsearch.pipelines._discrete import discrete_scheduler, sampler_for
+from diffsearch.pipelines._discrete import DiscreteHooks, discrete_scheduler, sampler_for
 
 
-class StableDiffusionDenoiser(DiffusersDenoiser):
+class StableDiffusionDenoiser(DiscreteHooks, DiffusersDenoiser):
     """A StableDiffusionPipeline as a resumable, batched, seeded sampler.
 
     ``height`` / ``width`` default to the pipeline's own default (the UNet's sample size times
@@ -85,23 +85,6 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
     def _extra_unet_inputs(self, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
         """UNet keyword inputs beyond the text embeddings (SDXL's added conditions)."""
         return {}
-
-    def _model_input(self, scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._sampler.model_input(scheduler, x, t)
-
-    def _step(self, scheduler: Any, step: int, x: torch.Tensor, output: torch.Tensor,
-              eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._sampler.step(scheduler, step, x, output, eta, noise)
-
-    def _noise_std(self, step: int) -> float:
-        return self._sampler.step_noise_std(step)
-
-    def _forward_process(self, x: torch.Tensor, from_step: int, to_step: int,
-                         noise: torch.Tensor) -> torch.Tensor:
-        return self._sampler.renoise(x, from_step, to_step, noise)
-
-    def noise_scale(self) -> float:
-        return float(self._schedule.init_noise_sigma)
 
     def _to_vae(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipe.vae.config
