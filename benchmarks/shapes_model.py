@@ -7,8 +7,9 @@
 * how well each CLIP guide agrees with the oracle: ROC AUC of its score for oracle-correct
   versus oracle-wrong generated images (Mann-Whitney rank formula, ties averaged), over the
   split and per prompt kind; by default for both shipped guides, shapes-clip and
-  shapes-clip-small, on the same images; with bootstrap 95% intervals (images resampled) for
-  each guide's AUC and for the paired difference of the first guide minus each other one;
+  shapes-clip-small, on the same images; with bootstrap 95% intervals for each guide's AUC and
+  for the paired difference of the first guide minus each other one (prompts resampled, each
+  with all its images: the draws repeat prompts, and one prompt's images are not independent);
 * the wall time of generating 32 images at the shipped step count with StableDiffusionPipeline
   directly, after a warm-up, and the torch thread count it ran with.
 
@@ -109,14 +110,21 @@ def _interval(values: np.ndarray) -> list[float]:
     return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
 
 
-def bootstrap_auc(scores: dict[str, np.ndarray], correct: np.ndarray, seed: int) -> dict:
+def bootstrap_auc(scores: dict[str, np.ndarray], correct: np.ndarray, prompts: list[str],
+                  seed: int) -> dict:
     """95% percentile intervals of each guide's AUC and of the first guide's AUC minus each
-    other's, over the same resampled images (so the difference is paired)."""
+    other's, over the same resamples (so the difference is paired). A resample draws distinct
+    prompts with replacement and takes every image of each (a cluster bootstrap)."""
     rng = np.random.default_rng(seed)
     names = list(scores)
+    groups = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        groups[prompt].append(i)
+    clusters = list(groups.values())
     draws: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(BOOTSTRAP):
-        pick = rng.integers(0, len(correct), len(correct))
+        chosen = rng.integers(0, len(clusters), len(clusters))
+        pick = np.concatenate([clusters[c] for c in chosen])
         for name in names:
             draws[name].append(roc_auc(scores[name][pick], correct[pick]))
     values = {name: np.asarray(draws[name], dtype=float) for name in names}
@@ -208,7 +216,7 @@ def run(model: Path, clips: list[Path], n: int, seed: int, guidance_scale: float
                 k: roc_auc(scores[kinds == k], correct[kinds == k]) for k in sorted(set(kinds))}
             all_scores[name].append(scores)
             split_scores[name] = scores
-        summary["clip_auc_ci95"] = bootstrap_auc(split_scores, correct, seed)
+        summary["clip_auc_ci95"] = bootstrap_auc(split_scores, correct, prompts, seed)
         report[split] = summary
         all_correct.append(correct)
         out.parent.mkdir(parents=True, exist_ok=True)

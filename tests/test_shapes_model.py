@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -197,3 +199,27 @@ def test_clip_trainer_with_samples_and_init(tmp_path) -> None:
     after = load_file(second / clip_model.WEIGHTS_FILE)
     # started from first's weights (a fresh seed-1 init would differ everywhere)
     assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+
+
+def test_benchmark_auc_intervals_are_paired_and_resample_prompts() -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import shapes_model  # benchmarks/ is a folder of scripts, not a package
+
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i % 30}" for i in range(120)]
+    correct = rng.random(120) < 0.5
+    good = correct + rng.normal(0, 0.6, 120)
+    noise = rng.normal(0, 1, 120)
+    report = shapes_model.bootstrap_auc({"good": good, "same": good.copy(), "noise": noise},
+                                        correct, prompts, seed=0)
+    assert report["difference"]["good - same"] == [0.0, 0.0]  # paired: identical scores
+    low, high = report["auc"]["good"]
+    assert low < shapes_model.roc_auc(good, correct) < high
+    assert report["difference"]["good - noise"][0] > 0
+    # resampling whole prompts: one prompt's 4 images move together, so a prompt-level effect
+    # widens the interval compared with the same scores spread over distinct prompts
+    shared = rng.normal(0, 1, 30)[np.arange(120) % 30]  # image i shows prompt i % 30
+    clustered = shapes_model.bootstrap_auc({"x": shared}, correct, prompts, seed=0)["auc"]["x"]
+    distinct = shapes_model.bootstrap_auc(
+        {"x": shared}, correct, [f"q{i}" for i in range(120)], seed=0)["auc"]["x"]
+    assert clustered[1] - clustered[0] > distinct[1] - distinct[0]
