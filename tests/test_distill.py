@@ -335,3 +335,14 @@ def test_cli_refuses_a_used_output_folder(setup) -> None:
                      setup.eval_file, "--out", setup.out, "--quiet")
     assert result.exit_code == 2
     assert "exists and is not an empty folder" in result.stderr
+
+
+def test_the_small_bundled_guide_is_distillable_like_the_guide() -> None:
+    """``shapes-clip-small`` is the same network with other weights: its student starts as it
+    and scores exactly as it does."""
+    teacher = create_verifier("shapes-clip-small")
+    adapter = distillable(teacher)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle on the left", "two blue squares"]
+    torch.testing.assert_close(adapter.score(adapter.new_student(), images, prompts).detach(),
+                               teacher.score(images, prompts))

@@ -34,7 +34,7 @@ from diffsearch.pipelines.shapes import clip_model
 from diffsearch.verifiers.base import Verifier, VerifierError
 from diffsearch.verifiers.clip import ClipVerifier
 from diffsearch.verifiers.registry import FOLDER_MANIFEST
-from diffsearch.verifiers.shapes import ShapesClipVerifier
+from diffsearch.verifiers.shapes import ShapesClipSmallVerifier, ShapesClipVerifier
 
 CLIP_STUDENT_WEIGHTS = "open_clip_model.safetensors"
 """The student's weights file in a ``clip`` student folder (open_clip reads safetensors)."""
@@ -180,6 +180,7 @@ class ClipDistillable(_OpenClipDistillable):
 
 DISTILLABLE: dict[type[Verifier], type[Distillable]] = {
     ShapesClipVerifier: ShapesClipDistillable,
+    ShapesClipSmallVerifier: ShapesClipDistillable,  # the same network, other weights
     ClipVerifier: ClipDistillable,
 }
 """Verifier class -> its distillation; exact classes, since a subclass may score differently."""
