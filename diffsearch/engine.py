@@ -435,8 +435,11 @@ class _UnitBuilder:
 
     def work_batch(self, tasks: list[Task]) -> WorkBatch:
         store = self.store
-        sources = tuple(None if t.source_candidate is None
-                        else store.latent_ref(t.prompt_index, t.source_candidate) for t in tasks)
+        # A task that starts at the last step (a 0-NFE re-scoring) starts from its source's
+        # final latent, rolled out when the source stopped earlier; others from its state.
+        sources = tuple(None if t.source_candidate is None else store.latent_ref(
+            t.prompt_index, t.source_candidate,
+            final=t.start == self.states[t.prompt_index].sampling.num_steps) for t in tasks)
         clips = tuple(self._clip_frames(t) for t in tasks) \
             if any(t.score_on is ScoreOn.CLIP for t in tasks) else ()
         first_frames = tuple(self._first_frame(t) for t in tasks)

@@ -47,11 +47,15 @@ class MemoryWorker:
         self.fail = fail
         self.states: dict[int, tuple[int, torch.Tensor]] = {}
         """candidate -> (step, latent at that step)."""
+        self.finals: dict[int, torch.Tensor] = {}
+        """candidate -> its final latent, for candidates scored on their final image."""
 
     def run(self, task: Task) -> Outcome:
         d = self.denoiser
         if task.source_candidate is None:
             latent, source_step = d.initial_noise([task.seed]), 0
+        elif task.start == d.num_steps:  # re-scoring: from the source's final latent, as the
+            source_step, latent = d.num_steps, self.finals[task.source_candidate][None]  # engine
         else:
             source_step, latent = self.states[task.source_candidate]
             latent = latent.unsqueeze(0)
@@ -72,6 +76,8 @@ class MemoryWorker:
         if task.score_on is ScoreOn.FINAL and task.end < d.num_steps:
             scored = d.denoise(result.latents, cond, task.end, d.num_steps, eta=task.eta,
                                generators=steps).latents
+        if task.score_on is ScoreOn.FINAL:
+            self.finals[task.candidate] = scored[0]
         name = task.verifier or self.guiding
         reward = float(FAKE_VERIFIERS[name](d.decode(scored))[0])
         return Outcome(task.prompt_index, task.candidate, task.end, reward, {name: reward},
@@ -105,6 +111,8 @@ def check_round(strategy: Strategy, tasks: Sequence[Task], steps: dict[int, int]
         assert task.source_candidate in steps, (
             f"candidate {task.candidate} starts from {task.source_candidate}, not told yet")
         source_step = steps[task.source_candidate]
+        if task.start == task.end == strategy.num_steps:
+            continue  # a 0-NFE re-scoring: from the source's final latent, wherever it stopped
         if task.perturbation is not None and task.perturbation.kind is PerturbKind.RENOISE:
             assert task.perturbation.to_step == task.start < source_step
         else:

@@ -17,6 +17,7 @@ from diffsearch.errors import JobError
 from diffsearch.job import Job
 from diffsearch.preflight import check_strategies, check_verifiers
 from diffsearch.runtime import RuntimeSpec, WorkerRuntime, register_runtime
+from diffsearch.store import RunStore
 from diffsearch.strategies.best_of_n import BestOfN
 from diffsearch.strategies.evosearch import EvoSearch
 from diffsearch.strategies.options import OptionError
@@ -138,20 +139,26 @@ def test_held_out_rescoring_round_costs_nothing_and_decides_the_pick() -> None:
         worker.states[s.best().candidate][1][None]))[0]))
 
 
-def test_only_answers_whose_latent_is_final_are_rescored() -> None:
-    # EvoSearch's earlier generations stop before the last step and keep their final latent
-    # apart: a 0-NFE task cannot start from it, so only the last generation is re-scored
+def test_answers_that_stopped_before_the_last_step_are_rescored_from_their_final_latent(
+        ) -> None:
+    # EvoSearch's earlier generations stop before the last step and are rolled out to be
+    # scored: a 0-NFE task starts from that rolled-out final latent, so they compete too
     worker = MemoryWorker(FakeDenoiser(num_steps=10))
     s = EvoSearch.from_options({"select": {"method": "held-out", "verifiers": ["greenness"],
                                            "top": 50}}, **common(num_steps=10, budget=200))
     record = play(s, worker.run)
-    rescoring, _ = record.rounds[-1]
+    rescoring, outcomes = record.rounds[-1]
     assert rescoring and all(t.verifier == "greenness" and t.start == t.end == 10
                              for t in rescoring)
-    sources = {t.source_candidate for t in rescoring}
-    ended_at_the_last_step = {t.candidate for t in record.tasks if t.end == 10
-                              and t.score_on is ScoreOn.FINAL and t.verifier is None}
-    assert sources == ended_at_the_last_step
+    answers = {t.candidate: t for t in record.tasks
+               if t.score_on is ScoreOn.FINAL and t.verifier is None}
+    sources = [t.source_candidate for t in rescoring]
+    assert set(sources) <= set(answers)
+    assert any(answers[c].end < 10 for c in sources)  # an earlier generation's answer
+    for task, outcome in zip(rescoring, outcomes):  # scored on the answer's own final image
+        final = worker.finals[task.source_candidate][None]
+        expected = float(GreennessVerifier().score(worker.denoiser.decode(final), [""])[0])
+        assert outcome.reward == pytest.approx(expected)
     assert record.nfe == s.planned_nfe <= 200
 
 
@@ -207,3 +214,24 @@ def test_an_unknown_select_verifier_is_refused_before_the_run() -> None:
     with pytest.raises(JobError, match="strategy.select.verifiers.0: unknown verifier "
                                        "'no-such-judge'"):
         check_verifiers(job, strategy)
+
+
+def test_the_engine_rescores_an_earlier_generation_from_its_rolled_out_final(tmp_path: Path
+                                                                             ) -> None:
+    """EvoSearch's earlier generations stop before the last step; a 0-NFE re-scoring task
+    reads the source's rolled-out final latent from the store, not its state at that step."""
+    strategy = {"name": "evosearch",
+                "select": {"method": "held-out", "verifiers": ["greenness"], "top": 50}}
+    job = fake_job(strategy=strategy, budget="20x", prompts=["a"])
+    denoiser = FakeDenoiser(num_steps=10)
+    register_runtime(WorkerRuntime(RuntimeSpec.from_job(job), denoiser, _create))
+    run_job(job, tmp_path / "run", progress_bar=False)
+    store = RunStore.open(tmp_path / "run" / "store.zarr", writable=False)
+    records = {r.candidate: r for r in store.finished_candidates(0)}
+    rescored = [r for r in records.values() if "greenness" in r.scores]
+    early = [r for r in rescored if records[r.parent].step < 10]
+    assert early, "no earlier-generation answer was re-scored"
+    for record in early:
+        final = store.read_latents(0, [record.parent], final=True)
+        expected = float(GreennessVerifier().score(denoiser.decode(final), [""])[0])
+        assert record.scores["greenness"] == pytest.approx(expected, abs=1e-6)

@@ -149,7 +149,7 @@ class RoundStrategy(Strategy):
         final latent (``start == end`` = the last step), scored by that verifier."""
         tasks = []
         last = self.num_steps
-        for answer in selection.to_rescore(self.select, ranked(self._answers), last):
+        for answer in selection.to_rescore(self.select, ranked(self._answers)):
             for verifier in self.select.verifiers:
                 task = self._task(start=last, end=last, score_on=ScoreOn.FINAL,
                                   source=answer.candidate, verifier=verifier)

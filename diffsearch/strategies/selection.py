@@ -23,14 +23,12 @@ guide alone does not decide::
 - ``held-out``: the guide's ``top`` answers are re-scored by the one verifier named, used only
   for this pick; its best wins (the guide's order breaks ties).
 
-Re-scoring costs no NFE: a task from a finished answer's latent with ``start == end ==`` the
-last step decodes it and scores it with the task's own verifier. Only answers whose stored
-latent *is* their final latent can be re-scored so (their task ended at the last step); an
-answer whose task stopped earlier and was rolled out to be scored (EvoSearch's earlier
-generations, zero-order's noises) keeps its final latent apart, which a task cannot start from,
-so such answers are left out of the re-scored ``top`` (see :func:`rescorable`). An answer
-whose re-scoring failed is left out of the pick; if none is left, the guide's argmax is
-returned.
+Re-scoring costs no NFE: a task with ``start == end ==`` the last step starts from its source's
+final latent (the engine reads the rolled-out one when the source's task stopped earlier, as
+EvoSearch's earlier generations and zero-order's noises do), decodes it and scores it with the
+task's own verifier. Every answer is scored on its final image, so every one can be re-scored
+(see :func:`rescorable`). An answer whose re-scoring failed is left out of the pick; if none is
+left, the guide's argmax is returned.
 """
 
 from __future__ import annotations
@@ -118,18 +116,18 @@ def check_select(name: str, value: Any) -> Selection:
     return Selection(method, temperature, verifiers, top)
 
 
-def rescorable(answer: Outcome, num_steps: int) -> bool:
-    """Whether a 0-NFE task can re-score ``answer``: its stored latent is its final one."""
-    return answer.ok and answer.reward is not None and answer.step == num_steps
+def rescorable(answer: Outcome) -> bool:
+    """Whether a 0-NFE task can re-score ``answer``: it finished and was scored (an answer is
+    scored on its final image, so its final latent is stored)."""
+    return answer.ok and answer.reward is not None
 
 
-def to_rescore(selection: Selection, ranked_answers: Sequence[Outcome],
-               num_steps: int) -> list[Outcome]:
+def to_rescore(selection: Selection, ranked_answers: Sequence[Outcome]) -> list[Outcome]:
     """The answers whose re-scoring decides the pick: the guide's ``top`` best re-scorable
     ones, best first ([] for the methods that need no other verifier)."""
     if not selection.rescores:
         return []
-    eligible = [a for a in ranked_answers if rescorable(a, num_steps)]
+    eligible = [a for a in ranked_answers if rescorable(a)]
     return eligible[: selection.top]
 
 
