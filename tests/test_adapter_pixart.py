@@ -129,7 +129,7 @@ def test_sizes_off_the_patch_grid_are_refused(pipe, folder):
 @pytest.mark.parametrize(("strategy", "budget"), [("best-of-n", "3x"), ("evosearch", "12x")])
 def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget):
     assert isinstance(load_denoiser(str(folder)), PixArtSigmaDenoiser)
-    results = generate(folder, tmp_path / "run", strategy, "redness", budget)
+    results = generate(folder, tmp_path / "run", strategy, "shapes-oracle", budget)
     (prompt,) = results["prompts"]
     assert results["nfe"] <= int(budget[:-1]) * 3 and results["failed_candidates"] == 0
     assert (tmp_path / "run" / prompt["best"]["image"]).is_file()

@@ -157,7 +157,7 @@ def test_sizes_off_the_dc_ae_grid_are_refused(pipe, folder):
 ], ids=["best-of-n", "evosearch", "best-of-n-flow-dpm++"])
 def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy, budget, flags):
     assert isinstance(load_denoiser(str(folder)), SanaDenoiser)
-    results = generate(folder, tmp_path / "run", strategy, "redness", budget, *flags)
+    results = generate(folder, tmp_path / "run", strategy, "shapes-oracle", budget, *flags)
     assert results["job"]["sampler"] == (flags[1] if flags else None)
     (prompt,) = results["prompts"]
     assert results["nfe"] <= int(budget[:-1]) * 3 and results["failed_candidates"] == 0
@@ -168,7 +168,7 @@ def test_a_saved_folder_runs_through_the_command_line(folder, tmp_path, strategy
 
 
 def test_a_resuming_strategy_with_the_flow_dpm_solver_is_refused_in_one_line(folder, tmp_path):
-    result = invoke_generate(folder, tmp_path / "run", "evosearch", "redness", "12x",
+    result = invoke_generate(folder, tmp_path / "run", "evosearch", "shapes-oracle", "12x",
                              "--sampler", "flow-dpm++")
     assert result.exit_code == 2 and "Traceback" not in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]

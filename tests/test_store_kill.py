@@ -69,6 +69,7 @@ def write_all(path: Path) -> None:
                      np.stack([latent(t.prompt_index, t.candidate) for t in unit]),
                      np.stack([latent(t.prompt_index, t.candidate, final=True) for t in unit]))
         store.flush()
+        print("unit", flush=True)
     store.close()
 
 
@@ -111,7 +112,11 @@ def test_killed_writer_leaves_a_store_that_resumes_exactly(tmp_path):
     done = 0
     for _ in range(KILLS):
         writer = start_writer(path)
-        time.sleep(rng.uniform(0.0, 0.4))
+        # after a few units (so kills never outrun a fast machine: at most 6 x 6 of the 48
+        # units get done), then at a random moment of the next unit's write
+        for _ in range(rng.randint(1, 6)):
+            assert writer.stdout.readline() == "unit\n", writer.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.05))
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         assert writer.returncode == -signal.SIGKILL, "the writer finished before the kill"
