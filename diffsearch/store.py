@@ -28,9 +28,11 @@ The driver is the only writer: workers return latents to it and only read, by ro
 column in memory (read once per column at open) and answers lookups from there, which is what
 makes resuming 10,000 prompts take seconds. A background thread writes recorded rows, latents
 first and ``done`` last, about once a second (:data:`WRITE_INTERVAL`) and at once when the
-driver needs them on disk (a worker's source, the end of the run), so the driver never waits on
-the disk otherwise; each write takes every row recorded since the last, so a slow disk means
-fewer, larger writes rather than a queue. Zarr's local store writes each file
+run ends; each write takes every row recorded since the last, so a slow disk means fewer, larger
+writes rather than a queue. A worker whose source row is not on disk yet gets that latent inside
+its work unit (:attr:`LatentRef.value`) instead: a strategy that continues from the states it
+just received (particles, TTSnap, paths) would otherwise hold the denoiser while the driver
+waited for a write. Zarr's local store writes each file
 to a temporary one and renames it, so a kill at any moment leaves whole files: a row is finished
 exactly when ``done`` is set, and a resumed run recomputes the rest (rows not done are ignored
 and the trailing ones reused). Together with the task records the store is enough to rebuild
@@ -49,7 +51,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +80,11 @@ WRITE_INTERVAL = 1.0
 (a worker needs a source, or the run ends). A write is about 20 small files, and in-process the
 thread's Python competes for the GIL with the denoiser's; pacing it bounds that cost, and what
 a kill can lose, to about a second of recorded rows."""
+INLINE_LATENT_BYTES = 1 << 20
+"""The largest latent a work unit carries itself while its row is not on disk yet (see
+:attr:`LatentRef.value`). A row of image latents is kilobytes (SDXL: 256 KiB); a long video
+clip's latent is megabytes, and a unit of those would bloat a Dask task, so for those the
+driver waits for the write and the worker reads the store."""
 LOCK_FILE = "writer.lock"
 
 _KEYS = {"name": "default", "separator": "."}
@@ -126,6 +133,9 @@ class LatentRef:
     shape: str = ""
     """The arrays' suffix for a prompt of another latent shape than the run's (``4x12x8``:
     ``state_4x12x8``); empty for the run's own."""
+    value: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The latent itself, when the row was recorded too recently to be on disk: the unit then
+    carries it and nobody waits for the writer. None: read the row from the store."""
 
 
 @dataclass(frozen=True)
@@ -300,9 +310,12 @@ class RunStore:
         self._written = table.rows
         """Rows below this are on disk; the rest are pending."""
         self._pending: list[_Pending] = []
+        self._unwritten: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        """row -> (state, own final or None) for every row at or above ``_written``: what
+        :meth:`latent_ref` hands out while a row is not on disk."""
         self._changed = threading.Condition()
-        """Guards the table, the pending rows and ``_written`` between the driver and the
-        writer thread; notified when rows are recorded or written."""
+        """Guards the table, the pending and unwritten rows and ``_written`` between the
+        driver and the writer thread; notified when rows are recorded or written."""
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._closing = False
@@ -514,6 +527,9 @@ class RunStore:
             first = self._table.append(*self._row_values(tasks, outcomes))
             for offset, task in enumerate(tasks):
                 self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
+                own = None if final_block is None or not own_final[offset] \
+                    else final_block[offset]
+                self._unwritten[first + offset] = (block[offset], own)
             self._pending.append(_Pending(block, final_block,
                                           self._suffix_of(tasks[0].prompt_index)))
             self._changed.notify_all()
@@ -628,6 +644,8 @@ class RunStore:
                 return
             with self._changed:
                 self._written = write.stop
+                for row in range(write.first, write.stop):
+                    del self._unwritten[row]
                 self._changed.notify_all()
 
     def _take_pending(self) -> _Write:
@@ -787,24 +805,33 @@ class RunStore:
     # ---- latents ------------------------------------------------------------------------------
     def latent_ref(self, prompt_index: int, candidate: int, *, final: bool = False
                    ) -> LatentRef:
-        """Where a finished candidate's latent is on disk, for a worker to read (a pending row
-        is written first). ``final``: its final latent, which is its state when its task ended
-        at the last step."""
+        """Where a finished candidate's latent is, for a worker to read: its row on disk, or
+        the latent itself while the row is not written (up to :data:`INLINE_LATENT_BYTES`;
+        a larger one is written first). ``final``: its final latent, which is its state when
+        its task ended at the last step."""
         row = self._rows_of.get(prompt_index, {}).get(candidate)
         if row is None:
             raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} "
                              f"is not finished")
-        if row >= self._written:
-            self._wait_written(row + 1)
         step = int(self._table.column("step")[row])
         num_steps, shape = self.num_steps_of(prompt_index), self._suffix_of(prompt_index)
         if not final or step == num_steps:
-            return LatentRef(row=row, step=step, shape=shape)
-        if self._has_own_final(int(self._table.column("score_on")[row]), step, num_steps):
-            return LatentRef(row=row, step=num_steps, final=True, shape=shape)
-        raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} has no "
-                         f"final latent (its task stopped at step {step} and was not rolled "
-                         f"out)")
+            ref = LatentRef(row=row, step=step, shape=shape)
+        elif self._has_own_final(int(self._table.column("score_on")[row]), step, num_steps):
+            ref = LatentRef(row=row, step=num_steps, final=True, shape=shape)
+        else:
+            raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} has "
+                             f"no final latent (its task stopped at step {step} and was not "
+                             f"rolled out)")
+        with self._changed:
+            unwritten = self._unwritten.get(row)
+        if unwritten is None:  # on disk: rows leave ``_unwritten`` once written
+            return ref
+        value = unwritten[1] if ref.final else unwritten[0]
+        if value is not None and value.nbytes <= INLINE_LATENT_BYTES:
+            return replace(ref, value=value)
+        self._wait_written(row + 1)
+        return ref
 
     def read_latents(self, prompt_index: int, candidates: Sequence[int], *,
                      final: bool = False) -> torch.Tensor:
@@ -872,13 +899,30 @@ _READERS: dict[str, _LatentArrays] = {}
 
 def read_latent_rows(store_path: str | Path, refs: Sequence[LatentRef]) -> torch.Tensor:
     """The latents at ``refs``, (len(refs), *latent_shape) float32 in order: what a worker
-    reads for its tasks' sources. Opens only the latent arrays (not the root attributes, which
-    hold every prompt), once per store path in this process."""
+    reads for its tasks' sources. A ref that carries its latent is not read from disk."""
+    stored = [i for i, ref in enumerate(refs) if ref.value is None]
+    if len(stored) == len(refs):
+        return _reader(store_path).read(refs)
+    import torch  # here: reading the store's tables (show, results) needs no torch
+
+    carried = [ref.value for ref in refs if ref.value is not None]
+    out = np.empty((len(refs), *carried[0].shape), dtype=np.float32)
+    for i, ref in enumerate(refs):
+        if ref.value is not None:
+            out[i] = ref.value
+    if stored:
+        out[stored] = _reader(store_path).read([refs[i] for i in stored]).numpy()
+    return torch.from_numpy(out)
+
+
+def _reader(store_path: str | Path) -> _LatentArrays:
+    """This process's reader of the store at ``store_path``: it opens only the latent arrays
+    (not the root attributes, which hold every prompt), once per store."""
     key = os.path.abspath(store_path)
     reader = _READERS.get(key)
     if reader is None:
         reader = _READERS[key] = _LatentArrays(Path(key))
-    return reader.read(refs)
+    return reader
 
 
 # ---- on disk ------------------------------------------------------------------------------------

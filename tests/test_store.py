@@ -178,14 +178,39 @@ def test_errors_and_verifier_names_go_through_code_tables(tmp_path):
     assert columns["verifier"][:6].tolist() == [-1, 0, -1, 0, -1, 0]
 
 
-def test_recorded_rows_are_visible_at_once_and_on_disk_when_a_worker_reads_them(tmp_path):
+def test_a_row_not_yet_on_disk_travels_with_its_ref_and_reads_the_same_bits(tmp_path):
+    """The driver never waits for the writer to hand a worker a source: a row recorded a
+    moment ago is carried in its ref; once written, the ref points at the disk instead."""
     path = tmp_path / "store.zarr"
     store = create(path)
     tasks = [task(0, c) for c in range(3)]
     record(store, tasks)
     assert [c.candidate for c in store.finished_candidates(0)] == [0, 1, 2]
     assert store.lookup(tasks[1]) is not None
+    carried = store.latent_ref(0, 2)
+    assert carried.value is not None
+    assert len(RunStore.open(path, writable=False).finished_candidates(0)) == 0
+    store.flush()
+    on_disk = store.latent_ref(0, 2)
+    assert on_disk.value is None and on_disk == carried
+    for ref in (carried, on_disk):
+        assert np.array_equal(read_latent_rows(path, [ref]).numpy()[0], latent(tasks[2]))
+    record(store, [task(0, 3)])
+    mixed = [store.latent_ref(0, 3), store.latent_ref(0, 0), store.latent_ref(0, 3)]
+    assert [ref.value is not None for ref in mixed] == [True, False, True]
+    assert np.array_equal(read_latent_rows(path, mixed).numpy(),
+                          np.stack([latent(task(0, 3)), latent(tasks[0]), latent(task(0, 3))]))
+    store.close()
+
+
+def test_a_latent_too_large_to_carry_is_written_before_its_ref_is_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "INLINE_LATENT_BYTES", 0)
+    path = tmp_path / "store.zarr"
+    store = create(path)
+    tasks = [task(0, c) for c in range(3)]
+    record(store, tasks)
     ref = store.latent_ref(0, 2)
+    assert ref.value is None
     assert len(RunStore.open(path, writable=False).finished_candidates(0)) == 3
     assert np.array_equal(read_latent_rows(path, [ref]).numpy()[0], latent(tasks[2]))
     store.close()
