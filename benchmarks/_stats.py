@@ -42,6 +42,11 @@ class Interval:
                 "high": round(self.high, digits), "n": self.n, "prompts": self.clusters,
                 "excludes_zero": self.excludes_zero}
 
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any]) -> Interval:
+        """The interval :meth:`to_json` saved (rounded as saved)."""
+        return cls(saved["mean"], saved["low"], saved["high"], saved["n"], saved["prompts"])
+
     def __str__(self) -> str:
         mark = "" if self.excludes_zero else " (n.s.)"
         return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]{mark}"

@@ -148,8 +148,7 @@ def _cell(summary: dict[str, Any], metric: str) -> str:
     if difference is None:
         value = summary.get(metric)
         return "-" if value is None else f"{value['mean']:.3f}"
-    return str(Interval(difference["mean"], difference["low"], difference["high"],
-                        difference["n"], difference["prompts"]))
+    return str(Interval.from_json(difference))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -152,8 +152,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    return str(Interval(value["mean"], value["low"], value["high"], value["n"],
-                        value["prompts"]))
+    return str(Interval.from_json(value))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

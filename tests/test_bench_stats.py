@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -53,3 +54,36 @@ def test_mismatched_inputs_are_refused() -> None:
         paired_difference([1, 2], [1], [0, 0])
     with pytest.raises(ValueError, match="one cluster per value"):
         mean_interval([1, 2], [0])
+
+
+def _report(path: Path, label: str, multiple: int, accuracy: dict[tuple[int, int], float],
+            prompts: int = 4) -> str:
+    units = [{"prompt": p, "seed": s, "oracle_accuracy": a, "oracle_score": a,
+              "guiding_reward": 0.5, "diversity": None} for (p, s), a in accuracy.items()]
+    report = {"prompts": prompts, "prompt_seed": 0, "guide": "shapes-clip",
+              "judge": "shapes-oracle", "top_k": 4,
+              "rows": [{"strategy": label, "budget_multiple": multiple,
+                        "nfe_per_prompt": 20.0 * multiple, "units": units}]}
+    path.write_text(json.dumps(report))
+    return f"{path}:{label}@{multiple}"
+
+
+def test_compare_rows_pairs_two_saved_rows_on_prompt_and_seed(tmp_path: Path) -> None:
+    import compare_rows
+
+    keys = [(p, s) for p in range(4) for s in (0, 1)]
+    row = _report(tmp_path / "a.json", "ttsnap", 16, {k: 1.0 for k in keys})
+    baseline = _report(tmp_path / "b.json", "best-of-n", 32,
+                       {k: float(k[0] % 2) for k in keys[:6]})  # prompt 3 never ran there
+    result = compare_rows.main([row, baseline, "--name", str(tmp_path / "out")])
+    difference = result["summary"]["oracle_accuracy_vs_best-of-n@32x"]
+    assert result["pairs"] == 6 and difference["prompts"] == 3
+    assert difference["mean"] == pytest.approx(4 / 6, abs=1e-4)
+    assert result["summary"]["diversity"] is None
+    assert json.loads((tmp_path / "out.json").read_text())["pairs"] == 6
+    other_world = _report(tmp_path / "c.json", "best-of-n", 32, {k: 0.0 for k in keys},
+                          prompts=93)
+    with pytest.raises(SystemExit, match="differ in prompts"):
+        compare_rows.main([row, other_world, "--name", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="has no row ttsnap@32"):
+        compare_rows.main([f"{tmp_path / 'a.json'}:ttsnap@32", baseline])

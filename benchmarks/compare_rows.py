@@ -1,0 +1,81 @@
+"""Pair two rows of saved ``search_scaling`` reports, e.g. a strategy at 16x against best-of-N
+at 32x, with paired 95% intervals.
+
+``search_scaling.py`` pairs every strategy with best-of-N at the same budget. Some claims
+compare across budgets or across runs ("TTSnap with the distilled verifier at 16x is at least
+as good as best-of-N at 32x"); rerunning best-of-N for each of them would double the cost.
+Each report keeps its per-prompt-and-seed records (``units``), so any two rows run on the same
+prompts are paired here on (prompt, seed), with the same cluster bootstrap over prompts
+(``_stats.py``). Prints and saves ``benchmarks/results/<name>.json``::
+
+    python benchmarks/compare_rows.py REPORT.json:LABEL@MULTIPLE BASELINE.json:LABEL@MULTIPLE
+        [--name compare_rows]
+
+e.g. ``benchmarks/results/search_ttsnap_16x.json:ttsnap-distilled@16
+benchmarks/results/search_93x3_32x.json:best-of-n@32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from _report import command_line, save_report
+from _stats import Interval, summarise
+
+METRICS = ("oracle_accuracy", "oracle_score", "guiding_reward", "diversity")
+SAME_WORLD = ("prompts", "prompt_seed", "guide", "judge", "top_k")
+"""What two reports must share for their records to pair: the same prompts, guide and judge."""
+
+
+def load_row(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``REPORT.json:LABEL@MULTIPLE`` -> (the report, its row)."""
+    path, _, row_name = spec.rpartition(":")
+    label, _, multiple = row_name.rpartition("@")
+    if not path or not label or not multiple.isdigit():
+        raise SystemExit(f"expected REPORT.json:LABEL@MULTIPLE, got {spec!r}")
+    report = json.loads(Path(path).read_text())
+    for row in report["rows"]:
+        if row["strategy"] == label and row["budget_multiple"] == int(multiple):
+            return report, row
+    have = ", ".join(f"{r['strategy']}@{r['budget_multiple']}" for r in report["rows"])
+    raise SystemExit(f"{path} has no row {label}@{multiple} (it has {have})")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("row", help="REPORT.json:LABEL@MULTIPLE")
+    parser.add_argument("baseline", help="REPORT.json:LABEL@MULTIPLE")
+    parser.add_argument("--name", default="compare_rows")
+    args = parser.parse_args(argv)
+    (report, row), (base_report, base_row) = load_row(args.row), load_row(args.baseline)
+    differing = [key for key in SAME_WORLD if report.get(key) != base_report.get(key)]
+    if differing:
+        raise SystemExit(f"the reports differ in {', '.join(differing)}: their records do "
+                         f"not pair")
+    pairs = {(u["prompt"], u["seed"]) for u in base_row["units"]}
+    units = [u for u in row["units"] if (u["prompt"], u["seed"]) in pairs]
+    if not units:
+        raise SystemExit("the two rows share no (prompt, seed): nothing to pair")
+    baseline_name = f"{base_row['strategy']}@{base_row['budget_multiple']}x"
+    summary = summarise(units, base_row["units"], METRICS, baseline_name)
+    for metric in METRICS:
+        difference = summary.get(f"{metric}_vs_{baseline_name}")
+        if difference is not None:
+            print(f"{row['strategy']}@{row['budget_multiple']}x minus {baseline_name}, "
+                  f"{metric}: {Interval.from_json(difference)}")
+    result = {
+        "benchmark": "compare_rows", "row": args.row, "baseline": args.baseline,
+        "pairs": len(units), **{key: report.get(key) for key in SAME_WORLD},
+        "nfe_per_prompt": {"row": row["nfe_per_prompt"],
+                           "baseline": base_row["nfe_per_prompt"]},
+        "summary": summary, "command": command_line(argv),
+    }
+    save_report(result, args.name, show=False)
+    return result
+
+
+if __name__ == "__main__":
+    main()
