@@ -25,7 +25,9 @@ their intervals against NFE)::
 ``--config`` adds a variant as a strategy spec in JSON, e.g.
 ``--config 'bon-softmax={"name": "best-of-n", "select": {"method": "softmax",
 "temperature": 0.01}}'``. The TTSnap variant with a distilled noise-aware verifier runs when
-``--distilled FOLDER`` names the output of ``diffsearch distill``.
+``--distilled FOLDER`` names the output of ``diffsearch distill``. ``--no-baseline`` skips
+best-of-N, for rows to be paired with a best-of-N row saved by another run
+(``compare_rows.py``, e.g. against best-of-N at twice the budget).
 """
 
 from __future__ import annotations
@@ -58,11 +60,11 @@ DEFAULT_STRATEGIES = ["evosearch", "ttsnap", "zero-order", "paths", "particles"]
 METRICS = ("oracle_accuracy", "oracle_score", "guiding_reward", "diversity")
 
 
-def strategy_configs(names: list[str], extra: Sequence[str],
-                     distilled: Path | None) -> dict[str, dict[str, Any]]:
-    """Label -> strategy spec: best-of-N first, then ``names``, the ``--config`` variants and
-    'ttsnap-distilled' (the per-step distilled checkpoints)."""
-    configs: dict[str, dict[str, Any]] = {BASELINE: {"name": BASELINE}}
+def strategy_configs(names: list[str], extra: Sequence[str], distilled: Path | None, *,
+                     baseline: bool = True) -> dict[str, dict[str, Any]]:
+    """Label -> strategy spec: best-of-N first (unless not ``baseline``), then ``names``, the
+    ``--config`` variants and 'ttsnap-distilled' (the per-step distilled checkpoints)."""
+    configs: dict[str, dict[str, Any]] = {BASELINE: {"name": BASELINE}} if baseline else {}
     configs.update({name: {"name": name} for name in names})
     for item in extra:
         label, _, spec = item.partition("=")
@@ -166,6 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="the guiding verifier: a name, or a spec in JSON (an ensemble)")
     parser.add_argument("--top", type=int, default=4, help="k of the top-k diversity")
     parser.add_argument("--distilled", type=Path, help="folder written by `diffsearch distill`")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip best-of-N: pair the rows with a saved one later "
+                             "(compare_rows.py)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads per worker (1 when something else shares the CPU)")
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prompts = distinct_prompts("heldout", args.prompts, seed=args.prompt_seed)
     guide = json.loads(args.guide) if args.guide.lstrip().startswith("{") else args.guide
     label_of_guide = verifier_label(guide)
-    configs = strategy_configs(args.strategies, args.config, args.distilled)
+    configs = strategy_configs(args.strategies, args.config, args.distilled,
+                               baseline=not args.no_baseline)
     records: dict[tuple[str, int], list[dict[str, Any]]] = {}
     spent: dict[tuple[str, int], list[tuple[float, float]]] = {}
     started = time.perf_counter()
