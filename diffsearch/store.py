@@ -27,16 +27,17 @@ The driver is the only writer: workers return latents to it and only read, by ro
 (:func:`read_latent_rows`), so no two processes ever write one file. The writer keeps every
 column in memory (read once per column at open) and answers lookups from there, which is what
 makes resuming 10,000 prompts take seconds. A background thread writes recorded rows, latents
-first and ``done`` last, about once a second (:data:`WRITE_INTERVAL`) and at once when the
-run ends; each write takes every row recorded since the last, so a slow disk means fewer, larger
-writes rather than a queue. A worker whose source row is not on disk yet gets that latent inside
-its work unit (:attr:`LatentRef.value`) instead: a strategy that continues from the states it
-just received (particles, TTSnap, paths) would otherwise hold the denoiser while the driver
-waited for a write. Zarr's local store writes each file
-to a temporary one and renames it, so a kill at any moment leaves whole files: a row is finished
-exactly when ``done`` is set, and a resumed run recomputes the rest (rows not done are ignored
-and the trailing ones reused). Together with the task records the store is enough to rebuild
-any candidate bit for bit.
+first and ``done`` last, about once a second (:data:`WRITE_INTERVAL`) and at once when the run
+ends; each write takes every row recorded since the last, so a slow disk means fewer, larger
+writes rather than a queue. A worker reads its sources from the store, except recent rows
+(always those not on disk yet), whose latents travel inside the work unit
+(:attr:`LatentRef.value`): a strategy that continues from the states it just received
+(particles, TTSnap, paths) would otherwise hold the denoiser while the driver waited for a write
+and the worker read it back. Zarr's local store
+writes each file to a temporary one and renames it, so a kill at any moment leaves whole files:
+a row is finished exactly when ``done`` is set, and a resumed run recomputes the rest (rows not
+done are ignored and the trailing ones reused). Together with the task records the store is
+enough to rebuild any candidate bit for bit.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -85,6 +87,10 @@ INLINE_LATENT_BYTES = 1 << 20
 :attr:`LatentRef.value`). A row of image latents is kilobytes (SDXL: 256 KiB); a long video
 clip's latent is megabytes, and a unit of those would bloat a Dask task, so for those the
 driver waits for the write and the worker reads the store."""
+RECENT_LATENT_BYTES = 64 << 20
+"""The driver keeps its latest rows' latents in memory up to this many bytes (and every row not
+on disk yet, whatever the size), so that units continuing from them carry them rather than
+sending workers to the disk: on NFS or Lustre a read is a round trip per file."""
 LOCK_FILE = "writer.lock"
 
 _KEYS = {"name": "default", "separator": "."}
@@ -134,8 +140,9 @@ class LatentRef:
     """The arrays' suffix for a prompt of another latent shape than the run's (``4x12x8``:
     ``state_4x12x8``); empty for the run's own."""
     value: np.ndarray | None = field(default=None, compare=False, repr=False)
-    """The latent itself, when the row was recorded too recently to be on disk: the unit then
-    carries it and nobody waits for the writer. None: read the row from the store."""
+    """The latent itself, when the driver still holds it (a recent row, maybe not on disk yet):
+    the unit carries it, and neither the driver nor the worker waits for the disk. None: read
+    the row from the store."""
 
 
 @dataclass(frozen=True)
@@ -310,9 +317,11 @@ class RunStore:
         self._written = table.rows
         """Rows below this are on disk; the rest are pending."""
         self._pending: list[_Pending] = []
-        self._unwritten: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        """row -> (state, own final or None) for every row at or above ``_written``: what
-        :meth:`latent_ref` hands out while a row is not on disk."""
+        self._recent: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        """row -> (state, own final or None), oldest first, for every row at or above
+        ``_written`` and the written ones that fit in :data:`RECENT_LATENT_BYTES`: what
+        :meth:`latent_ref` hands out in units."""
+        self._recent_bytes = 0
         self._changed = threading.Condition()
         """Guards the table, the pending and unwritten rows and ``_written`` between the
         driver and the writer thread; notified when rows are recorded or written."""
@@ -529,7 +538,9 @@ class RunStore:
                 self._rows_of.setdefault(task.prompt_index, {})[task.candidate] = first + offset
                 own = None if final_block is None or not own_final[offset] \
                     else final_block[offset]
-                self._unwritten[first + offset] = (block[offset], own)
+                self._recent[first + offset] = (block[offset], own)
+                self._recent_bytes += block[offset].nbytes + (0 if own is None else own.nbytes)
+            self._forget_old_latents()
             self._pending.append(_Pending(block, final_block,
                                           self._suffix_of(tasks[0].prompt_index)))
             self._changed.notify_all()
@@ -644,9 +655,18 @@ class RunStore:
                 return
             with self._changed:
                 self._written = write.stop
-                for row in range(write.first, write.stop):
-                    del self._unwritten[row]
+                self._forget_old_latents()
                 self._changed.notify_all()
+
+    def _forget_old_latents(self) -> None:
+        """Drop the oldest written rows' latents beyond :data:`RECENT_LATENT_BYTES` (rows not
+        on disk stay). Called with ``_changed`` held."""
+        while self._recent_bytes > RECENT_LATENT_BYTES:
+            row, (state, final) = next(iter(self._recent.items()))
+            if row >= self._written:
+                return
+            del self._recent[row]
+            self._recent_bytes -= state.nbytes + (0 if final is None else final.nbytes)
 
     def _take_pending(self) -> _Write:
         """The pending rows as one write, copied out of the table (the driver goes on
@@ -805,10 +825,11 @@ class RunStore:
     # ---- latents ------------------------------------------------------------------------------
     def latent_ref(self, prompt_index: int, candidate: int, *, final: bool = False
                    ) -> LatentRef:
-        """Where a finished candidate's latent is, for a worker to read: its row on disk, or
-        the latent itself while the row is not written (up to :data:`INLINE_LATENT_BYTES`;
-        a larger one is written first). ``final``: its final latent, which is its state when
-        its task ended at the last step."""
+        """Where a finished candidate's latent is, for a worker to read: the latent itself
+        while the driver holds it (:data:`RECENT_LATENT_BYTES`, up to
+        :data:`INLINE_LATENT_BYTES` a latent), else its row on disk (a row not written yet is
+        written first). ``final``: its final latent, which is its state when its task ended at
+        the last step."""
         row = self._rows_of.get(prompt_index, {}).get(candidate)
         if row is None:
             raise StoreError(f"{self.path}: candidate {candidate} of prompt {prompt_index} "
@@ -824,13 +845,14 @@ class RunStore:
                              f"no final latent (its task stopped at step {step} and was not "
                              f"rolled out)")
         with self._changed:
-            unwritten = self._unwritten.get(row)
-        if unwritten is None:  # on disk: rows leave ``_unwritten`` once written
+            held, written = self._recent.get(row), row < self._written
+        if held is None:  # forgotten only once on disk
             return ref
-        value = unwritten[1] if ref.final else unwritten[0]
+        value = held[1] if ref.final else held[0]
         if value is not None and value.nbytes <= INLINE_LATENT_BYTES:
             return replace(ref, value=value)
-        self._wait_written(row + 1)
+        if not written:
+            self._wait_written(row + 1)
         return ref
 
     def read_latents(self, prompt_index: int, candidates: Sequence[int], *,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +179,9 @@ def test_errors_and_verifier_names_go_through_code_tables(tmp_path):
     assert columns["verifier"][:6].tolist() == [-1, 0, -1, 0, -1, 0]
 
 
-def test_a_row_not_yet_on_disk_travels_with_its_ref_and_reads_the_same_bits(tmp_path):
+def test_a_recent_row_travels_with_its_ref_and_reads_the_same_bits_as_on_disk(tmp_path):
     """The driver never waits for the writer to hand a worker a source: a row recorded a
-    moment ago is carried in its ref; once written, the ref points at the disk instead."""
+    moment ago is carried in its ref, and stays carried once written while it is recent."""
     path = tmp_path / "store.zarr"
     store = create(path)
     tasks = [task(0, c) for c in range(3)]
@@ -191,10 +192,22 @@ def test_a_row_not_yet_on_disk_travels_with_its_ref_and_reads_the_same_bits(tmp_
     assert carried.value is not None
     assert len(RunStore.open(path, writable=False).finished_candidates(0)) == 0
     store.flush()
-    on_disk = store.latent_ref(0, 2)
-    assert on_disk.value is None and on_disk == carried
-    for ref in (carried, on_disk):
+    assert store.latent_ref(0, 2).value is not None
+    for ref in (carried, replace(carried, value=None)):  # the same bits on disk
         assert np.array_equal(read_latent_rows(path, [ref]).numpy()[0], latent(tasks[2]))
+    store.close()
+
+
+def test_only_rows_on_disk_are_forgotten_beyond_the_memory_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "RECENT_LATENT_BYTES", 0)
+    path = tmp_path / "store.zarr"
+    store = create(path)
+    tasks = [task(0, c) for c in range(3)]
+    record(store, tasks)
+    assert store.latent_ref(0, 2).value is not None  # not on disk: held whatever the budget
+    store.flush()
+    on_disk = store.latent_ref(0, 2)
+    assert on_disk.value is None
     record(store, [task(0, 3)])
     mixed = [store.latent_ref(0, 3), store.latent_ref(0, 0), store.latent_ref(0, 3)]
     assert [ref.value is not None for ref in mixed] == [True, False, True]
