@@ -179,13 +179,19 @@ def test_errors_and_verifier_names_go_through_code_tables(tmp_path):
     assert columns["verifier"][:6].tolist() == [-1, 0, -1, 0, -1, 0]
 
 
-def test_a_recent_row_travels_with_its_ref_and_reads_the_same_bits_as_on_disk(tmp_path):
-    """The driver never waits for the writer to hand a worker a source: a row recorded a
-    moment ago is carried in its ref, and stays carried once written while it is recent."""
+def three_recorded_rows(tmp_path: Path) -> tuple[Path, RunStore, list[Task]]:
+    """A new store with candidates 0-2 of prompt 0 recorded, not yet written."""
     path = tmp_path / "store.zarr"
     store = create(path)
     tasks = [task(0, c) for c in range(3)]
     record(store, tasks)
+    return path, store, tasks
+
+
+def test_a_recent_row_travels_with_its_ref_and_reads_the_same_bits_as_on_disk(tmp_path):
+    """The driver never waits for the writer to hand a worker a source: a row recorded a
+    moment ago is carried in its ref, and stays carried once written while it is recent."""
+    path, store, tasks = three_recorded_rows(tmp_path)
     assert [c.candidate for c in store.finished_candidates(0)] == [0, 1, 2]
     assert store.lookup(tasks[1]) is not None
     carried = store.latent_ref(0, 2)
@@ -200,10 +206,7 @@ def test_a_recent_row_travels_with_its_ref_and_reads_the_same_bits_as_on_disk(tm
 
 def test_only_rows_on_disk_are_forgotten_beyond_the_memory_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "RECENT_LATENT_BYTES", 0)
-    path = tmp_path / "store.zarr"
-    store = create(path)
-    tasks = [task(0, c) for c in range(3)]
-    record(store, tasks)
+    path, store, tasks = three_recorded_rows(tmp_path)
     assert store.latent_ref(0, 2).value is not None  # not on disk: held whatever the budget
     store.flush()
     on_disk = store.latent_ref(0, 2)
@@ -218,10 +221,7 @@ def test_only_rows_on_disk_are_forgotten_beyond_the_memory_budget(tmp_path, monk
 
 def test_a_latent_too_large_to_carry_is_written_before_its_ref_is_given(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "INLINE_LATENT_BYTES", 0)
-    path = tmp_path / "store.zarr"
-    store = create(path)
-    tasks = [task(0, c) for c in range(3)]
-    record(store, tasks)
+    path, store, tasks = three_recorded_rows(tmp_path)
     ref = store.latent_ref(0, 2)
     assert ref.value is None
     assert len(RunStore.open(path, writable=False).finished_candidates(0)) == 3
