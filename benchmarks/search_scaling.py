@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for row in rows:
         print(f"{row['strategy']:<22}{row['budget_multiple']:>6}x  "
               + "  ".join(f"{_cell(row, m):<30}" for m in METRICS))
-    save_plot(lambda path: plot(rows, path, label_of_guide), args.name)
+    if BASELINE in configs:  # the plot shows differences from it
+        save_plot(lambda path: plot(rows, path, label_of_guide), args.name)
     return rows
 
 
