@@ -33,11 +33,10 @@ writes rather than a queue. A worker reads its sources from the store, except re
 (always those not on disk yet), whose latents travel inside the work unit
 (:attr:`LatentRef.value`): a strategy that continues from the states it just received
 (particles, TTSnap, paths) would otherwise hold the denoiser while the driver waited for a write
-and the worker read it back. Zarr's local store
-writes each file to a temporary one and renames it, so a kill at any moment leaves whole files:
-a row is finished exactly when ``done`` is set, and a resumed run recomputes the rest (rows not
-done are ignored and the trailing ones reused). Together with the task records the store is
-enough to rebuild any candidate bit for bit.
+and the worker read it back. Zarr's local store writes each file to a temporary one and renames
+it, so a kill at any moment leaves whole files: a row is finished exactly when ``done`` is set,
+and a resumed run recomputes the rest (rows not done are ignored and the trailing ones reused).
+Together with the task records the store is enough to rebuild any candidate bit for bit.
 """
 
 from __future__ import annotations
@@ -79,14 +78,14 @@ COLUMN_CHUNK = 16384
 """Rows per chunk file of each column: a few files per column even at 10,000 prompts."""
 WRITE_INTERVAL = 1.0
 """The writer thread writes at most once per this many seconds unless the driver waits for rows
-(a worker needs a source, or the run ends). A write is about 20 small files, and in-process the
-thread's Python competes for the GIL with the denoiser's; pacing it bounds that cost, and what
-a kill can lose, to about a second of recorded rows."""
+(the run ends, or a worker needs a latent too large to carry). A write is about 20 small files,
+and in-process the thread's Python competes for the GIL with the denoiser's; pacing it bounds
+that cost, and what a kill can lose, to about a second of recorded rows."""
 INLINE_LATENT_BYTES = 1 << 20
-"""The largest latent a work unit carries itself while its row is not on disk yet (see
-:attr:`LatentRef.value`). A row of image latents is kilobytes (SDXL: 256 KiB); a long video
-clip's latent is megabytes, and a unit of those would bloat a Dask task, so for those the
-driver waits for the write and the worker reads the store."""
+"""The largest latent a work unit carries itself (see :attr:`LatentRef.value`). A row of image
+latents is kilobytes (SDXL: 256 KiB); a long video clip's latent is megabytes, and a unit of
+those would bloat a Dask task, so for those the driver waits for the write if need be and the
+worker reads the store."""
 RECENT_LATENT_BYTES = 64 << 20
 """The driver keeps its latest rows' latents in memory up to this many bytes (and every row not
 on disk yet, whatever the size), so that units continuing from them carry them rather than
@@ -323,7 +322,7 @@ class RunStore:
         :meth:`latent_ref` hands out in units."""
         self._recent_bytes = 0
         self._changed = threading.Condition()
-        """Guards the table, the pending and unwritten rows and ``_written`` between the
+        """Guards the table, the pending rows, the recent latents and ``_written`` between the
         driver and the writer thread; notified when rows are recorded or written."""
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None

@@ -19,7 +19,6 @@ by (prompt, negative prompt), so rows of one batch may carry different ones.
 from __future__ import annotations
 
 import copy
-
 import threading
 from abc import abstractmethod
 from collections import OrderedDict
