@@ -22,10 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from search_scaling import METRICS
+
 from _report import command_line, save_report
 from _stats import Interval, summarise
 
-METRICS = ("oracle_accuracy", "oracle_score", "guiding_reward", "diversity")
 SAME_WORLD = ("prompts", "prompt_seed", "guide", "judge", "top_k")
 """What two reports must share for their records to pair: the same prompts, guide and judge."""
 
