@@ -926,8 +926,8 @@ def read_latent_rows(store_path: str | Path, refs: Sequence[LatentRef]) -> torch
         return _reader(store_path).read(refs)
     import torch  # here: reading the store's tables (show, results) needs no torch
 
-    carried = [ref.value for ref in refs if ref.value is not None]
-    out = np.empty((len(refs), *carried[0].shape), dtype=np.float32)
+    shape = next(ref.value.shape for ref in refs if ref.value is not None)
+    out = np.empty((len(refs), *shape), dtype=np.float32)
     for i, ref in enumerate(refs):
         if ref.value is not None:
             out[i] = ref.value
