@@ -1,4 +1,6 @@
-"""benchmarks/_stats.py: the paired cluster-bootstrap intervals the search benchmarks report."""
+"""The search benchmarks' own arithmetic: paired cluster-bootstrap intervals (_stats.py), rows
+paired across reports (compare_rows.py) and selection rules scored on saved pools
+(selection_headroom.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffsearch.strategies.selection import Selection
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import selection_headroom as headroom  # noqa: E402
+
 from _stats import mean_interval, paired_difference  # noqa: E402
 
 
@@ -87,3 +93,52 @@ def test_compare_rows_pairs_two_saved_rows_on_prompt_and_seed(tmp_path: Path) ->
         compare_rows.main([row, other_world, "--name", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="has no row ttsnap@32"):
         compare_rows.main([f"{tmp_path / 'a.json'}:ttsnap@32", baseline])
+
+
+def _pool(prompt: int, rows: list[tuple[float, float, float]]) -> dict:
+    """A best-of-N pool: (guide, small, oracle) scores per candidate."""
+    return {"prompt": prompt, "text": f"prompt {prompt}", "seed": 0, "candidates": [
+        {"candidate": i, "scores": {"guide": g, "small": s, "shapes-oracle": o}}
+        for i, (g, s, o) in enumerate(rows)]}
+
+
+def test_selection_headroom_scores_each_rule_with_the_strategies_own_pick() -> None:
+    # the guide's best (candidate 0) is wrong and ranks the right one (2) second; the small
+    # verifier ranks 2 first, so their mean rank over the guide's top 3 picks it
+    pools = [_pool(0, [(0.9, 0.1, 0.0), (0.7, 0.2, 0.0), (0.8, 0.9, 1.0), (0.1, 0.5, 0.0)]),
+             _pool(1, [(0.9, 0.9, 1.0), (0.5, 0.1, 0.0)])]
+    argmax = headroom.accuracy_records(pools, Selection(), "guide")
+    assert [r["correct"] for r in argmax] == [0.0, 1.0]
+    agreement = Selection("agreement", verifiers=("small",), top=3)
+    assert [r["correct"] for r in headroom.accuracy_records(pools, agreement, "guide")] == [1.0,
+                                                                                          1.0]
+    # held-out takes the small verifier's best of the guide's top 2 (candidates 0 and 2)
+    held_out = Selection("held-out", verifiers=("small",), top=2)
+    assert headroom.picked(pools[0], held_out, "guide")["small"] == 0.9
+    assert headroom.picked(pools[0], held_out, "guide", first=2)["small"] == 0.2  # 0 and 1
+    assert [r["correct"] for r in headroom.pass_records(pools)] == [1.0, 1.0]
+    assert [r["correct"] for r in headroom.pass_records(pools, first=2)] == [0.0, 1.0]
+    # pairs with exactly one right image: 3 in pool 0 (the guide orders 2 right), 1 in pool 1
+    assert headroom.pairwise_accuracy(pools, "guide") == 0.75
+    assert headroom.pairwise_accuracy(pools, "small") == 1.0
+    gain = headroom.versus(headroom.accuracy_records(pools, agreement, "guide"), argmax)
+    assert gain.mean == 0.5
+
+
+def test_selection_headroom_reanalyses_saved_pools(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import _report
+
+    monkeypatch.setattr(_report, "RESULTS", tmp_path)
+    saved = tmp_path / "saved_pools.json"
+    pools = [_pool(0, [(0.9, 0.1, 0.0), (0.7, 0.2, 0.0), (0.8, 0.9, 1.0), (0.1, 0.5, 0.0)])]
+    saved.write_text(json.dumps({"prompts": 1, "seeds": [0], "prompt_seed": 0, "budget": 4,
+                                 "guide": "guide", "also": ["small"], "command": "made here",
+                                 "pools": pools}))
+    report = headroom.main(["--pools", str(saved), "--name", "again"])
+    assert json.loads((tmp_path / "again.json").read_text())["pools_made_by"] == "made here"
+    by_rule = {row["rule"]: row for row in report["rules"]}
+    assert by_rule["argmax"]["accuracy"]["mean"] == 0.0
+    assert by_rule["agreement@4"]["accuracy"]["mean"] == 1.0  # k = N: the whole pool
+    assert by_rule["oracle pass@N (ceiling)"]["vs_argmax"]["mean"] == 1.0
+    assert [row["m"] for row in report["best_of_m"]] == [1, 2, 4]
