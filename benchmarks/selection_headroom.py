@@ -206,15 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         saved = {**{key: getattr(args, key) for key in SETTINGS},
                  "command": command_line(argv), "pools": found}
         pools_path.write_text(json.dumps(saved, separators=(",", ":")) + "\n")
-    baseline = accuracy_records(found, Selection(), args.guide)
-    rows = [{"rule": "oracle pass@N (ceiling)", **_row(pass_records(found), baseline)}]
-    for label, selection in rules(args.also, args.budget).items():
-        rows.append({"rule": label, "select": _select_json(selection),
-                     **_row(accuracy_records(found, selection, args.guide), baseline)})
-    for verifier in args.also:
-        rows.append({"rule": f"argmax of {verifier}", **_row(
-            accuracy_records(found, Selection(), verifier), baseline)})
-    sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= args.budget]
+    sizes = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m < args.budget] + [args.budget]
+    by_size = {m: rule_rows(found, args.guide, args.also, m) for m in sizes if m >= 4}
+    rows = by_size[args.budget]
     curve = [{"m": m, "best_of_m": interval(accuracy_records(found, Selection(), args.guide,
                                                              first=m)).to_json(),
               "pass_at_m": interval(pass_records(found, first=m)).to_json()} for m in sizes]
@@ -226,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pairwise_accuracy": {v: pairwise_accuracy(found, v) for v in [args.guide, *args.also]},
         "intervals": "95% percentile bootstrap over prompts (each with all its seeds), 10,000 "
                      "resamples, seed 0; differences paired with the argmax on prompt and seed",
-        "rules": rows, "best_of_m": curve,
+        "rules": rows, "rules_by_pool_size": {str(m): r for m, r in by_size.items()},
+        "best_of_m": curve,
         "total_wall_seconds": round(time.perf_counter() - started, 1),
         "command": command_line(argv),
     }
@@ -234,12 +229,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         print(f"{row['rule']:<28}{_mean(row['accuracy']):<30}"
               f"{Interval.from_json(row['vs_argmax'])}")
+    print(f"\nminus the argmax of the same first m candidates (best-of-m):\n"
+          f"{'rule':<28}" + "".join(f"{'m=' + str(m):<32}" for m in by_size))
+    for row in rows:
+        cells = [next((r for r in by_size[m] if r["rule"] == row["rule"]), None)
+                 for m in by_size]
+        print(f"{row['rule']:<28}" + "".join(
+            f"{'-' if c is None else str(Interval.from_json(c['vs_argmax'])):<32}"
+            for c in cells))
     print("\npairwise accuracy against the oracle:", report["pairwise_accuracy"])
     print("best-of-m:", ", ".join(f"m={r['m']}: {r['best_of_m']['mean']:.3f} "
                                   f"(pass {r['pass_at_m']['mean']:.3f})" for r in curve))
     save_report(report, args.name, show=False)
     save_plot(lambda path: plot(curve, path), args.name)
     return report
+
+
+def rule_rows(found: list[dict[str, Any]], guide: str, also: Sequence[str], size: int
+              ) -> list[dict[str, Any]]:
+    """Every rule on the pools' first ``size`` candidates (best-of-``size``'s own pool: a
+    candidate's noise does not depend on N), paired with the argmax of the same candidates."""
+    baseline = accuracy_records(found, Selection(), guide, first=size)
+    rows = [{"rule": "oracle pass@N (ceiling)",
+             **_row(pass_records(found, first=size), baseline)}]
+    for label, selection in rules(also, size).items():
+        rows.append({"rule": label, "select": _select_json(selection),
+                     **_row(accuracy_records(found, selection, guide, first=size), baseline)})
+    for verifier in also:
+        rows.append({"rule": f"argmax of {verifier}", **_row(
+            accuracy_records(found, Selection(), verifier, first=size), baseline)})
+    return rows
 
 
 def _row(records: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:

@@ -142,3 +142,4 @@ def test_selection_headroom_reanalyses_saved_pools(tmp_path: Path,
     assert by_rule["agreement@4"]["accuracy"]["mean"] == 1.0  # k = N: the whole pool
     assert by_rule["oracle pass@N (ceiling)"]["vs_argmax"]["mean"] == 1.0
     assert [row["m"] for row in report["best_of_m"]] == [1, 2, 4]
+    assert list(report["rules_by_pool_size"]) == ["4"]  # pools of fewer than 4 are not ranked
