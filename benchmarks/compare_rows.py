@@ -1,12 +1,14 @@
-"""Pair two rows of saved ``search_scaling`` reports, e.g. a strategy at 16x against best-of-N
-at 32x, with paired 95% intervals.
+"""Pair two rows of saved ``search_scaling`` (or ``tof_scaling``) reports, e.g. a strategy at 16x
+against best-of-N at 32x, with paired 95% intervals.
 
 ``search_scaling.py`` pairs every strategy with best-of-N at the same budget. Some claims
 compare across budgets or across runs ("TTSnap with the distilled verifier at 16x is at least
 as good as best-of-N at 32x"); rerunning best-of-N for each of them would double the cost.
 Each report keeps its per-prompt-and-seed records (``units``), so any two rows run on the same
 prompts are paired here on (prompt, seed), with the same cluster bootstrap over prompts
-(``_stats.py``). Prints and saves ``benchmarks/results/<name>.json``::
+(``_stats.py``). ``tof_scaling`` rows pair the same way, their budget counted in clips (a
+Tree-of-Frames variant run alone against the linear clips of an earlier report). Prints and
+saves ``benchmarks/results/<name>.json``::
 
     python benchmarks/compare_rows.py REPORT.json:LABEL@MULTIPLE BASELINE.json:LABEL@MULTIPLE
         [--name compare_rows]
@@ -22,26 +24,46 @@ import json
 from pathlib import Path
 from typing import Any
 
-from search_scaling import METRICS
+import search_scaling
+import tof_scaling
 
 from _report import command_line, save_report
 from _stats import Interval, summarise
 
 SAME_WORLD = ("prompts", "prompt_seed", "guide", "judge", "top_k")
 """What two reports must share for their records to pair: the same prompts, guide and judge."""
+KINDS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
+    "search_scaling": (search_scaling.METRICS, "budget_multiple", SAME_WORLD),
+    "tof_scaling": (tof_scaling.METRICS, "budget_clips",
+                    (*SAME_WORLD, "model", "num_steps", "num_frames", "strength")),
+}
+"""Per benchmark: its metrics, the row field of its budget, and what two reports share."""
+
+
+def kind_of(report: dict[str, Any]) -> str:
+    """The report's benchmark (reports saved before they named it are search_scaling's)."""
+    kind = report.get("benchmark", "search_scaling")
+    if kind not in KINDS:
+        raise SystemExit(f"cannot pair rows of a {kind!r} report (only: {', '.join(KINDS)})")
+    return kind
 
 
 def load_row(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``REPORT.json:LABEL@MULTIPLE`` -> (the report, its row)."""
     path, _, row_name = spec.rpartition(":")
     label, _, multiple = row_name.rpartition("@")
-    if not path or not label or not multiple.isdigit():
+    try:
+        budget = float(multiple)
+    except ValueError:
+        budget = None
+    if not path or not label or budget is None:
         raise SystemExit(f"expected REPORT.json:LABEL@MULTIPLE, got {spec!r}")
     report = json.loads(Path(path).read_text())
+    key = KINDS[kind_of(report)][1]
     for row in report["rows"]:
-        if row["strategy"] == label and row["budget_multiple"] == int(multiple):
+        if row["strategy"] == label and row[key] == budget:
             return report, row
-    have = ", ".join(f"{r['strategy']}@{r['budget_multiple']}" for r in report["rows"])
+    have = ", ".join(f"{r['strategy']}@{r[key]:g}" for r in report["rows"])
     raise SystemExit(f"{path} has no row {label}@{multiple} (it has {have})")
 
 
@@ -52,7 +74,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="compare_rows")
     args = parser.parse_args(argv)
     (report, row), (base_report, base_row) = load_row(args.row), load_row(args.baseline)
-    differing = [key for key in SAME_WORLD if report.get(key) != base_report.get(key)]
+    kind = kind_of(report)
+    if kind_of(base_report) != kind:
+        raise SystemExit(f"a {kind} row cannot pair with a {kind_of(base_report)} one")
+    metrics, budget, same_world = KINDS[kind]
+    differing = [key for key in same_world if report.get(key) != base_report.get(key)]
     if differing:
         raise SystemExit(f"the reports differ in {', '.join(differing)}: their records do "
                          f"not pair")
@@ -60,16 +86,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     units = [u for u in row["units"] if (u["prompt"], u["seed"]) in pairs]
     if not units:
         raise SystemExit("the two rows share no (prompt, seed): nothing to pair")
-    baseline_name = f"{base_row['strategy']}@{base_row['budget_multiple']}x"
-    summary = summarise(units, base_row["units"], METRICS, baseline_name)
-    for metric in METRICS:
+    baseline_name = f"{base_row['strategy']}@{base_row[budget]:g}x"
+    summary = summarise(units, base_row["units"], metrics, baseline_name)
+    for metric in metrics:
         difference = summary.get(f"{metric}_vs_{baseline_name}")
         if difference is not None:
-            print(f"{row['strategy']}@{row['budget_multiple']}x minus {baseline_name}, "
+            print(f"{row['strategy']}@{row[budget]:g}x minus {baseline_name}, "
                   f"{metric}: {Interval.from_json(difference)}")
     result = {
         "benchmark": "compare_rows", "row": args.row, "baseline": args.baseline,
-        "pairs": len(units), **{key: report.get(key) for key in SAME_WORLD},
+        "pairs": len(units), **{key: report.get(key) for key in same_world},
         "nfe_per_prompt": {"row": row["nfe_per_prompt"],
                            "baseline": base_row["nfe_per_prompt"]},
         "summary": summary, "command": command_line(argv),

@@ -95,6 +95,36 @@ def test_compare_rows_pairs_two_saved_rows_on_prompt_and_seed(tmp_path: Path) ->
         compare_rows.main([f"{tmp_path / 'a.json'}:ttsnap@32", baseline])
 
 
+def test_compare_rows_pairs_tree_of_frames_rows_by_clips(tmp_path: Path) -> None:
+    import compare_rows
+
+    def tof_report(path: Path, label: str, clips: float, accuracy: float,
+                   strength: float = 0.7) -> str:
+        units = [{"prompt": p, "seed": 0, "oracle_accuracy": accuracy if p else 1.0,
+                  "oracle_score": 0.5, "guiding_score": 0.5, "diversity": None}
+                 for p in range(3)]
+        path.write_text(json.dumps({
+            "benchmark": "tof_scaling", "prompts": 3, "prompt_seed": 0, "guide": "shapes-video",
+            "judge": "shapes-video-oracle", "top_k": 4, "model": "shapes", "num_steps": 20,
+            "num_frames": 5, "strength": strength, "rows": [
+                {"strategy": label, "budget_clips": clips, "nfe_per_prompt": 76 * clips,
+                 "units": units}]}))
+        return f"{path}:{label}@{clips:g}"
+
+    tree = tof_report(tmp_path / "tree.json", "tree-of-frames", 2, 1.0)
+    linear = tof_report(tmp_path / "linear.json", "linear-clips", 4, 0.0)
+    result = compare_rows.main([tree, linear, "--name", str(tmp_path / "out")])
+    assert result["summary"]["oracle_accuracy_vs_linear-clips@4x"]["mean"] == pytest.approx(2 / 3,
+                                                                                       abs=1e-4)
+    assert "guiding_score" in result["summary"] and "guiding_reward" not in result["summary"]
+    other = tof_report(tmp_path / "other.json", "linear-clips", 4, 0.0, strength=0.9)
+    with pytest.raises(SystemExit, match="differ in strength"):
+        compare_rows.main([tree, other, "--name", str(tmp_path / "out")])
+    search = _report(tmp_path / "search.json", "best-of-n", 4, {(0, 0): 1.0}, prompts=3)
+    with pytest.raises(SystemExit, match="cannot pair with"):
+        compare_rows.main([tree, search, "--name", str(tmp_path / "out")])
+
+
 def _pool(prompt: int, rows: list[tuple[float, float, float]]) -> dict:
     """A best-of-N pool: (guide, small, oracle) scores per candidate."""
     return {"prompt": prompt, "text": f"prompt {prompt}", "seed": 0, "candidates": [
