@@ -44,6 +44,7 @@ from typing import Any
 from diffsearch.api import run_job
 from diffsearch.job import Job
 from diffsearch.pipelines.shapes.world import distinct_prompts
+from diffsearch.strategies.common import ranked
 from diffsearch.strategies.selection import Selection, pick, to_rescore
 from diffsearch.tasks import Outcome
 
@@ -99,13 +100,18 @@ def picked(pool: dict[str, Any], selection: Selection, guide: str, *, first: int
            ) -> dict[str, float] | None:
     """The scores of the candidate ``selection`` returns from the pool's ``first`` candidates
     (all by default), through selection.py's ``pick``."""
-    candidates = pool["candidates"][:first]
-    answers = sorted((Outcome(prompt_index=pool["prompt"], candidate=c["candidate"],
-                              step=0, reward=c["scores"][guide], scores=c["scores"])
-                      for c in candidates), key=lambda a: (-a.reward, a.candidate))
+    answers = ranked(Outcome(prompt_index=pool["prompt"], candidate=c["candidate"], step=0,
+                             reward=c["scores"][guide], scores=c["scores"])
+                     for c in first_candidates(pool, first))
     rescored = {a.candidate: a.scores for a in to_rescore(selection, answers)}
     best = pick(selection, answers, rescored, seed=pool["seed"], prompt=pool["text"])
     return None if best is None else best.scores
+
+
+def first_candidates(pool: dict[str, Any], first: int | None) -> list[dict[str, Any]]:
+    """The pool's candidates numbered below ``first`` (all when None): best-of-``first``'s own
+    pool, since a candidate's noise depends on its number and not on N."""
+    return [c for c in pool["candidates"] if first is None or c["candidate"] < first]
 
 
 def accuracy_records(found: list[dict[str, Any]], selection: Selection, guide: str, *,
@@ -122,7 +128,7 @@ def pass_records(found: list[dict[str, Any]], first: int | None = None) -> list[
     """Whether any of the first candidates is right (the ceiling of every pick)."""
     return [{"prompt": p["prompt"], "seed": p["seed"],
              "correct": float(any(c["scores"][ORACLE] >= 1.0
-                                  for c in p["candidates"][:first]))} for p in found]
+                                  for c in first_candidates(p, first)))} for p in found]
 
 
 def interval(records: list[dict[str, Any]]) -> Interval:
@@ -247,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def rule_rows(found: list[dict[str, Any]], guide: str, also: Sequence[str], size: int
               ) -> list[dict[str, Any]]:
-    """Every rule on the pools' first ``size`` candidates (best-of-``size``'s own pool: a
-    candidate's noise does not depend on N), paired with the argmax of the same candidates."""
+    """Every rule on the pools' first ``size`` candidates (:func:`first_candidates`), paired
+    with the argmax of the same candidates."""
     baseline = accuracy_records(found, Selection(), guide, first=size)
     rows = [{"rule": "oracle pass@N (ceiling)",
              **_row(pass_records(found, first=size), baseline)}]
