@@ -12,16 +12,18 @@ into shared units; this measures how close that gets to full passes, two ways:
   loop's run of the same repeat (``ratios_to_bare``), so load from other processes on a shared
   machine hits both sides of a ratio alike.
 - ``strategies``: one row per strategy at ``--budget`` (16x) on held-out shapes prompts,
-  in-process, the strategies interleaved in each of ``--repeats`` rounds: rows per NFE, NFE/s
-  and NFE/s relative to best-of-N's run of the same round.
+  in-process (or on one Dask worker with ``--strategies-on dask``: there the driver's own work
+  runs in another process than the denoiser), the strategies interleaved in each of
+  ``--repeats`` rounds: rows per NFE, NFE/s and NFE/s relative to best-of-N's run of the same
+  round.
 
 Model and cluster are loaded and warmed before anything is timed. Prints and saves
 ``benchmarks/results/packing.json``::
 
     nice python benchmarks/packing.py [--prompts 32] [--steps 10] [--threads 1]
         [--compute-batch 8] [--repeats 2] [--strategy-prompts 8] [--budget 16x]
-        [--verifier shapes-oracle] [--batch-size N] [--skip-dask] [--skip-strategies]
-        [--name packing]
+        [--verifier shapes-oracle] [--batch-size N] [--skip-dask] [--skip-throughput]
+        [--skip-strategies] [--strategies-on local|dask] [--name packing]
 
 On a machine shared with other work, run it with ``OMP_WAIT_POLICY=PASSIVE`` (see
 executor_overhead.py).
@@ -171,12 +173,17 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed, "executor": "local", **batching(args),
         })
 
-    engine = EngineRun(job(STRATEGIES["best-of-n"]), LocalExecutor())
+    executor: Executor = LocalExecutor() if args.strategies_on == "local" else DaskExecutor(
+        workers=1, threads=args.threads, dashboard_address=None)
+    engine = EngineRun(job(STRATEGIES["best-of-n"]), executor)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STRATEGIES}
-    for repeat in range(args.repeats):  # interleaved: each repeat runs every strategy once
-        for name, spec in STRATEGIES.items():
-            runs[name].append(engine.run(job(spec)))
-            print(f"repeat {repeat + 1}: {name:>12} {runs[name][-1]}", file=sys.stderr)
+    try:
+        for repeat in range(args.repeats):  # interleaved: each repeat runs every strategy once
+            for name, spec in STRATEGIES.items():
+                runs[name].append(engine.run(job(spec)))
+                print(f"repeat {repeat + 1}: {name:>12} {runs[name][-1]}", file=sys.stderr)
+    finally:
+        executor.close()
     rows = {}
     for name, repeats in runs.items():
         ratios = [round(r["nfe_per_s"] / b["nfe_per_s"], 3)
@@ -185,7 +192,7 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
                       "nfe_per_s_median": statistics.median(r["nfe_per_s"] for r in repeats),
                       "ratios_to_best_of_n": ratios,
                       "ratio_to_best_of_n_median": statistics.median(ratios)}
-    return {"prompts": len(prompts), "budget": args.budget,
+    return {"prompts": len(prompts), "budget": args.budget, "executor": args.strategies_on,
             "batch_size": engine.job.batch_size, "rows": rows}
 
 
@@ -209,7 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="candidates per work unit (default: the job's)")
     parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument("--strategies-on", choices=["local", "dask"], default="local",
+                        help="the strategy rows' executor: in-process, or one Dask worker")
     parser.add_argument("--name", default="packing",
                         help="the report's file name in benchmarks/results (without .json)")
     args = parser.parse_args(argv)
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "packing", "model": args.model, "verifier": args.verifier,
         "steps": args.steps, "threads": args.threads, "compute_batch": args.compute_batch,
-        "throughput": throughput(args),
+        "throughput": None if args.skip_throughput else throughput(args),
         "strategies": None if args.skip_strategies else strategies(args),
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
                     "python": platform.python_version(), "torch": torch.__version__,
