@@ -24,7 +24,8 @@ bootstrap interval over prompts (``_stats.py``). Choosing a rule by these figure
 quoting its figure on the same runs is optimistic: confirm the chosen rule on other seeds with
 ``search_scaling.py --config``. Prints and saves ``benchmarks/results/<name>.json``,
 ``<name>.png`` and the pools themselves, ``<name>_pools.json``, which ``--pools`` analyses
-again without running anything (a new rule costs a second, not a run)::
+again without running anything (a new rule costs a second, not a run), also under another
+guide of the verifiers the pools were scored by (``--guide``, ``--also``)::
 
     python benchmarks/selection_headroom.py [--prompts 93] [--seeds 0 1 2] [--budget 32]
         [--also shapes-clip-small] [--executor dask --threads 1]
@@ -188,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-seed", type=int, default=0,
                         help="seed of the held-out prompt draw")
     parser.add_argument("--budget", type=int, default=32, help="N, as a multiple of one sample")
-    parser.add_argument("--guide", default="shapes-clip")
-    parser.add_argument("--also", nargs="*", default=["shapes-clip-small"],
+    parser.add_argument("--guide", default=None,
+                        help="the guiding verifier (default shapes-clip; with --pools, another "
+                             "verifier the pools hold scores of)")
+    parser.add_argument("--also", nargs="*", default=None,
                         help="verifiers for agreement and held-out picks (the first is the "
                              "held-out one)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
@@ -203,10 +206,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     if args.pools:
         saved = json.loads(args.pools.read_text())
+        chosen = {key: getattr(args, key) for key in ("guide", "also")}
         for key in SETTINGS:
             setattr(args, key, saved[key])
+        for key, value in chosen.items():  # a pool holds every verifier's scores: re-rank it
+            if value is not None:
+                setattr(args, key, value)
         found = saved["pools"]
+        held = set.intersection(*(set(c["scores"]) for p in found for c in p["candidates"]))
+        missing = sorted({args.guide, *args.also} - held)
+        if missing:
+            raise SystemExit(f"{args.pools} holds no scores of {', '.join(missing)} "
+                             f"(it has: {', '.join(sorted(held))})")
     else:
+        args.guide = args.guide or "shapes-clip"
+        args.also = ["shapes-clip-small"] if args.also is None else args.also
         found = pools(args, distinct_prompts("heldout", args.prompts, seed=args.prompt_seed))
         pools_path = RESULTS / f"{args.name}_pools.json"
         saved = {**{key: getattr(args, key) for key in SETTINGS},

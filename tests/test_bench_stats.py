@@ -173,3 +173,9 @@ def test_selection_headroom_reanalyses_saved_pools(tmp_path: Path,
     assert by_rule["oracle pass@N (ceiling)"]["vs_argmax"]["mean"] == 1.0
     assert [row["m"] for row in report["best_of_m"]] == [1, 2, 4]
     assert list(report["rules_by_pool_size"]) == ["4"]  # pools of fewer than 4 are not ranked
+    # the same pools ranked by the other verifier they hold: its argmax (2) is right
+    again = headroom.main(["--pools", str(saved), "--guide", "small", "--also", "guide",
+                           "--name", "by_small"])
+    assert again["guide"] == "small" and again["rules"][1]["accuracy"]["mean"] == 1.0
+    with pytest.raises(SystemExit, match="holds no scores of clip"):
+        headroom.main(["--pools", str(saved), "--guide", "clip", "--name", "nope"])
