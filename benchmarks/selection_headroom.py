@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-selection-headroom"))
     parser.add_argument("--name", default="selection_headroom")
     parser.add_argument("--pools", type=Path,
-                        help="analyse the pools a run saved (its settings replace the flags)")
+                        help="analyse the pools a run saved (its settings replace the flags, "
+                             "but for --guide and --also)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
