@@ -13,6 +13,7 @@ open_clip reference cosine, PIL conversion, an offline Hub cache), written once.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,11 @@ def register_tiny_clip(folder: Path) -> str:
     if TINY_CLIP_ARCH not in open_clip.list_models():
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{TINY_CLIP_ARCH}.json"
-        path.write_text(json.dumps(_TINY_CLIP_CONFIG))
+        # Worker processes register it at once into one folder, and open_clip reads every .json
+        # there: write aside and rename, so no reader ever sees a half-written config.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(_TINY_CLIP_CONFIG))
+        os.replace(partial, path)
         open_clip.add_model_config(path)
     return TINY_CLIP_ARCH
 
