@@ -56,6 +56,7 @@ BUILTINS: dict[str, str] = {
     "vlm": "diffsearch.verifiers.vlm:VlmVerifier",
     "openai": "diffsearch.verifiers.openai_judge:OpenAIJudge",
     "ensemble": "diffsearch.verifiers.ensemble:EnsembleVerifier",
+    "shift-average": "diffsearch.verifiers.shift_average:ShiftAverageVerifier",
     "shapes-oracle": "diffsearch.verifiers.shapes:ShapesOracleVerifier",
     "shapes-clip": "diffsearch.verifiers.shapes:ShapesClipVerifier",
     "shapes-clip-small": "diffsearch.verifiers.shapes:ShapesClipSmallVerifier",
@@ -66,6 +67,9 @@ BUILTINS: dict[str, str] = {
     "video-reward": "diffsearch.verifiers.video_reward:VideoRewardVerifier",
 }
 """Built-in name -> ``"module:Class"``."""
+WRAPPED_OPTIONS: dict[str, str] = {"ensemble": "members", "shift-average": "verifier"}
+"""Built-ins that wrap other verifiers -> the option holding their spec (or list of specs),
+which :func:`check_verifier_spec` checks as well."""
 
 BUILTIN_SOURCE = "built-in"
 _JOB_ONLY_KEYS = ("name", "label", "device")
@@ -224,8 +228,20 @@ def create_verifier(spec: str | dict[str, Any], device: str | torch.device = "cp
 def check_verifier_spec(spec: str | dict[str, Any]) -> None:
     """Raise the error :func:`create_verifier` would for an unknown name or a broken folder
     manifest, without importing or building the verifier (the driver's check before a run)."""
-    name, _ = _resolve_spec(spec)
+    name, options = _resolve_spec(spec)
     _entry(name)
+    wrapped = options.get(WRAPPED_OPTIONS.get(name, ""))
+    for index, inner in enumerate(wrapped if isinstance(wrapped, list) else [wrapped]):
+        if inner is None:
+            continue
+        if isinstance(inner, dict):  # an ensemble member's weight and reference are its own
+            inner = {k: v for k, v in inner.items() if k not in ("weight", "reference")}
+        try:
+            check_verifier_spec(inner)
+        except VerifierError as error:
+            where = f"{WRAPPED_OPTIONS[name]}[{index}]" if isinstance(wrapped, list) else \
+                WRAPPED_OPTIONS[name]
+            raise type(error)(f"{name}: {where}: {error}") from None
 
 
 def _resolve_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
