@@ -16,6 +16,12 @@ def command_line(argv: list[str] | None) -> str:
     return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
 
+def verifier_spec(text: str) -> str | dict[str, Any]:
+    """A verifier given on the command line: a registry name, or a spec in JSON (an ensemble,
+    a ``shift-average``); its scores are stored under ``verifier_label`` of it."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
 def save_report(report: dict[str, Any], name: str, *, show: bool = True) -> Path:
     """Write ``report`` to ``benchmarks/results/<name>.json`` (and print it when ``show``:
     benchmarks that print a row as each finishes do not repeat them)."""

@@ -51,7 +51,7 @@ from diffsearch.job import Job, verifier_label
 from diffsearch.pipelines.shapes.world import distinct_prompts
 from diffsearch.results import PromptResult, RunResult
 
-from _report import command_line, save_plot, save_report
+from _report import command_line, save_plot, save_report, verifier_spec
 from _stats import Interval, pixel_spread, summarise
 
 ORACLE = "shapes-oracle"
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--config", action="append", default=[], metavar="LABEL=JSON",
                         help="a strategy variant (repeatable)")
     parser.add_argument("--guide", default="shapes-clip",
-                        help="the guiding verifier: a name, or a spec in JSON (an ensemble)")
+                        help="the guiding verifier: a name, or a spec in JSON (an ensemble, a "
+                             "shift-average)")
     parser.add_argument("--top", type=int, default=4, help="k of the top-k diversity")
     parser.add_argument("--distilled", type=Path, help="folder written by `diffsearch distill`")
     parser.add_argument("--no-baseline", action="store_true",
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
 
     prompts = distinct_prompts("heldout", args.prompts, seed=args.prompt_seed)
-    guide = json.loads(args.guide) if args.guide.lstrip().startswith("{") else args.guide
+    guide = verifier_spec(args.guide)
     label_of_guide = verifier_label(guide)
     configs = strategy_configs(args.strategies, args.config, args.distilled,
                                baseline=not args.no_baseline)

@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from diffsearch.api import run_job
-from diffsearch.job import Job
+from diffsearch.job import Job, verifier_label
 from diffsearch.pipelines.shapes.world import distinct_prompts
 from diffsearch.strategies.common import ranked
 from diffsearch.strategies.selection import Selection, pick, to_rescore
 from diffsearch.tasks import Outcome
 
-from _report import RESULTS, command_line, save_plot, save_report
+from _report import RESULTS, command_line, save_plot, save_report, verifier_spec
 from _stats import Interval, mean_interval, paired_difference
 
 ORACLE = "shapes-oracle"
@@ -68,8 +68,9 @@ def pools(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
         shutil.rmtree(run_dir, ignore_errors=True)
         job = Job.model_validate({
             "prompts": prompts, "model": "shapes", "strategy": {"name": "best-of-n"},
-            "budget": f"{args.budget}x", "verifier": args.guide,
-            "eval_verifiers": [ORACLE, *args.also], "seed": seed, "executor": args.executor,
+            "budget": f"{args.budget}x", "verifier": verifier_spec(args.guide),
+            "eval_verifiers": [ORACLE, *map(verifier_spec, args.also)], "seed": seed,
+            "executor": args.executor,
             "batch_size": 16, "threads": args.threads, "images": "none",
         })
         began = time.perf_counter()
@@ -190,11 +191,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="seed of the held-out prompt draw")
     parser.add_argument("--budget", type=int, default=32, help="N, as a multiple of one sample")
     parser.add_argument("--guide", default=None,
-                        help="the guiding verifier (default shapes-clip; with --pools, another "
-                             "verifier the pools hold scores of)")
+                        help="the guiding verifier, a name or a spec in JSON (default "
+                             "shapes-clip; with --pools, the label of another verifier the "
+                             "pools hold scores of)")
     parser.add_argument("--also", nargs="*", default=None,
                         help="verifiers for agreement and held-out picks (the first is the "
-                             "held-out one)")
+                             "held-out one), names or specs in JSON; with --pools, labels")
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-selection-headroom"))
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.guide = args.guide or "shapes-clip"
         args.also = ["shapes-clip-small"] if args.also is None else args.also
         found = pools(args, distinct_prompts("heldout", args.prompts, seed=args.prompt_seed))
+        # from here on each verifier is the label its scores are stored under in the pools
+        args.guide = verifier_label(verifier_spec(args.guide))
+        args.also = [verifier_label(verifier_spec(spec)) for spec in args.also]
         pools_path = RESULTS / f"{args.name}_pools.json"
         saved = {**{key: getattr(args, key) for key in SETTINGS},
                  "command": command_line(argv), "pools": found}
