@@ -82,6 +82,16 @@ def test_an_unknown_verifier_is_refused_before_the_executor_starts(tmp_path: Pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_verifier_wrapped_by_another_is_checked_before_the_executor_starts(
+        tmp_path: Path) -> None:
+    job = ("prompts: [a]\neval_verifiers:\n  - name: shift-average\n"
+           "    verifier: {name: ensemble, members: [shapes-clip, no-such-judge]}\n")
+    result = invoke("run", write_job(tmp_path, job), "--out", tmp_path / "out")
+    assert_one_line_error(result, "eval_verifiers.0: shift-average: verifier: ensemble: "
+                                  "members[1]: unknown verifier 'no-such-judge'")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_refused_resume_leaves_the_run_folder_exactly_as_it_was(tmp_path: Path) -> None:
     job = Job.model_validate({"prompts": ["p"], **FAKE, "budget": "4x"})
     install_fake_runtime(job)
