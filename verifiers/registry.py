@@ -230,17 +230,14 @@ def check_verifier_spec(spec: str | dict[str, Any]) -> None:
     manifest, without importing or building the verifier (the driver's check before a run)."""
     name, options = _resolve_spec(spec)
     _entry(name)
-    wrapped = options.get(WRAPPED_OPTIONS.get(name, ""))
-    for index, inner in enumerate(wrapped if isinstance(wrapped, list) else [wrapped]):
-        if inner is None:
-            continue
-        if isinstance(inner, dict):  # an ensemble member's weight and reference are its own
-            inner = {k: v for k, v in inner.items() if k not in ("weight", "reference")}
+    option = WRAPPED_OPTIONS.get(name)
+    wrapped = options.get(option) if option else None
+    inner_specs = wrapped if isinstance(wrapped, list) else [] if wrapped is None else [wrapped]
+    for index, inner in enumerate(inner_specs):
         try:
-            check_verifier_spec(inner)
+            check_verifier_spec(inner)  # an ensemble member's extra keys are not looked at
         except VerifierError as error:
-            where = f"{WRAPPED_OPTIONS[name]}[{index}]" if isinstance(wrapped, list) else \
-                WRAPPED_OPTIONS[name]
+            where = f"{option}[{index}]" if isinstance(wrapped, list) else option
             raise type(error)(f"{name}: {where}: {error}") from None
 
 
