@@ -11,7 +11,7 @@ from diffsearch.pipelines.frame_chain import frame_prompts
 from diffsearch.pipelines.shapes.world import ANCHORS, DrawnObject, draw, render_prompt
 from diffsearch.verifiers.base import VerifierError
 from diffsearch.verifiers.frames import FramesVerifier, keyframe_indices, sampled_indices
-from diffsearch.verifiers.registry import create_verifier
+from diffsearch.verifiers.registry import UnknownVerifierError, check_verifier_spec, create_verifier
 from diffsearch.verifiers.shapes import ShapesClipVerifier, ShapesOracleVerifier
 from diffsearch.verifiers.temporal import TemporalConsistencyVerifier
 from diffsearch.verifiers.video import (
@@ -192,3 +192,11 @@ def test_video_verifier_options_are_checked_in_one_line() -> None:
         TemporalConsistencyVerifier(features="histograms")
     with pytest.raises(VerifierError, match=r"scores clips \(B, F, 3, H, W\)"):
         TemporalConsistencyVerifier().score(torch.zeros(2, 3, 8, 8), ["a", "b"])
+
+
+def test_the_image_verifier_frames_wraps_is_checked_before_a_run() -> None:
+    with pytest.raises(UnknownVerifierError,
+                       match="frames: verifier: unknown verifier 'shapes-clp'"):
+        check_verifier_spec({"name": "frames", "verifier": "shapes-clp"})
+    check_verifier_spec({"name": "frames", "verifier": {"name": "shift-average",
+                                                        "verifier": "shapes-clip"}})

@@ -67,7 +67,8 @@ BUILTINS: dict[str, str] = {
     "video-reward": "diffsearch.verifiers.video_reward:VideoRewardVerifier",
 }
 """Built-in name -> ``"module:Class"``."""
-WRAPPED_OPTIONS: dict[str, str] = {"ensemble": "members", "shift-average": "verifier"}
+WRAPPED_OPTIONS: dict[str, str] = {"ensemble": "members", "shift-average": "verifier",
+                                   "frames": "verifier"}
 """Built-ins that wrap other verifiers -> the option holding their spec (or list of specs),
 which :func:`check_verifier_spec` checks as well."""
 
