@@ -67,6 +67,14 @@ def load_row(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
     raise SystemExit(f"{path} has no row {label}@{multiple} (it has {have})")
 
 
+def check_same_world(report: dict[str, Any], other: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse two reports whose records do not pair (other prompts, guide, judge, ...)."""
+    differing = [key for key in keys if report.get(key) != other.get(key)]
+    if differing:
+        raise SystemExit(f"the reports differ in {', '.join(differing)}: their records do "
+                         f"not pair")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("row", help="REPORT.json:LABEL@MULTIPLE")
@@ -78,10 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if kind_of(base_report) != kind:
         raise SystemExit(f"a {kind} row cannot pair with a {kind_of(base_report)} one")
     metrics, budget, same_world = KINDS[kind]
-    differing = [key for key in same_world if report.get(key) != base_report.get(key)]
-    if differing:
-        raise SystemExit(f"the reports differ in {', '.join(differing)}: their records do "
-                         f"not pair")
+    check_same_world(report, base_report, same_world)
     pairs = {(u["prompt"], u["seed"]) for u in base_row["units"]}
     units = [u for u in row["units"] if (u["prompt"], u["seed"]) in pairs]
     if not units:

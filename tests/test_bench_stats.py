@@ -1,6 +1,6 @@
 """The search benchmarks' own arithmetic: paired cluster-bootstrap intervals (_stats.py), rows
-paired across reports (compare_rows.py) and selection rules scored on saved pools
-(selection_headroom.py)."""
+paired across reports (compare_rows.py, scaling_table.py) and selection rules scored on saved
+pools (selection_headroom.py)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,38 @@ def test_compare_rows_pairs_two_saved_rows_on_prompt_and_seed(tmp_path: Path) ->
         compare_rows.main([row, other_world, "--name", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="has no row ttsnap@32"):
         compare_rows.main([f"{tmp_path / 'a.json'}:ttsnap@32", baseline])
+
+
+def test_scaling_table_pairs_each_row_with_the_baseline_at_its_budget(tmp_path: Path) -> None:
+    import scaling_table
+
+    keys = [(p, s) for p in range(4) for s in (0, 1)]
+    baselines = tmp_path / "baselines.json"
+    _report(baselines, "best-of-n", 8, {k: float(k[0] % 2) for k in keys})
+    report = json.loads(baselines.read_text())
+    report["rows"].append({**report["rows"][0], "budget_multiple": 16,
+                           "units": [{**u, "oracle_accuracy": 1.0} for u in
+                                     report["rows"][0]["units"]]})
+    baselines.write_text(json.dumps(report))
+    others = tmp_path / "others.json"
+    _report(others, "paths", 8, {k: 1.0 for k in keys})
+    result = scaling_table.main([str(baselines), str(others), "--name", str(tmp_path / "t")])
+    cells = {(c["strategy"], c["budget_multiple"]): c for c in result["cells"]}
+    assert set(cells) == {("best-of-n", 8), ("best-of-n", 16), ("paths", 8)}
+    assert cells["best-of-n", 8]["vs_baseline"] is None
+    assert cells["paths", 8]["vs_baseline"]["mean"] == pytest.approx(0.5)
+    assert result["markdown"].splitlines()[2:] == [
+        "| best-of-n | 50.0 | 100.0 |",
+        "| paths | 100.0, +50.0 [+0.0, +100.0] | - |"]  # n.s., so not bold
+    assert json.loads((tmp_path / "t.json").read_text())["cells"] == result["cells"]
+    with pytest.raises(SystemExit, match="paths@8x is in both"):
+        scaling_table.main([str(others), str(others), "--name", str(tmp_path / "t")])
+    other_seeds = tmp_path / "seeds.json"
+    _report(other_seeds, "ttsnap", 8, {k: 1.0 for k in keys})
+    other_report = json.loads(other_seeds.read_text())
+    other_seeds.write_text(json.dumps({**other_report, "seeds": [3, 4, 5]}))
+    with pytest.raises(SystemExit, match="differ in seeds"):
+        scaling_table.main([str(baselines), str(other_seeds), "--name", str(tmp_path / "t")])
 
 
 def test_compare_rows_pairs_tree_of_frames_rows_by_clips(tmp_path: Path) -> None:
