@@ -11,10 +11,14 @@ Tree-of-Frames variant run alone against the linear clips of an earlier report).
 saves ``benchmarks/results/<name>.json``::
 
     python benchmarks/compare_rows.py REPORT.json:LABEL@MULTIPLE BASELINE.json:LABEL@MULTIPLE
+        [--pool REPORT.json:LABEL@MULTIPLE BASELINE.json:LABEL@MULTIPLE ...]
         [--name compare_rows]
 
 e.g. ``benchmarks/results/search_ttsnap_16x.json:ttsnap-distilled@16
-benchmarks/results/search_93x3_32x.json:best-of-n@32``.
+benchmarks/results/search_93x3_32x.json:best-of-n@32``. ``--pool`` adds the same comparison run
+on other seeds (another pair of reports), so one interval covers every seed set: the records
+are pooled, each (prompt, seed) once, and the bootstrap still resamples prompts, each with all
+its seeds.
 """
 
 from __future__ import annotations
@@ -75,13 +79,43 @@ def check_same_world(report: dict[str, Any], other: dict[str, Any], keys: tuple[
                          f"not pair")
 
 
+def load_pooled(specs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One side of the comparison: the first spec's report, and its row with the records of
+    every spec's row (the same strategy and budget run on other seeds)."""
+    (report, row), *others = [load_row(spec) for spec in specs]
+    kind = kind_of(report)
+    budget = KINDS[kind][1]
+    units = list(row["units"])
+    seen = {(u["prompt"], u["seed"]) for u in units}
+    for spec, (other_report, other_row) in zip(specs[1:], others):
+        if kind_of(other_report) != kind:
+            raise SystemExit(f"{spec}: a {kind_of(other_report)} row cannot pool with {kind} ones")
+        check_same_world(other_report, report, KINDS[kind][2])
+        if (other_row["strategy"], other_row[budget]) != (row["strategy"], row[budget]):
+            raise SystemExit(f"{spec}: pooled rows must be one strategy at one budget, like "
+                             f"{specs[0]}")
+        keys = {(u["prompt"], u["seed"]) for u in other_row["units"]}
+        if keys & seen:
+            raise SystemExit(f"{spec} repeats (prompt, seed) records of another pooled row: "
+                             f"pool reports of other seeds only")
+        seen |= keys
+        units += other_row["units"]
+    return report, {**row, "units": units}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("row", help="REPORT.json:LABEL@MULTIPLE")
     parser.add_argument("baseline", help="REPORT.json:LABEL@MULTIPLE")
+    parser.add_argument("--pool", nargs=2, action="append", default=[],
+                        metavar=("ROW", "BASELINE"),
+                        help="the same two rows from reports of other seeds, pooled with the "
+                             "first (repeatable)")
     parser.add_argument("--name", default="compare_rows")
     args = parser.parse_args(argv)
-    (report, row), (base_report, base_row) = load_row(args.row), load_row(args.baseline)
+    row_specs = [args.row, *(row_spec for row_spec, _ in args.pool)]
+    baseline_specs = [args.baseline, *(baseline_spec for _, baseline_spec in args.pool)]
+    (report, row), (base_report, base_row) = load_pooled(row_specs), load_pooled(baseline_specs)
     kind = kind_of(report)
     if kind_of(base_report) != kind:
         raise SystemExit(f"a {kind} row cannot pair with a {kind_of(base_report)} one")
@@ -100,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{metric}: {Interval.from_json(difference)}")
     result = {
         "benchmark": "compare_rows", "row": args.row, "baseline": args.baseline,
+        "pooled": [list(pair) for pair in args.pool],
         "pairs": len(units), **{key: report.get(key) for key in same_world},
         "nfe_per_prompt": {"row": row["nfe_per_prompt"],
                            "baseline": base_row["nfe_per_prompt"]},

@@ -95,6 +95,28 @@ def test_compare_rows_pairs_two_saved_rows_on_prompt_and_seed(tmp_path: Path) ->
         compare_rows.main([f"{tmp_path / 'a.json'}:ttsnap@32", baseline])
 
 
+def test_compare_rows_pools_the_same_comparison_run_on_other_seeds(tmp_path: Path) -> None:
+    import compare_rows
+
+    first = [(p, s) for p in range(4) for s in (0, 1)]
+    later = [(p, s) for p in range(4) for s in (2, 3)]
+    row = _report(tmp_path / "a.json", "paths", 32, {k: 1.0 for k in first})
+    baseline = _report(tmp_path / "b.json", "best-of-n", 32, {k: 1.0 for k in first})
+    later_row = _report(tmp_path / "c.json", "paths", 32, {k: 1.0 for k in later})
+    later_baseline = _report(tmp_path / "d.json", "best-of-n", 32, {k: 0.0 for k in later})
+    result = compare_rows.main([row, baseline, "--pool", later_row, later_baseline,
+                                "--name", str(tmp_path / "out")])
+    difference = result["summary"]["oracle_accuracy_vs_best-of-n@32x"]
+    assert result["pairs"] == 16 and difference["prompts"] == 4
+    assert difference["mean"] == pytest.approx(0.5)  # +0 on seeds 0-1, +1 on seeds 2-3
+    assert result["pooled"] == [[later_row, later_baseline]]
+    with pytest.raises(SystemExit, match="repeats \\(prompt, seed\\) records"):
+        compare_rows.main([row, baseline, "--pool", row, later_baseline])
+    other_strategy = _report(tmp_path / "e.json", "particles", 32, {k: 1.0 for k in later})
+    with pytest.raises(SystemExit, match="one strategy at one budget"):
+        compare_rows.main([row, baseline, "--pool", other_strategy, later_baseline])
+
+
 def test_scaling_table_pairs_each_row_with_the_baseline_at_its_budget(tmp_path: Path) -> None:
     import scaling_table
 
