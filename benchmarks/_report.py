@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def command_line(argv: list[str] | None) -> str:
-    """The command that reproduces this run (``argv`` as given to ``main``, else the shell's)."""
-    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    """The command that reproduces this run (``argv`` as given to ``main``, else the shell's),
+    quoted for a POSIX shell so that JSON options (``--config``, ``--guide``) paste back as
+    given."""
+    return "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
 
 def verifier_spec(text: str) -> str | dict[str, Any]:

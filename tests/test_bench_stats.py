@@ -233,3 +233,12 @@ def test_selection_headroom_reanalyses_saved_pools(tmp_path: Path,
     assert again["guide"] == "small" and again["rules"][1]["accuracy"]["mean"] == 1.0
     with pytest.raises(SystemExit, match="holds no scores of clip"):
         headroom.main(["--pools", str(saved), "--guide", "clip", "--name", "nope"])
+
+
+def test_a_saved_command_pastes_back_with_its_json_options() -> None:
+    import shlex
+
+    from _report import command_line
+
+    argv = ["--config", 'paths-agreement16={"name": "paths", "top": 16}', "--name", "x"]
+    assert shlex.split(command_line(argv))[2:] == argv
